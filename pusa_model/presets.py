@@ -1,0 +1,197 @@
+"""Model presets: the embedded `tiny` checkpoint and the real Pusa V1 model.
+
+A preset names where a checkpoint in diffusers layout lives (a local folder or an ``s3://`` prefix),
+which LoRA file to apply, and the default output shape. The layout on disk is always::
+
+    model_index.json
+    transformer/   diffusers WanTransformer3DModel
+    vae/           diffusers AutoencoderKLWan
+    text_encoder/  transformers UMT5EncoderModel
+    tokenizer/     its tokenizer
+    <lora file>    Pusa LoRA (PEFT or ComfyUI keys), optional
+
+`tiny` is built here, deterministically from a fixed seed, the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+TINY_SEED = 20250
+LORA_FILENAME = "pusa_v1.safetensors"
+
+# Words the tiny tokenizer is trained on: Wan's negative prompt and common prompt vocabulary.
+_TINY_CORPUS = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards. A cat walks on the grass, realistic. A car drives through a city at night. "
+    "The camera pans slowly over mountains and a river at sunset, cinematic lighting, 4k."
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Where a model lives and how requests default on it."""
+
+    name: str
+    source: str  # local folder or s3://bucket/prefix
+    lora: str | None = LORA_FILENAME  # path inside `source`, or None for no LoRA
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    dtype: str = "bfloat16"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def default_cache_dir() -> Path:
+    """Node-local folder for built and downloaded checkpoints (``PUSA_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("PUSA_CACHE_DIR", Path.home() / ".cache" / "pusa"))
+
+
+def get_preset(name: str) -> Preset:
+    """Return the preset called `name`: ``tiny`` or ``pusa-v1``.
+
+    ``pusa-v1`` reads its source from ``PUSA_MODEL_SOURCE`` (a folder or ``s3://`` prefix holding
+    Wan2.1-T2V-14B in diffusers layout) and its LoRA path from ``PUSA_LORA`` (default
+    ``pusa_v1.pt``, relative to the source).
+    """
+    if name == "tiny":
+        return Preset(
+            name="tiny",
+            source=str(default_cache_dir() / "tiny"),
+            width=64,
+            height=64,
+            frames=17,
+            dtype="float32",
+        )
+    if name == "pusa-v1":
+        source = os.environ.get("PUSA_MODEL_SOURCE")
+        if not source:
+            raise ConfigError("preset pusa-v1 needs PUSA_MODEL_SOURCE (a folder or s3:// prefix)")
+        return Preset(name="pusa-v1", source=source, lora=os.environ.get("PUSA_LORA", "pusa_v1.pt"))
+    raise ConfigError(f"unknown preset {name!r} (known: tiny, pusa-v1)")
+
+
+PRESET_NAMES = ("tiny", "pusa-v1")
+
+
+def tiny_transformer_config() -> dict:
+    """WanTransformer3DModel config of the tiny preset (Wan2.1 architecture, small sizes)."""
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+
+
+def tiny_vae_config() -> dict:
+    """AutoencoderKLWan config of the tiny preset (16 latent channels, /8 spatial, /4 temporal)."""
+    return dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def tiny_text_encoder_config(vocab_size: int) -> dict:
+    """UMT5 config of the tiny preset."""
+    return dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained on an embedded corpus, with T5's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_tiny_lora_state_dict(transformer: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+    """Random Pusa-style LoRA weights for `transformer`, in the released PEFT key form
+    (``blocks.N.self_attn.q.lora_A.default.weight``), targeting q, k, v, o of both attentions and
+    the two FFN linears of every block."""
+    names = {"self_attn": "attn1", "cross_attn": "attn2"}
+    proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
+    ffn = {"ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+    gen = torch.Generator().manual_seed(TINY_SEED + 1)
+    out: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(transformer.blocks):
+        targets = {f"{a}.{p}": f"{names[a]}.{q}" for a in names for p, q in proj.items()}
+        targets.update(ffn)
+        for wan_name, diffusers_name in targets.items():
+            linear = block.get_submodule(diffusers_name)
+            a = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features**0.5
+            b = torch.randn(linear.out_features, rank, generator=gen) * 0.1
+            out[f"blocks.{i}.{wan_name}.lora_A.default.weight"] = a
+            out[f"blocks.{i}.{wan_name}.lora_B.default.weight"] = b
+    return out
+
+
+def build_tiny_checkpoint(dest: Path) -> Path:
+    """Write the tiny preset's checkpoint to `dest` in diffusers layout (deterministic)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from safetensors.torch import save_file
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(TINY_SEED)
+    transformer = WanTransformer3DModel(**tiny_transformer_config())
+    vae = AutoencoderKLWan(**tiny_vae_config())
+    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(len(tokenizer))))
+    tokenizer.save_pretrained(dest / "tokenizer")
+    transformer.save_pretrained(dest / "transformer")
+    vae.save_pretrained(dest / "vae")
+    text_encoder.save_pretrained(dest / "text_encoder")
+    save_file(build_tiny_lora_state_dict(transformer), str(dest / LORA_FILENAME))
+    model_index = {
+        "_class_name": "WanPipeline",
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+    }
+    (dest / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return dest
