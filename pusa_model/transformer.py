@@ -1,0 +1,109 @@
+"""Per-frame timesteps for diffusers' WanTransformer3DModel.
+
+VTA gives every latent frame its own timestep. diffusers accepts that as a per-token timestep of shape
+``(B, seq_len)``, which builds the modulation tensors for every token. Tokens are frame-major and all
+tokens of a frame share one timestep, so here the timestep embedding and the modulation are computed
+once per frame, shape ``(B, F, ...)``, and broadcast over the frame's tokens. Every weight and
+sub-module is diffusers' own; only the order of the arithmetic around them lives here, and it follows
+``WanTransformerBlock.forward`` step for step.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+
+def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B, F*T, D) -> (B, F, T, D), a view."""
+    return x.unflatten(1, (frames, -1))
+
+
+def _modulate(norm_x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """norm_x (B, F*T, D) * (1 + scale) + shift with scale, shift of shape (B, F, D)."""
+    frames = scale.shape[1]
+    out = _per_frame(norm_x, frames) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+    return out.flatten(1, 2)
+
+
+def _gated_residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + update * gate in float32, gate of shape (B, F, D); returns x's dtype."""
+    frames = gate.shape[1]
+    out = _per_frame(x.float(), frames) + _per_frame(update.float(), frames) * gate.unsqueeze(2)
+    return out.flatten(1, 2).type_as(x)
+
+
+def block_forward(
+    block: WanTransformerBlock,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    frame_modulation: torch.Tensor,
+    rotary_emb: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One Wan block with a modulation per latent frame.
+
+    `frame_modulation` is ``(B, F, 6, D)``: the block's six shift/scale/gate vectors for each frame.
+    """
+    mod = block.scale_shift_table.unsqueeze(0) + frame_modulation.float()  # (B, F, 6, D)
+    shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = mod.unbind(2)
+
+    # 1. Self-attention
+    norm_x = _modulate(block.norm1(hidden_states.float()), scale_msa, shift_msa).type_as(hidden_states)
+    attn_output = block.attn1(norm_x, None, None, rotary_emb)
+    hidden_states = _gated_residual(hidden_states, attn_output, gate_msa)
+
+    # 2. Cross-attention
+    norm_x = block.norm2(hidden_states.float()).type_as(hidden_states)
+    hidden_states = hidden_states + block.attn2(norm_x, encoder_hidden_states, None, None)
+
+    # 3. Feed-forward
+    norm_x = _modulate(block.norm3(hidden_states.float()), c_scale_msa, c_shift_msa).type_as(hidden_states)
+    ff_output = block.ffn(norm_x)
+    return _gated_residual(hidden_states, ff_output, c_gate_msa)
+
+
+def forward_per_frame(
+    model: WanTransformer3DModel,
+    hidden_states: torch.Tensor,
+    frame_timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+) -> torch.Tensor:
+    """Velocity prediction of `model` with one timestep per latent frame.
+
+    hidden_states: latents ``(B, C, F, H, W)``; frame_timesteps: ``(B, F)``;
+    encoder_hidden_states: text embeddings ``(B, L, text_dim)``. Returns ``(B, C, F, H, W)``.
+    Equal to ``model(hidden_states, timestep=<per-token (B, seq_len)>, ...)`` without building
+    per-token tensors.
+    """
+    batch, _, num_frames, height, width = hidden_states.shape
+    p_t, p_h, p_w = model.config.patch_size
+    frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
+    if frame_timesteps.shape != (batch, num_frames):
+        raise ValueError(f"frame_timesteps must be {(batch, num_frames)}, got {tuple(frame_timesteps.shape)}")
+    if p_t != 1:
+        raise ValueError("per-frame timesteps need a temporal patch size of 1")
+
+    rotary_emb = model.rope(hidden_states)
+    x = model.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+    temb, timestep_proj, text, _ = model.condition_embedder(
+        frame_timesteps.flatten(), encoder_hidden_states, None, timestep_seq_len=frames
+    )
+    frame_modulation = timestep_proj.unflatten(2, (6, -1))  # (B, F, 6, D)
+
+    for block in model.blocks:
+        x = block_forward(block, x, text, frame_modulation, rotary_emb)
+
+    shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D) each
+    x = _modulate(model.norm_out(x.float()), scale, shift).type_as(x)
+    x = model.proj_out(x)
+
+    x = x.reshape(batch, frames, rows, cols, p_t, p_h, p_w, -1)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def per_token_timesteps(frame_timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """The same timesteps in diffusers' per-token form ``(B, F * tokens_per_frame)``."""
+    return frame_timesteps.repeat_interleave(tokens_per_frame, dim=1)
