@@ -1,0 +1,172 @@
+"""Reading conditioning media (images, videos) and writing generated videos.
+
+Images are read with Pillow (PNG, JPEG, WebP, anything Pillow opens; EXIF orientation is honoured),
+videos with the ffmpeg bundled in imageio-ffmpeg (MP4, WebM, GIF, any container ffmpeg reads).
+
+Resize rule, the same for images and every video frame: scale the source uniformly by the smallest
+factor that makes it cover the target (both sides >= target), with Lanczos resampling, then crop the
+centre to exactly ``width x height``. Nothing is stretched or letterboxed; what overhangs is cut off
+equally on both sides.
+
+Pixel tensors are float32 in [-1, 1], channels first: an image is (3, H, W), a video (3, T, H, W).
+Unreadable input raises :class:`~pusa_model.errors.InvalidRequest` naming the request field.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import InvalidRequest
+
+Source = str | Path | bytes
+
+# ffmpeg log lines that say what went wrong, e.g. "[in#0 @ 0x55d0] moov atom not found".
+_FFMPEG_PROBLEM = re.compile(r"not found|invalid|error|partial|corrupt|unsupported|no such|matches no", re.I)
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale `image` to cover width x height and crop the centre (the module's resize rule)."""
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 channels-first in [-1, 1]: (3, H, W) or (3, T, H, W)."""
+    tensor = torch.tensor(pixels, dtype=torch.float32).div_(127.5).sub_(1.0)
+    return tensor.movedim(-1, 0).contiguous()
+
+
+def _check_source(source: Source, field: str, kind: str) -> None:
+    """Reject missing files and empty input before handing them to a decoder."""
+    if isinstance(source, bytes):
+        if not source:
+            raise InvalidRequest(field, f"cannot read {kind}: the upload is empty")
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise InvalidRequest(field, f"cannot read {kind}: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidRequest(field, f"cannot read {kind}: file is empty: {path}")
+
+
+def load_image(source: Source, width: int, height: int, field: str = "image") -> torch.Tensor:
+    """Read an image file or upload and return it fitted to (3, height, width), float32 in [-1, 1]."""
+    _check_source(source, field, "image")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(field, f"cannot read image: {exc}") from exc
+    return _to_tensor(np.asarray(_fit(rgb, width, height)))
+
+
+@contextmanager
+def _as_path(source: Source) -> Iterator[str]:
+    """A file path for `source`; bytes are written to a temporary file for ffmpeg."""
+    if not isinstance(source, bytes):
+        yield str(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="pusa-upload-") as folder:
+        path = Path(folder) / "upload"
+        path.write_bytes(source)
+        yield str(path)
+
+
+def _ffmpeg_problem(exc: Exception) -> str:
+    """The most telling line of an imageio-ffmpeg error (which embeds ffmpeg's whole stderr)."""
+    lines = [re.sub(r"^\[[^\]]*\]\s*", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    problems = [line for line in lines if _FFMPEG_PROBLEM.search(line)]
+    return (problems or lines or [type(exc).__name__])[0]
+
+
+@contextmanager
+def _read_video(source: Source, field: str, limit: int) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
+    """Open a video with ffmpeg: yield its metadata and an iterator over at most `limit` frames.
+
+    Frames are uint8 (H, W, 3), in decoding order, one per decoded frame (no frame-rate conversion);
+    ffmpeg stops after `limit` frames. Any decoding failure becomes InvalidRequest(field, ...).
+    """
+    _check_source(source, field, "video")
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough", "-frames:v", str(limit)]
+    with _as_path(source) as path:
+        reader = imageio_ffmpeg.read_frames(path, output_params=params)
+        try:
+            meta = next(reader)
+            width, height = meta["size"]
+            yield meta, (np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3) for frame in reader)
+        except (OSError, RuntimeError, ValueError, IndexError) as exc:
+            raise InvalidRequest(field, f"cannot read video: {_ffmpeg_problem(exc)}") from exc
+        finally:
+            reader.close()
+
+
+def load_video(source: Source, width: int, height: int, num_frames: int, field: str = "video") -> torch.Tensor:
+    """Read the first `num_frames` frames of a video file or upload, each fitted to height x width.
+
+    Returns float32 (3, num_frames, height, width) in [-1, 1].
+    """
+    with _read_video(source, field, num_frames) as (_, frames):
+        fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in frames]
+    if len(fitted) < num_frames:
+        raise InvalidRequest(field, f"video has {len(fitted)} frames; this request needs at least {num_frames}")
+    return _to_tensor(np.stack(fitted))
+
+
+def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) float in [-1, 1] -> uint8 (T, H, W, 3), clamped and rounded."""
+    pixels = ((video.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
+    """Write uint8 (T, H, W, 3) frames as a browser-playable H.264 MP4 (yuv420p, faststart).
+
+    H and W must be multiples of 16, so frames are stored exactly as given, never rescaled.
+    """
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 frames (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    if height % 16 or width % 16:
+        raise ValueError(f"frame size {width}x{height} is not a multiple of 16")
+    writer = imageio_ffmpeg.write_frames(
+        str(path),
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv420p",
+        quality=None,
+        macro_block_size=16,
+        output_params=["-crf", "18", "-movflags", "+faststart"],
+    )
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+
+
+def write_thumbnail(frames: np.ndarray, path: str | Path) -> None:
+    """Write the middle frame of uint8 (T, H, W, 3) frames as a WebP image."""
+    Image.fromarray(frames[len(frames) // 2]).save(path, format="WEBP", quality=90)
+
+
+def probe_video(path: str | Path) -> dict:
+    """Width, height, frame count, fps and codec name (e.g. "h264") of a video file.
+
+    Frames are counted by decoding the whole file. Unreadable files raise InvalidRequest("video", ...).
+    """
+    with _read_video(path, "video", 1) as (meta, _):
+        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
+    width, height = meta["size"]
+    codec = meta["codec"].rstrip(",")  # ffmpeg prints e.g. "Video: gif, bgra, ..."
+    return {"width": width, "height": height, "frames": frames, "fps": meta["fps"], "codec": codec}
