@@ -1,0 +1,145 @@
+"""Resolve a model source (a local folder or an ``s3://`` prefix) to a local folder, and load it.
+
+An ``s3://bucket/prefix`` is copied once per node into a cache folder. Processes starting together
+serialise on a lock file beside it; the copy is built in a temporary sibling and renamed into place
+with a completion marker, so a folder is either complete or absent. No model hub is ever contacted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pusa_model.presets import default_cache_dir
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+log = logging.getLogger(__name__)
+
+MARKER = ".complete"
+PARTS = ("tokenizer", "text_encoder", "vae", "transformer")
+
+
+def resolve_source(source: str, cache_dir: Path | None = None, *, s3_endpoint: str | None = None) -> Path:
+    """Return a local folder holding `source`: the folder itself, or the node-local copy of an
+    ``s3://bucket/prefix``, downloaded on first use into ``cache_dir/<bucket>/<prefix>-<hash>``.
+
+    The S3 endpoint is `s3_endpoint`, else ``PUSA_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``, else
+    boto3's default; credentials come from boto3's usual chain.
+    """
+    if not source.startswith("s3://"):
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"model folder {source} does not exist")
+        return folder
+    bucket, _, prefix = source.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {source!r}")
+    uri = f"s3://{bucket}/{prefix}"
+    endpoint = s3_endpoint or os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    digest = hashlib.sha256(f"{uri} {endpoint or ''}".encode()).hexdigest()[:12]
+    name = f"{_relative(prefix, uri)}-{digest}" if prefix else digest
+    target = Path(cache_dir or default_cache_dir() / "models") / bucket / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not (target / MARKER).is_file():
+            _download(uri, endpoint, target)
+    return target
+
+
+def _relative(key: str, uri: str) -> Path:
+    """`key` as a relative path, refusing one that would escape the folder it is joined to."""
+    if key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"unsafe object path {key!r} under {uri}")
+    return Path(key)
+
+
+def _download(uri: str, endpoint: str | None, target: Path) -> None:
+    """Copy every object under `uri` into `target` (which must not hold a complete copy)."""
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    key_prefix = f"{prefix}/" if prefix else ""
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        log.warning("removing %s left by an interrupted download", partial)
+        shutil.rmtree(partial)
+    log.info("downloading %s into %s", uri, target)
+    s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)  # fresh credential lookup
+    etags: dict[str, str] = {}
+    size = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"].removeprefix(key_prefix)
+            if not rel or rel.endswith("/"):  # folder placeholder objects
+                continue
+            dest = partial / _relative(rel, uri)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(dest))
+            etags[rel] = obj["ETag"].strip('"')
+            size += obj["Size"]
+    if not etags:
+        raise FileNotFoundError(f"no objects under {uri}" + (f" at {endpoint}" if endpoint else ""))
+    marker = {"source": uri, "endpoint": endpoint, "objects": len(etags), "bytes": size, "etags": etags}
+    (partial / MARKER).write_text(json.dumps(marker, indent=1))
+    if target.exists():  # an earlier copy whose marker was removed to force a fresh download
+        shutil.rmtree(target)
+    os.rename(partial, target)
+    log.info("downloaded %d objects (%d bytes) from %s", len(etags), size, uri)
+
+
+@dataclass
+class Components:
+    """The loaded parts of a checkpoint; a part not asked for is None."""
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+    text_encoder: UMT5EncoderModel | None = None
+    vae: AutoencoderKLWan | None = None
+    transformer: WanTransformer3DModel | None = None
+
+
+def load_components(
+    folder: Path, dtype: torch.dtype, device: str = "cpu", parts: tuple[str, ...] = PARTS
+) -> Components:
+    """Load `parts` of the diffusers-layout checkpoint in `folder` from local files only.
+
+    Models are in eval mode without gradients on `device`: the text encoder and transformer in
+    `dtype`, the VAE in float32 (Wan's VAE runs in float32).
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)} (known: {', '.join(PARTS)})")
+    loaders = {
+        "tokenizer": lambda path: AutoTokenizer.from_pretrained(path, local_files_only=True),
+        "text_encoder": lambda path: UMT5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True),
+        "vae": lambda path: AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True),
+        "transformer": lambda path: WanTransformer3DModel.from_pretrained(
+            path, torch_dtype=dtype, local_files_only=True
+        ),
+    }
+    loaded = {}
+    for name in parts:
+        path = Path(folder) / name
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist (needed for the {name})")
+        part = loaders[name](path)
+        if isinstance(part, torch.nn.Module):
+            part = part.eval().requires_grad_(False).to(device)
+        loaded[name] = part
+    return Components(**loaded)
