@@ -1,0 +1,265 @@
+"""Generation requests: the parameters of every task, their defaults and their checks.
+
+`GenerationRequest` is what a user sends (CLI flags, HTTP JSON). `plan_request` checks it against
+itself and the preset's defaults and resolves it into a `GenerationPlan`: concrete sizes, the latent
+index and noise multiplier of every conditioning frame, and the sampling schedule. Every rejection
+is an `InvalidRequest` naming the field.
+
+Positions are latent frame indices (``0 .. F-1``, ``F = (frames - 1) / 4 + 1``); with
+``positions_unit="pixel"`` they are pixel frame indices, mapped to latent ``(p + 3) // 4``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import InvalidRequest
+from .presets import Preset
+from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps
+
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
+    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards"
+)
+
+Task = Literal["t2v", "i2v", "multi_frame", "v2v"]
+TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
+
+# Noise multipliers used when the request gives none (DESIGN §2.2, from the reference demo).
+DEFAULT_I2V_MULTIPLIER = 0.2
+DEFAULT_KEYFRAME_MULTIPLIERS = (0.2, 0.5)  # first image, every later image
+DEFAULT_COMPLETION_MULTIPLIER = 0.3
+DEFAULT_EXTENSION = ((0, 1, 2, 3), (0.0, 0.3, 0.4, 0.5))
+
+VAE_TEMPORAL = 4
+VAE_SPATIAL = 8
+SIZE_MULTIPLE = 16
+MAX_SIDE = 1920
+MAX_FRAMES = 241
+
+
+class GenerationRequest(BaseModel):
+    """One video to generate. Sizes left out take the preset's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: Task = "t2v"
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default=WAN_NEGATIVE_PROMPT, max_length=4000)
+    images: list[str] = Field(default_factory=list, description="conditioning images (i2v, multi_frame)")
+    video: str | None = Field(default=None, description="conditioning video (v2v)")
+    v2v_mode: Literal["completion", "extension"] = "completion"
+    positions: list[int] | None = None
+    positions_unit: Literal["latent", "pixel"] = "latent"
+    multipliers: list[float] | None = None
+    noise_multiplier: float | None = Field(default=None, ge=0.0, le=1.0)
+    steps: int = Field(default=10, ge=1, le=50)
+    guidance: float = Field(default=5.0, ge=1.0, le=20.0)
+    lora_alpha: float = Field(default=1.4, ge=0.0, le=3.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    width: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
+    height: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
+    frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    fps: int = Field(default=25, ge=1, le=60)
+
+
+@dataclass(frozen=True)
+class ConditioningFrame:
+    """A latent frame fixed by the input: `source` is ``image`` (index into images) or ``video``."""
+
+    latent_index: int
+    multiplier: float
+    source: Literal["image", "video"]
+    image_index: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """A checked request resolved to numbers the model runs on."""
+
+    request: GenerationRequest
+    width: int
+    height: int
+    frames: int
+    seed: int
+    conditioning: tuple[ConditioningFrame, ...]
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // VAE_TEMPORAL + 1
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, 16, self.latent_frames, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+
+    @property
+    def video_frames_needed(self) -> int:
+        """Pixel frames of the input video that v2v encodes: up to the last conditioned latent."""
+        last = max((c.latent_index for c in self.conditioning if c.source == "video"), default=-1)
+        return VAE_TEMPORAL * last + 1 if last >= 0 else 0
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return flow_sigmas(self.request.steps)
+
+    @property
+    def multipliers(self) -> torch.Tensor:
+        """Noise multiplier of every latent frame ``(F,)``: 1 for free frames."""
+        m = torch.ones(self.latent_frames)
+        for c in self.conditioning:
+            m[c.latent_index] = c.multiplier
+        return m
+
+    def describe(self) -> dict:
+        """The plan as JSON-ready data: sizes, conditioning and every step's per-frame schedule."""
+        sigmas, m = self.sigmas, self.multipliers
+        steps = [
+            {
+                "step": k,
+                "timesteps": [round(v, 4) for v in frame_timesteps(sigmas, m, k).tolist()],
+                "sigma": round(float(sigmas[k]), 6),
+                "sigma_next": round(float(sigmas[k + 1]), 6),
+                "frame_sigma_deltas": [round(v, 6) for v in frame_sigma_deltas(sigmas, m, k).tolist()],
+            }
+            for k in range(self.request.steps)
+        ]
+        return {
+            "task": self.request.task,
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "fps": self.request.fps,
+            "latent_frames": self.latent_frames,
+            "latent_shape": list(self.latent_shape),
+            "seed": self.seed,
+            "guidance": self.request.guidance,
+            "lora_alpha": self.request.lora_alpha,
+            "cfg_passes_per_step": 1 if self.request.guidance == 1.0 else 2,
+            "conditioning": [c.__dict__ for c in self.conditioning],
+            "video_frames_needed": self.video_frames_needed,
+            "steps": steps,
+        }
+
+
+def parse_request(data: dict) -> GenerationRequest:
+    """Build a request from plain data; type and range errors become `InvalidRequest`."""
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"]) or "request"
+        raise InvalidRequest(field, error["msg"]) from None
+
+
+def _check_size(field: str, value: int) -> None:
+    if value % SIZE_MULTIPLE:
+        raise InvalidRequest(field, f"{value} is not a multiple of {SIZE_MULTIPLE}")
+
+
+def _latent_positions(req: GenerationRequest, latent_frames: int, frames: int) -> list[int] | None:
+    if req.positions is None:
+        return None
+    if not req.positions:
+        raise InvalidRequest("positions", "is empty; leave it out for the task's default")
+    if req.positions_unit == "pixel":
+        for p in req.positions:
+            if not 0 <= p < frames:
+                raise InvalidRequest("positions", f"pixel frame {p} is outside 0..{frames - 1}")
+        latent = [(p + 3) // VAE_TEMPORAL for p in req.positions]
+    else:
+        latent = list(req.positions)
+        for p in latent:
+            if not 0 <= p < latent_frames:
+                raise InvalidRequest("positions", f"latent frame {p} is outside 0..{latent_frames - 1}")
+    if len(set(latent)) != len(latent):
+        dup = next(p for p in latent if latent.count(p) > 1)
+        raise InvalidRequest("positions", f"latent frame {dup} is given more than once")
+    return latent
+
+
+def _default_positions(req: GenerationRequest, latent_frames: int) -> list[int]:
+    if req.task == "i2v":
+        return [0]
+    if req.task == "v2v" and req.v2v_mode == "extension":
+        positions = list(DEFAULT_EXTENSION[0])
+        if positions[-1] >= latent_frames:
+            raise InvalidRequest("frames", f"extension needs at least {positions[-1] + 1} latent frames")
+        return positions
+    count = len(req.images) if req.task == "multi_frame" else 2  # keyframes, or completion's first and last
+    if latent_frames < count:
+        raise InvalidRequest("frames", f"{count} conditioning frames need at least {count} latent frames")
+    return [round(i * (latent_frames - 1) / (count - 1)) for i in range(count)]
+
+
+def _default_multipliers(req: GenerationRequest, count: int, positions_given: bool) -> list[float]:
+    if req.noise_multiplier is not None:
+        return [req.noise_multiplier] * count
+    if req.task == "i2v":
+        return [DEFAULT_I2V_MULTIPLIER]
+    if req.task == "multi_frame":
+        first, rest = DEFAULT_KEYFRAME_MULTIPLIERS
+        return [first] + [rest] * (count - 1)
+    if req.v2v_mode == "extension" and not positions_given:
+        return list(DEFAULT_EXTENSION[1])
+    return [DEFAULT_COMPLETION_MULTIPLIER] * count
+
+
+def plan_request(req: GenerationRequest, preset: Preset, default_seed: int | None = None) -> GenerationPlan:
+    """Check `req` and resolve it against `preset`'s defaults. Raises `InvalidRequest`."""
+    width = req.width or preset.width
+    height = req.height or preset.height
+    frames = req.frames or preset.frames
+    _check_size("width", width)
+    _check_size("height", height)
+    if (frames - 1) % VAE_TEMPORAL:
+        raise InvalidRequest("frames", f"{frames} is not of the form 4k+1 (e.g. 81)")
+    latent_frames = (frames - 1) // VAE_TEMPORAL + 1
+
+    if req.task in ("t2v", "v2v") and req.images:
+        raise InvalidRequest("images", f"task {req.task} takes no images")
+    if req.task != "v2v" and req.video is not None:
+        raise InvalidRequest("video", f"task {req.task} takes no video (use v2v)")
+    if req.task == "i2v" and len(req.images) != 1:
+        raise InvalidRequest("images", f"i2v takes exactly one image, got {len(req.images)}")
+    if req.task == "multi_frame" and len(req.images) < 2:
+        raise InvalidRequest("images", f"multi_frame takes two or more images, got {len(req.images)}")
+    if req.task == "v2v" and not req.video:
+        raise InvalidRequest("video", "v2v needs an input video")
+    if req.task == "t2v":
+        if req.positions or req.multipliers:
+            raise InvalidRequest("positions" if req.positions else "multipliers", "t2v takes no conditioning")
+        conditioning: tuple[ConditioningFrame, ...] = ()
+    else:
+        positions = _latent_positions(req, latent_frames, frames)
+        if positions is not None and req.task != "v2v" and len(positions) != len(req.images):
+            raise InvalidRequest("positions", f"{len(positions)} positions for {len(req.images)} images")
+        if positions is None:
+            positions = _default_positions(req, latent_frames)
+        if req.multipliers is not None:
+            if len(req.multipliers) != len(positions):
+                raise InvalidRequest(
+                    "multipliers", f"{len(req.multipliers)} multipliers for {len(positions)} positions"
+                )
+            for m in req.multipliers:
+                if not 0.0 <= m <= 1.0:
+                    raise InvalidRequest("multipliers", f"{m} is outside [0, 1]")
+            multipliers = list(req.multipliers)
+        else:
+            multipliers = _default_multipliers(req, len(positions), req.positions is not None)
+        source = "video" if req.task == "v2v" else "image"
+        conditioning = tuple(
+            ConditioningFrame(p, float(m), source, None if source == "video" else i)
+            for i, (p, m) in enumerate(zip(positions, multipliers))
+        )
+
+    seed = req.seed if req.seed is not None else default_seed
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return GenerationPlan(req, width, height, frames, seed, conditioning)
