@@ -1,0 +1,175 @@
+"""The whole request in one process: text -> conditioning -> VTA denoising -> decode -> MP4.
+
+The service runs the same stages as separate deployments; this module is the reference composition
+and the CLI's engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import media
+from .dit import DiTStage
+from .loading import load_components, resolve_source
+from .lora import LoraFuser, SafetensorsWeights, load_lora_state_dict
+from .presets import Preset, build_tiny_checkpoint, get_preset
+from .request import GenerationPlan
+from .sampler import initial_latents, initial_noise
+from .schedule import frame_timesteps
+from .text import TextEncoderStage
+from .vae import VAEStage
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one finished denoising step."""
+
+    step: int  # 0-based
+    total: int
+    timesteps: list[float]  # per latent frame
+    elapsed_s: float
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass
+class GenerationResult:
+    video_path: Path
+    thumbnail_path: Path
+    plan: GenerationPlan
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def model_folder(preset: Preset) -> Path:
+    """Local folder of `preset`'s checkpoint: built for `tiny`, copied once for ``s3://``."""
+    if preset.name == "tiny":
+        folder = Path(preset.source)
+        if not (folder / "model_index.json").exists():
+            build_tiny_checkpoint(folder)
+        return folder
+    return resolve_source(preset.source)
+
+
+def load_dit_stage(folder: Path, preset: Preset, device: str) -> DiTStage:
+    """The DiT with the preset's LoRA ready to fuse; base weights are re-read from the checkpoint."""
+    transformer = load_components(folder, preset.torch_dtype, device, parts=("transformer",)).transformer
+    lora = None
+    if preset.lora:
+        state = load_lora_state_dict(folder / preset.lora)
+        lora = LoraFuser(transformer, state, base_weights=SafetensorsWeights(folder / "transformer"))
+    return DiTStage(transformer, lora)
+
+
+def load_text_stage(folder: Path, preset: Preset, device: str) -> TextEncoderStage:
+    parts = load_components(folder, preset.torch_dtype, device, parts=("tokenizer", "text_encoder"))
+    return TextEncoderStage(parts.tokenizer, parts.text_encoder)
+
+
+def load_vae_stage(folder: Path, preset: Preset, device: str, tiling: bool = False) -> VAEStage:
+    return VAEStage(load_components(folder, preset.torch_dtype, device, parts=("vae",)).vae, tiling=tiling)
+
+
+def load_conditioning_pixels(plan: GenerationPlan) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+    """Read and size the request's images or video (raises `InvalidRequest` naming the field)."""
+    req = plan.request
+    if plan.video_frames_needed:
+        return {"video": media.load_video(req.video, plan.width, plan.height, plan.video_frames_needed)}
+    images = [
+        media.load_image(src, plan.width, plan.height, field=f"images[{i}]") for i, src in enumerate(req.images)
+    ]
+    return {"images": images}
+
+
+def conditioning_latents(plan: GenerationPlan, encoded: dict[str, torch.Tensor | list[torch.Tensor]]) -> torch.Tensor:
+    """Clean latents ``(1, 16, F, h, w)`` with each conditioning frame at its index (zeros elsewhere).
+
+    `encoded` holds ``images``: one latent frame per image, or ``video``: the encoded clip, whose
+    latent i goes to index i.
+    """
+    clean = torch.zeros(plan.latent_shape)
+    for c in plan.conditioning:
+        if c.source == "image":
+            clean[:, :, c.latent_index] = encoded["images"][c.image_index][:, :, 0]
+        else:
+            clean[:, :, c.latent_index] = encoded["video"][:, :, c.latent_index]
+    return clean
+
+
+def encode_conditioning(vae: VAEStage, plan: GenerationPlan) -> torch.Tensor:
+    """Read, size and VAE-encode the request's conditioning into clean latents."""
+    if not plan.conditioning:
+        return torch.zeros(plan.latent_shape)
+    pixels = load_conditioning_pixels(plan)
+    if "video" in pixels:
+        encoded = {"video": vae.encode(pixels["video"])}
+    else:
+        encoded = {"images": [vae.encode(img.unsqueeze(1)) for img in pixels["images"]]}
+    return conditioning_latents(plan, encoded)
+
+
+class PusaPipeline:
+    """Text encoder, VAE and DiT of one preset in this process."""
+
+    def __init__(self, preset: Preset, text: TextEncoderStage, vae: VAEStage, dit: DiTStage) -> None:
+        self.preset = preset
+        self.text = text
+        self.vae = vae
+        self.dit = dit
+
+    @classmethod
+    def from_preset(cls, name: str, device: str | None = None) -> "PusaPipeline":
+        preset = get_preset(name)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        folder = model_folder(preset)
+        return cls(
+            preset,
+            load_text_stage(folder, preset, device),
+            load_vae_stage(folder, preset, device),
+            load_dit_stage(folder, preset, device),
+        )
+
+    def denoise(
+        self, plan: GenerationPlan, clean: torch.Tensor, prompt: torch.Tensor, negative: torch.Tensor | None,
+        on_step: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Run every VTA step from the seed's noise; returns the final latents."""
+        req = plan.request
+        sigmas, multipliers = plan.sigmas, plan.multipliers
+        latents = initial_latents(initial_noise(plan.latent_shape, plan.seed), clean, multipliers)
+        start = time.perf_counter()
+        for k in range(req.steps):
+            latents = self.dit.step(
+                latents, k, sigmas, multipliers, prompt, negative, req.guidance, lora_alpha=req.lora_alpha
+            )
+            if on_step is not None:
+                timesteps = frame_timesteps(sigmas, multipliers, k).tolist()
+                on_step(StepEvent(k, req.steps, timesteps, time.perf_counter() - start))
+        return latents
+
+    def generate(self, plan: GenerationPlan, output: Path, on_step: StepCallback | None = None) -> GenerationResult:
+        """Generate the planned video; write ``output`` (MP4) and a WebP thumbnail beside it."""
+        req = plan.request
+        t0 = time.perf_counter()
+        negative_prompt = req.negative_prompt if req.guidance != 1.0 else None
+        prompt, negative = self.text.encode(req.prompt, negative_prompt)
+        t1 = time.perf_counter()
+        clean = encode_conditioning(self.vae, plan)
+        t2 = time.perf_counter()
+        latents = self.denoise(plan, clean, prompt, negative, on_step)
+        t3 = time.perf_counter()
+        frames = media.frames_to_uint8(self.vae.decode(latents))
+        t4 = time.perf_counter()
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        thumbnail = output.with_suffix(".webp")
+        media.write_mp4(frames, output, req.fps)
+        media.write_thumbnail(frames, thumbnail)
+        t5 = time.perf_counter()
+        timings = {"text": t1 - t0, "conditioning": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3, "write": t5 - t4}
+        return GenerationResult(output, thumbnail, plan, timings)
