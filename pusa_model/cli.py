@@ -1,0 +1,134 @@
+"""`pusa`: generate a video in this process (no Ray), or print a request's plan.
+
+    pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
+    pusa generate --task t2v --prompt "..." --dry-run --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, InvalidRequest
+from .presets import PRESET_NAMES, get_preset
+from .request import TASKS, plan_request, parse_request
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    return width, height
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pusa", description="Pusa V1 video generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one video in this process")
+    gen.add_argument("--task", choices=TASKS, default="t2v")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--image", action="append", default=[], help="conditioning image (repeat for keyframes)")
+    gen.add_argument("--images", type=lambda s: s.split(","), default=[], help="comma-separated images")
+    gen.add_argument("--video", help="conditioning video (v2v)")
+    gen.add_argument("--v2v-mode", choices=("completion", "extension"), default="completion")
+    gen.add_argument("--positions", type=_int_list, help="latent frame indices, e.g. 0,20")
+    gen.add_argument("--pixel-positions", action="store_true", help="--positions are pixel frame indices")
+    gen.add_argument("--multipliers", type=_float_list, help="noise multiplier per position, e.g. 0.2,0.5")
+    gen.add_argument("--noise-multiplier", type=float)
+    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (preset default)")
+    gen.add_argument("--frames", type=int, help="4k+1 (preset default)")
+    gen.add_argument("--fps", type=int, default=25)
+    gen.add_argument("--steps", type=int, default=10)
+    gen.add_argument("--guidance", type=float, default=5.0)
+    gen.add_argument("--lora-alpha", type=float, default=1.4)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
+    gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; run no model")
+    gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> dict:
+    data = {
+        "task": args.task,
+        "prompt": args.prompt,
+        "images": [*args.image, *args.images],
+        "video": args.video,
+        "v2v_mode": args.v2v_mode,
+        "positions": args.positions,
+        "positions_unit": "pixel" if args.pixel_positions else "latent",
+        "multipliers": args.multipliers,
+        "noise_multiplier": args.noise_multiplier,
+        "frames": args.frames,
+        "fps": args.fps,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "lora_alpha": args.lora_alpha,
+        "seed": args.seed,
+    }
+    if args.negative_prompt is not None:
+        data["negative_prompt"] = args.negative_prompt
+    if args.size:
+        data["width"], data["height"] = args.size
+    return data
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import PusaPipeline
+
+    preset = get_preset(args.preset)
+    plan = plan_request(parse_request(request_from_args(args)), preset)
+    if args.dry_run:
+        print(json.dumps(plan.describe(), indent=None if args.json else 2))
+        return 0
+    inputs = [("video", plan.request.video)] if plan.request.video else []
+    inputs += [(f"images[{i}]", path) for i, path in enumerate(plan.request.images)]
+    for field, path in inputs:  # fail before the models load
+        if not Path(path).is_file():
+            raise InvalidRequest(field, f"file not found: {path}")
+    pipe = PusaPipeline.from_preset(args.preset, device=args.device)
+    with tqdm(total=plan.request.steps, desc="denoising", unit="step", disable=args.json) as bar:
+        result = pipe.generate(plan, args.output, on_step=lambda event: bar.update(1))
+    summary = {
+        "video": str(result.video_path),
+        "thumbnail": str(result.thumbnail_path),
+        "seed": plan.seed,
+        "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+    }
+    print(json.dumps(summary) if args.json else f"wrote {result.video_path} (seed {plan.seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _generate(args)
+    except (InvalidRequest, ConfigError) as exc:
+        print(f"pusa: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
