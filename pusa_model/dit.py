@@ -11,17 +11,24 @@ from diffusers import WanTransformer3DModel
 
 from .lora import LoraFuser
 from .sampler import denoise_step
-from .transformer import forward_per_frame
+from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame
 
 
 class DiTStage:
-    """Runs denoising steps; `lora_alpha` sets the fused LoRA strength (never accumulating)."""
+    """Runs denoising steps; `lora_alpha` sets the fused LoRA strength (never accumulating).
 
-    def __init__(self, transformer: WanTransformer3DModel, lora: LoraFuser | None = None) -> None:
+    `options` (attention kernel, fused QKV, compile) are applied to `transformer` here, in place;
+    None leaves the model as it is.
+    """
+
+    def __init__(
+        self, transformer: WanTransformer3DModel, lora: LoraFuser | None = None, options: DiTOptions | None = None
+    ) -> None:
         self.transformer = transformer
         self.lora = lora
         self.device = next(transformer.parameters()).device
         self.dtype = next(transformer.parameters()).dtype
+        self._block_fn = block_forward if options is None else apply_options(transformer, options)
 
     @property
     def lora_alpha(self) -> float | None:
@@ -35,7 +42,8 @@ class DiTStage:
     def velocity(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The DiT's velocity for float32 latents, with per-frame `timesteps` ``(B, F)``."""
         x = latents.to(self.device, self.dtype)
-        out = forward_per_frame(self.transformer, x, timesteps.to(self.device), text.to(self.device, self.dtype))
+        text = text.to(self.device, self.dtype)
+        out = forward_per_frame(self.transformer, x, timesteps.to(self.device), text, self._block_fn)
         return out.float()
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,11 +53,30 @@ def resolve_source(source: str, cache_dir: Path | None = None, *, s3_endpoint: s
     digest = hashlib.sha256(f"{uri} {endpoint or ''}".encode()).hexdigest()[:12]
     name = f"{_relative(prefix, uri)}-{digest}" if prefix else digest
     target = Path(cache_dir or default_cache_dir() / "models") / bucket / name
+    return fill_once(target, lambda partial: _download(uri, endpoint, partial))
+
+
+def fill_once(target: Path, fill: Callable[[Path], dict]) -> Path:
+    """Make `target` exactly once per node, safely when several processes ask at the same time.
+
+    Under an exclusive lock beside `target`: if its completion marker exists, return at once;
+    else `fill` a fresh ``.partial`` sibling (returning what the marker records) and rename it into
+    place. A ``.partial`` left by a crashed process is thrown away first.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_name(target.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if not (target / MARKER).is_file():
-            _download(uri, endpoint, target)
+        if (target / MARKER).is_file():
+            return target
+        partial = target.with_name(target.name + ".partial")
+        if partial.exists():
+            log.warning("removing %s left by an interrupted run", partial)
+            shutil.rmtree(partial)
+        marker = fill(partial)
+        (partial / MARKER).write_text(json.dumps(marker, indent=1))
+        if target.exists():  # an earlier copy whose marker was removed to force a fresh one
+            shutil.rmtree(target)
+        os.rename(partial, target)
     return target
 
 
@@ -67,17 +87,13 @@ def _relative(key: str, uri: str) -> Path:
     return Path(key)
 
 
-def _download(uri: str, endpoint: str | None, target: Path) -> None:
-    """Copy every object under `uri` into `target` (which must not hold a complete copy)."""
+def _download(uri: str, endpoint: str | None, folder: Path) -> dict:
+    """Copy every object under `uri` into `folder`; returns the completion marker's contents."""
     import boto3
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     key_prefix = f"{prefix}/" if prefix else ""
-    partial = target.with_name(target.name + ".partial")
-    if partial.exists():
-        log.warning("removing %s left by an interrupted download", partial)
-        shutil.rmtree(partial)
-    log.info("downloading %s into %s", uri, target)
+    log.info("downloading %s into %s", uri, folder)
     s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)  # fresh credential lookup
     etags: dict[str, str] = {}
     size = 0
@@ -86,19 +102,15 @@ def _download(uri: str, endpoint: str | None, target: Path) -> None:
             rel = obj["Key"].removeprefix(key_prefix)
             if not rel or rel.endswith("/"):  # folder placeholder objects
                 continue
-            dest = partial / _relative(rel, uri)
+            dest = folder / _relative(rel, uri)
             dest.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, obj["Key"], str(dest))
             etags[rel] = obj["ETag"].strip('"')
             size += obj["Size"]
     if not etags:
         raise FileNotFoundError(f"no objects under {uri}" + (f" at {endpoint}" if endpoint else ""))
-    marker = {"source": uri, "endpoint": endpoint, "objects": len(etags), "bytes": size, "etags": etags}
-    (partial / MARKER).write_text(json.dumps(marker, indent=1))
-    if target.exists():  # an earlier copy whose marker was removed to force a fresh download
-        shutil.rmtree(target)
-    os.rename(partial, target)
     log.info("downloaded %d objects (%d bytes) from %s", len(etags), size, uri)
+    return {"source": uri, "endpoint": endpoint, "objects": len(etags), "bytes": size, "etags": etags}
 
 
 @dataclass

@@ -14,6 +14,7 @@ Unreadable input raises :class:`~pusa_model.errors.InvalidRequest` naming the re
 
 from __future__ import annotations
 
+import collections
 import io
 import re
 import tempfile
@@ -91,14 +92,16 @@ def _ffmpeg_problem(exc: Exception) -> str:
 
 
 @contextmanager
-def _read_video(source: Source, field: str, limit: int) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
+def _read_video(source: Source, field: str, limit: int | None) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
     """Open a video with ffmpeg: yield its metadata and an iterator over at most `limit` frames.
 
     Frames are uint8 (H, W, 3), in decoding order, one per decoded frame (no frame-rate conversion);
-    ffmpeg stops after `limit` frames. Any decoding failure becomes InvalidRequest(field, ...).
+    ffmpeg stops after `limit` frames (None: all). Any decoding failure becomes InvalidRequest(field, ...).
     """
     _check_source(source, field, "video")
-    params = ["-map", "0:v:0", "-fps_mode", "passthrough", "-frames:v", str(limit)]
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
+    if limit is not None:
+        params += ["-frames:v", str(limit)]
     with _as_path(source) as path:
         reader = imageio_ffmpeg.read_frames(path, output_params=params)
         try:
@@ -111,13 +114,17 @@ def _read_video(source: Source, field: str, limit: int) -> Iterator[tuple[dict, 
             reader.close()
 
 
-def load_video(source: Source, width: int, height: int, num_frames: int, field: str = "video") -> torch.Tensor:
-    """Read the first `num_frames` frames of a video file or upload, each fitted to height x width.
+def load_video(
+    source: Source, width: int, height: int, num_frames: int, field: str = "video", from_end: bool = False
+) -> torch.Tensor:
+    """Read the first (or, with `from_end`, the last) `num_frames` frames of a video file or upload,
+    each fitted to height x width.
 
     Returns float32 (3, num_frames, height, width) in [-1, 1].
     """
-    with _read_video(source, field, num_frames) as (_, frames):
-        fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in frames]
+    with _read_video(source, field, None if from_end else num_frames) as (_, frames):
+        kept = collections.deque(frames, maxlen=num_frames) if from_end else frames
+        fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in kept]
     if len(fitted) < num_frames:
         raise InvalidRequest(field, f"video has {len(fitted)} frames; this request needs at least {num_frames}")
     return _to_tensor(np.stack(fitted))

@@ -15,9 +15,9 @@ import torch
 
 from . import media
 from .dit import DiTStage
-from .loading import load_components, resolve_source
+from .loading import fill_once, load_components, resolve_source
 from .lora import LoraFuser, SafetensorsWeights, load_lora_state_dict
-from .presets import Preset, build_tiny_checkpoint, get_preset
+from .presets import TINY_SEED, Preset, build_tiny_checkpoint, get_preset
 from .request import GenerationPlan
 from .sampler import initial_latents, initial_noise
 from .schedule import frame_timesteps
@@ -46,13 +46,15 @@ class GenerationResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
+def _build_tiny(folder: Path) -> dict:
+    build_tiny_checkpoint(folder)
+    return {"preset": "tiny", "seed": TINY_SEED}
+
+
 def model_folder(preset: Preset) -> Path:
     """Local folder of `preset`'s checkpoint: built for `tiny`, copied once for ``s3://``."""
     if preset.name == "tiny":
-        folder = Path(preset.source)
-        if not (folder / "model_index.json").exists():
-            build_tiny_checkpoint(folder)
-        return folder
+        return fill_once(Path(preset.source), _build_tiny)
     return resolve_source(preset.source)
 
 
@@ -75,15 +77,11 @@ def load_vae_stage(folder: Path, preset: Preset, device: str, tiling: bool = Fal
     return VAEStage(load_components(folder, preset.torch_dtype, device, parts=("vae",)).vae, tiling=tiling)
 
 
-def load_conditioning_pixels(plan: GenerationPlan) -> dict[str, list[torch.Tensor] | torch.Tensor]:
-    """Read and size the request's images or video (raises `InvalidRequest` naming the field)."""
-    req = plan.request
-    if plan.video_frames_needed:
-        return {"video": media.load_video(req.video, plan.width, plan.height, plan.video_frames_needed)}
-    images = [
-        media.load_image(src, plan.width, plan.height, field=f"images[{i}]") for i, src in enumerate(req.images)
-    ]
-    return {"images": images}
+def conditioning_sources(plan: GenerationPlan) -> dict[str, media.Source]:
+    """The request's media by field name: ``video``, or ``images[0]``, ``images[1]``, ..."""
+    if plan.request.video is not None:
+        return {"video": plan.request.video}
+    return {f"images[{i}]": src for i, src in enumerate(plan.request.images)}
 
 
 def conditioning_latents(plan: GenerationPlan, encoded: dict[str, torch.Tensor | list[torch.Tensor]]) -> torch.Tensor:
@@ -101,16 +99,28 @@ def conditioning_latents(plan: GenerationPlan, encoded: dict[str, torch.Tensor |
     return clean
 
 
-def encode_conditioning(vae: VAEStage, plan: GenerationPlan) -> torch.Tensor:
-    """Read, size and VAE-encode the request's conditioning into clean latents."""
+def encode_conditioning(
+    vae: VAEStage, plan: GenerationPlan, sources: dict[str, media.Source] | None = None
+) -> torch.Tensor:
+    """Read, size and VAE-encode the request's conditioning into clean latents.
+
+    `sources` maps field names to paths or bytes (default: the request's own paths). Unreadable
+    media raise `InvalidRequest` naming the field.
+    """
     if not plan.conditioning:
         return torch.zeros(plan.latent_shape)
-    pixels = load_conditioning_pixels(plan)
-    if "video" in pixels:
-        encoded = {"video": vae.encode(pixels["video"])}
-    else:
-        encoded = {"images": [vae.encode(img.unsqueeze(1)) for img in pixels["images"]]}
-    return conditioning_latents(plan, encoded)
+    sources = sources if sources is not None else conditioning_sources(plan)
+    if plan.video_frames_needed:
+        pixels = media.load_video(
+            sources["video"], plan.width, plan.height, plan.video_frames_needed,
+            from_end=plan.request.video_anchor == "end",
+        )
+        return conditioning_latents(plan, {"video": vae.encode(pixels)})
+    images = [
+        vae.encode(media.load_image(sources[f"images[{i}]"], plan.width, plan.height, field=f"images[{i}]").unsqueeze(1))
+        for i in range(len(plan.request.images))
+    ]
+    return conditioning_latents(plan, {"images": images})
 
 
 class PusaPipeline:

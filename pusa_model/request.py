@@ -56,6 +56,9 @@ class GenerationRequest(BaseModel):
     images: list[str] = Field(default_factory=list, description="conditioning images (i2v, multi_frame)")
     video: str | None = Field(default=None, description="conditioning video (v2v)")
     v2v_mode: Literal["completion", "extension"] = "completion"
+    video_anchor: Literal["start", "end"] = Field(
+        default="start", description="condition on the video's first frames, or its last (to continue it)"
+    )
     positions: list[int] | None = None
     positions_unit: Literal["latent", "pixel"] = "latent"
     multipliers: list[float] | None = None

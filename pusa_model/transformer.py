@@ -6,13 +6,28 @@ tokens of a frame share one timestep, so here the timestep embedding and the mod
 once per frame, shape ``(B, F, ...)``, and broadcast over the frame's tokens. Every weight and
 sub-module is diffusers' own; only the order of the arithmetic around them lives here, and it follows
 ``WanTransformerBlock.forward`` step for step.
+
+Speed options (`DiTOptions`, applied by `apply_options`): the attention kernel of diffusers' dispatcher
+(`select_attention_backend`), fused QKV projections (`fuse_qkv`) and a regional ``torch.compile`` of
+`block_forward` (`compile_block_forward`), traced once and reused by every block.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+from diffusers.models import attention_dispatch
+from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+
+logger = logging.getLogger(__name__)
+
+BlockFn = Callable[
+    [WanTransformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor
+]
 
 
 def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -68,13 +83,14 @@ def forward_per_frame(
     hidden_states: torch.Tensor,
     frame_timesteps: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
+    block_fn: BlockFn = block_forward,
 ) -> torch.Tensor:
     """Velocity prediction of `model` with one timestep per latent frame.
 
     hidden_states: latents ``(B, C, F, H, W)``; frame_timesteps: ``(B, F)``;
     encoder_hidden_states: text embeddings ``(B, L, text_dim)``. Returns ``(B, C, F, H, W)``.
     Equal to ``model(hidden_states, timestep=<per-token (B, seq_len)>, ...)`` without building
-    per-token tensors.
+    per-token tensors. `block_fn` runs each block: `block_forward` or `compile_block_forward()`'s result.
     """
     batch, _, num_frames, height, width = hidden_states.shape
     p_t, p_h, p_w = model.config.patch_size
@@ -93,7 +109,7 @@ def forward_per_frame(
     frame_modulation = timestep_proj.unflatten(2, (6, -1))  # (B, F, 6, D)
 
     for block in model.blocks:
-        x = block_forward(block, x, text, frame_modulation, rotary_emb)
+        x = block_fn(block, x, text, frame_modulation, rotary_emb)
 
     shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D) each
     x = _modulate(model.norm_out(x.float()), scale, shift).type_as(x)
@@ -107,3 +123,82 @@ def forward_per_frame(
 def per_token_timesteps(frame_timesteps: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     """The same timesteps in diffusers' per-token form ``(B, F * tokens_per_frame)``."""
     return frame_timesteps.repeat_interleave(tokens_per_frame, dim=1)
+
+
+def compile_block_forward(**compile_kwargs) -> BlockFn:
+    """`block_forward` under ``torch.compile(fullgraph=True)`` (regional compilation).
+
+    The block is an argument, so dynamo traces its parameters as graph inputs and one compiled graph
+    serves every block of the same shapes: one compile per input shape, not one per block.
+    `compile_kwargs` go to ``torch.compile`` (e.g. ``backend``, ``mode``, ``dynamic``).
+    """
+    return torch.compile(block_forward, **{"fullgraph": True, **compile_kwargs})
+
+
+def select_attention_backend(model: WanTransformer3DModel, preference: str = "auto") -> str:
+    """Set the attention kernel of `model` (diffusers' attention dispatcher) and return its name.
+
+    - ``"auto"``: cuDNN SDPA (``"_native_cudnn"``) on a Hopper GPU with bf16/fp16 weights, the fastest
+      kernel there; otherwise ``"native"`` (PyTorch SDPA's own choice: flash on Ampere, math on CPU).
+    - ``"xformers"``: xformers when it is installed, else as ``"auto"``.
+    - ``"flash"``: the flash-attn package (``"flash"``) when installed, else PyTorch's flash SDPA kernel
+      (``"_native_flash"``) on CUDA, else as ``"auto"``.
+    - any other `AttentionBackendName` value (``"_native_efficient"``, ``"_flash_3"``, ...) is used as
+      given; diffusers raises when its package is missing.
+    """
+    weight = model.patch_embedding.weight
+    on_cuda = weight.device.type == "cuda"
+    name = preference
+    if preference == "xformers" and not attention_dispatch._CAN_USE_XFORMERS_ATTN:
+        name = "auto"
+    elif preference == "flash" and not attention_dispatch._CAN_USE_FLASH_ATTN:
+        name = "_native_flash" if on_cuda else "auto"
+    if name == "auto":
+        hopper = on_cuda and torch.cuda.get_device_capability(weight.device)[0] == 9
+        half = model.blocks[0].attn1.to_q.weight.dtype in (torch.bfloat16, torch.float16)
+        name = "_native_cudnn" if hopper and half else "native"
+    if name != preference:
+        logger.info("attention backend %r requested, using %r", preference, name)
+    model.set_attention_backend(name)
+    return name
+
+
+def fuse_qkv(model: WanTransformer3DModel) -> None:
+    """Fuse q/k/v (self-attention) and k/v (cross-attention) into one Linear each, without extra memory.
+
+    diffusers' ``WanAttention.fuse_projections`` concatenates copies into ``to_qkv`` / ``to_kv``, which
+    its ``WanAttnProcessor`` then uses. Here the original ``to_q`` / ``to_k`` / ``to_v`` parameters are
+    re-pointed at slices of the fused ones, one attention at a time: no weight is stored twice, and
+    whatever writes into them (the LoRA fuser) updates the fused projection too.
+    """
+    for attn in [m for m in model.modules() if isinstance(m, WanAttention)]:
+        attn.fuse_projections()
+        if attn.is_cross_attention:
+            fused, parts = attn.to_kv, (attn.to_k, attn.to_v)
+        else:
+            fused, parts = attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v)
+        start = 0
+        for linear in parts:
+            stop = start + linear.out_features
+            linear.weight.data = fused.weight.data[start:stop]
+            linear.bias.data = fused.bias.data[start:stop]
+            start = stop
+
+
+@dataclass(frozen=True)
+class DiTOptions:
+    """Speed options of the per-frame DiT path (see `apply_options`)."""
+
+    compile: bool = False  # regional torch.compile of the per-frame block
+    attention: str = "auto"  # `select_attention_backend` preference
+    fuse_qkv: bool = False  # fused QKV / KV projections (`fuse_qkv`)
+
+
+def apply_options(model: WanTransformer3DModel, options: DiTOptions) -> BlockFn:
+    """Set `model`'s attention backend and fused projections per `options` (in place) and return the
+    block function to give `forward_per_frame`."""
+    backend = select_attention_backend(model, options.attention)
+    if options.fuse_qkv:
+        fuse_qkv(model)
+    logger.info("DiT: attention %s, fused QKV %s, compiled %s", backend, options.fuse_qkv, options.compile)
+    return compile_block_forward() if options.compile else block_forward

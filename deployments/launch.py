@@ -1,0 +1,104 @@
+"""`pusa-serve`: deploy a Serve config, wait until it runs, print the URL — or say what cannot start.
+
+Ray waits forever for a replica whose resources no node has. This launcher checks every deployment's
+replica demand against the cluster's nodes at once and gives up after `--start-timeout` seconds with
+the deployments that are not running and why, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from ray import serve
+from ray.serve._private import api as serve_api
+from ray.serve.config import gRPCOptions
+from ray.serve.schema import ServeDeploySchema
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
+
+
+def replica_demand(options: dict) -> dict[str, float]:
+    """Resources one replica asks for, from a deployment's ``ray_actor_options``."""
+    demand = {"CPU": options.get("num_cpus", 1), "GPU": options.get("num_gpus", 0)}
+    demand.update(options.get("resources") or {})
+    return {k: float(v) for k, v in demand.items() if v}
+
+
+def unplaceable(config: ServeDeploySchema, nodes: list[dict]) -> list[str]:
+    """Deployments whose replica fits on none of `nodes` (each node: its total resources)."""
+    problems = []
+    for app in config.applications:
+        for dep in app.deployments:
+            options = dep.ray_actor_options if isinstance(dep.ray_actor_options, dict) else {}
+            demand = replica_demand(options)
+            if not any(all(node.get(r, 0) >= n for r, n in demand.items()) for node in nodes):
+                problems.append(f"{app.name}/{dep.name} needs {demand} per replica; no node has that")
+    return problems
+
+
+def not_running(app_name: str) -> list[str]:
+    """Deployments of `app_name` that are not healthy yet, with Serve's message."""
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return [f"{app_name}: not deployed yet"]
+    return [
+        f"{app_name}/{name}: {dep.status.value} {dep.message}".strip()
+        for name, dep in status.deployments.items()
+        if dep.status.value != "HEALTHY"
+    ]
+
+
+def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
+    """Deploy `config` and wait; returns the problems if it is not running within the timeout."""
+    serve_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+    ).deploy_apps(config, _blocking=False)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    for line in unplaceable(config, nodes):
+        print(f"pusa-serve: waiting for the autoscaler: {line}", file=sys.stderr)
+    deadline = time.monotonic() + start_timeout_s
+    while True:
+        problems = [p for app in config.applications for p in not_running(app.name)]
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pusa-serve", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="Serve config YAML")
+    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every replica")
+    parser.add_argument("--no-block", action="store_true", help="return once running (leave Serve up)")
+    args = parser.parse_args(argv)
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(args.config.read_text()))
+    ray.init(address=args.address, namespace="serve")
+    problems = deploy(config, args.start_timeout)
+    if problems:
+        print(f"pusa-serve: not running after {args.start_timeout:g}s:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        serve.shutdown()
+        return 1
+    http = config.http_options
+    print(f"Pusa service ready at http://{http.host}:{http.port}", flush=True)
+    if args.no_block:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""TextEncoder deployment: prompt and negative prompt to UMT5 embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from pusa_model.pipeline import load_text_stage, model_folder
+from pusa_model.presets import get_preset
+
+from .devices import pick_device
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder:
+    """Loads the preset's tokenizer and text encoder once; encodes prompts on request."""
+
+    def __init__(self, preset: str = "tiny", device: str | None = None) -> None:
+        spec = get_preset(preset)
+        self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
+
+    async def encode(self, prompt: str, negative_prompt: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embeddings ``(1, 512, text_dim)`` of the prompt and, when given, the negative prompt."""
+        positive, negative = await asyncio.to_thread(self.stage.encode, prompt, negative_prompt)
+        return positive.numpy(), None if negative is None else negative.numpy()

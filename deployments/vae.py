@@ -1,0 +1,60 @@
+"""VAE deployment: encode a job's conditioning media, decode its latents into MP4 + thumbnail.
+
+Media bytes come from and go to the shared store, so they never pass through the router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from pusa_model import media
+from pusa_model.pipeline import encode_conditioning, load_vae_stage, model_folder
+from pusa_model.presets import get_preset
+from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
+
+from .devices import pick_device
+from .jobs import JobStore
+from .storage import open_store
+
+
+def plan_from_job(request: dict, seed: int, preset: str) -> GenerationPlan:
+    """Rebuild a job's plan from its stored request and seed (deterministic)."""
+    return plan_request(GenerationRequest.model_validate(request), get_preset(preset), default_seed=seed)
+
+
+@serve.deployment(name="VAE")
+class VAE:
+    """Loads the preset's VAE once (tiled when configured)."""
+
+    def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False) -> None:
+        self.preset = preset
+        spec = get_preset(preset)
+        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling)
+        self.jobs = JobStore(open_store(store))
+
+    def _encode(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
+        plan = plan_from_job(request, seed, self.preset)
+        sources = {field: self.jobs.store.get(key) for field, key in inputs.items()}
+        return encode_conditioning(self.stage, plan, sources).numpy()
+
+    async def encode_conditioning(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
+        """Clean latents ``(1, 16, F, h, w)`` with the job's images or clip at their latent indices."""
+        return await asyncio.to_thread(self._encode, request, seed, inputs)
+
+    def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
+        frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+        with tempfile.TemporaryDirectory() as tmp:
+            video, thumbnail = Path(tmp) / "video.mp4", Path(tmp) / "thumbnail.webp"
+            media.write_mp4(frames, video, fps)
+            media.write_thumbnail(frames, thumbnail)
+            return self.jobs.put_result(job_id, video.read_bytes(), thumbnail.read_bytes())
+
+    async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
+        """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""
+        return await asyncio.to_thread(self._decode, job_id, latents, fps)
