@@ -129,7 +129,8 @@ def compile_block_forward(**compile_kwargs) -> BlockFn:
     """`block_forward` under ``torch.compile(fullgraph=True)`` (regional compilation).
 
     The block is an argument, so dynamo traces its parameters as graph inputs and one compiled graph
-    serves every block of the same shapes: one compile per input shape, not one per block.
+    serves every block of the same shapes: one compile per input shape, not one per block (a second
+    shape, e.g. another resolution, gets dynamo's dynamic-shape recompile unless ``dynamic=False``).
     `compile_kwargs` go to ``torch.compile`` (e.g. ``backend``, ``mode``, ``dynamic``).
     """
     return torch.compile(block_forward, **{"fullgraph": True, **compile_kwargs})
@@ -187,7 +188,11 @@ def fuse_qkv(model: WanTransformer3DModel) -> None:
 
 @dataclass(frozen=True)
 class DiTOptions:
-    """Speed options of the per-frame DiT path (see `apply_options`)."""
+    """Speed options of the per-frame DiT path (see `apply_options`).
+
+    On an H100 (14B, bf16, 480p) compile takes a forward from 3.49 s to 2.85 s; the cuDNN kernel that
+    "auto" picks there is 1.26× faster than flash; fused QKV gains under 0.5% (bench/README.md).
+    """
 
     compile: bool = False  # regional torch.compile of the per-frame block
     attention: str = "auto"  # `select_attention_backend` preference

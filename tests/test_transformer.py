@@ -157,4 +157,3 @@ def test_dit_stage_options_follow_lora_alpha(model):
             outs.append(fast_stage.velocity(x, tau, text))
             torch.testing.assert_close(outs[-1], plain_stage.velocity(x, tau, text), rtol=1e-5, atol=1e-5)
     assert (outs[0] - outs[1]).abs().max() > 1e-3
-    select_attention_backend(fast, "native")

@@ -1,0 +1,337 @@
+"""One DiT forward of Wan2.1-T2V-14B (random bf16 weights): diffusers' stock per-token path against ours.
+
+Variants, run in this order on ONE model (each leaves the model as it found it):
+
+- ``stock``: ``model(x, timestep=<per-token (B, seq_len)>)``, eager: what VTA costs with stock diffusers
+- ``ours``: `forward_per_frame` (modulation once per latent frame), eager
+- ``ours_flash``: the same with SDPA forced to the flash kernel, to show what the kernel choice is worth
+- ``ours_compiled``: ours with the per-frame block under ``torch.compile`` (one graph for all 40 blocks)
+- ``stock_compiled``: stock per-token with diffusers' ``compile_repeated_blocks(fullgraph=True)``
+- ``ours_compiled_fused``: ours compiled, with fused QKV / KV projections
+
+Each is timed after warm-up (the first call, which compiles, is reported apart), with its peak memory
+and its output's largest difference from ``stock`` on the same inputs. ``--tiny`` runs every path on
+the CPU with the tiny preset's model in float32. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+from pusa_model.presets import tiny_transformer_config  # noqa: E402
+from pusa_model.transformer import (  # noqa: E402
+    BlockFn,
+    block_forward,
+    compile_block_forward,
+    forward_per_frame,
+    fuse_qkv,
+    per_token_timesteps,
+    select_attention_backend,
+)
+
+VARIANTS = ("stock", "ours", "ours_flash", "ours_compiled", "stock_compiled", "ours_compiled_fused")
+# Latent (frames, height, width) for 81 frames: 480×832 and 720×1280; the tiny ones keep the aspect.
+LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
+TINY_LATENTS = {"480p": (3, 12, 20), "720p": (3, 18, 32)}
+TEXT_LEN = 512
+
+
+@dataclass
+class Timing:
+    """Seconds per call after warm-up, the first call (compiles, if anything does), and memory."""
+
+    median_s: float
+    times_s: list[float]
+    first_s: float
+    peak_gib: float  # max allocated during the calls, weights included
+    extra_gib: float  # peak above what was allocated before the first call
+
+    @property
+    def compile_s(self) -> float:
+        return max(self.first_s - self.median_s, 0.0)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
+    """Seconds one call of `fn` takes (CUDA events on a GPU, perf_counter elsewhere), and its output."""
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def measure(
+    fn: Callable[[], torch.Tensor], device: torch.device, runs: int, warmup: int
+) -> tuple[Timing, torch.Tensor]:
+    """Run `fn` `warmup` times (at least once) and then `runs` timed times under no_grad; return the
+    timing and the last output."""
+    gib = 2**30
+    base = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        first, out = timed_call(fn, device)
+        for _ in range(warmup - 1):
+            timed_call(fn, device)
+        times = []
+        for _ in range(runs):
+            seconds, out = timed_call(fn, device)
+            times.append(seconds)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    timing = Timing(statistics.median(times), times, first, peak / gib, max(peak - base, 0) / gib)
+    return timing, out
+
+
+def environment(device: torch.device) -> dict:
+    """Device name and library versions."""
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def cast_like_checkpoint(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast as ``from_pretrained(torch_dtype=dtype)`` does: parameters to `dtype` except the model's
+    ``_keep_in_fp32_modules``, float buffers (RoPE tables) to float32."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            buf.data = buf.data.float()
+
+
+def forward_flops(config, frames: int, rows: int, cols: int, text_len: int) -> float:
+    """Matmul FLOPs of one forward (projections, attention, FFN of every block)."""
+    s, d, f, n = frames * rows * cols, config.num_attention_heads * config.attention_head_dim, config.ffn_dim, text_len
+    per_block = 2 * s * d * d * 4 + 4 * s * s * d + 2 * s * d * d * 2 + 2 * n * d * d * 2 + 4 * s * n * d + 4 * s * d * f
+    return float(per_block * config.num_layers)
+
+
+def build_transformer(tiny: bool, layers: int | None, device: torch.device, dtype: torch.dtype, seed: int):
+    """WanTransformer3DModel with random weights made on `device`: diffusers' default config is
+    Wan2.1-T2V-14B (40 layers, 40 heads × 128, FFN 13824, text 4096); `--tiny` takes the tiny preset's."""
+    config = tiny_transformer_config() if tiny else {}
+    if layers:
+        config["num_layers"] = layers
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).eval().requires_grad_(False)
+    cast_like_checkpoint(model, dtype)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def bench_resolution(model, resolution: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """All selected variants at one resolution; returns ``{variant: result}``."""
+    frames, height, width = (TINY_LATENTS if args.tiny else LATENTS)[resolution]
+    _, p_h, p_w = model.config.patch_size
+    rows, cols = height // p_h, width // p_w
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    x = torch.randn(1, model.config.in_channels, frames, height, width, generator=gen, device=device, dtype=dtype)
+    text_len = 16 if args.tiny else TEXT_LEN
+    text = torch.randn(1, text_len, model.config.text_dim, generator=gen, device=device, dtype=dtype)
+    # An i2v-like vector: frame 0 at m = 0.2, the rest at the step's t.
+    tau = torch.full((1, frames), 875.0, device=device)
+    tau[:, 0] = 0.2 * 875.0
+    per_token = per_token_timesteps(tau, rows * cols)
+    flops = forward_flops(model.config, frames, rows, cols, text_len)
+
+    def stock() -> torch.Tensor:
+        return model(x, timestep=per_token, encoder_hidden_states=text, return_dict=False)[0]
+
+    def ours(block_fn: BlockFn = block_forward) -> Callable[[], torch.Tensor]:
+        return lambda: forward_per_frame(model, x, tau, text, block_fn)
+
+    backend = select_attention_backend(model, args.attention)
+    compile_kwargs = {"backend": args.compile_backend}
+
+    def compile_stock() -> None:
+        model.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+
+    def uncompile_stock() -> None:
+        for block in model.blocks:  # undo the nn.Module.compile() that compile_repeated_blocks calls
+            block._compiled_call_impl = None
+
+    # name: (call, set-up, tear-down); the tear-down restores the model for the next variant.
+    plan: dict[str, tuple[Callable[[], torch.Tensor], Callable | None, Callable | None]] = {
+        "stock": (stock, None, None),
+        "ours": (ours(), None, None),
+        "ours_flash": (
+            ours(),
+            lambda: select_attention_backend(model, "flash"),
+            lambda: select_attention_backend(model, backend),
+        ),
+        "ours_compiled": (ours(compile_block_forward(**compile_kwargs)), None, None),
+        "stock_compiled": (stock, compile_stock, uncompile_stock),
+        # unfuse: to_q/k/v keep viewing the fused weights, so the values stay and nothing is copied
+        "ours_compiled_fused": (
+            ours(compile_block_forward(**compile_kwargs)),
+            lambda: fuse_qkv(model),
+            model.unfuse_qkv_projections,
+        ),
+    }
+    results: dict[str, dict] = {}
+    reference = None
+    if "stock" not in args.variants:
+        with torch.no_grad():
+            reference = stock()  # untimed: the outputs are compared with it
+    for name in VARIANTS:
+        if name not in args.variants:
+            continue
+        fn, set_up, tear_down = plan[name]
+        torch._dynamo.reset()
+        try:
+            if set_up:
+                set_up()
+            attention = _backend_name(model)
+            print(f"[{resolution}] {name} ({attention}) ...", flush=True)
+            timing, out = measure(fn, device, args.runs, args.warmup)
+        except Exception as error:  # noqa: BLE001 - keep the other variants' numbers
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        finally:
+            if tear_down:
+                tear_down()
+        reference = out if reference is None else reference
+        diff = (out.float() - reference.float()).abs().max().item()
+        scale = reference.float().abs().max().item()
+        results[name] = {
+            **asdict(timing),
+            "compile_s": timing.compile_s,
+            "attention": attention,
+            "tflops": flops / timing.median_s / 1e12,
+            "max_abs_diff": diff,
+            "max_rel_diff": diff / scale if scale else 0.0,
+        }
+    torch._dynamo.reset()
+    for result in results.values():
+        if "error" not in result:
+            result["speedup_vs_stock"] = _ratio(results, "stock", result)
+            result["speedup_vs_stock_compiled"] = _ratio(results, "stock_compiled", result)
+    return results
+
+
+def _backend_name(model: WanTransformer3DModel) -> str:
+    """The attention backend `model`'s processors use now."""
+    backend = model.blocks[0].attn1.processor._attention_backend
+    return str(getattr(backend, "value", backend))
+
+
+def _ratio(results: dict, baseline: str, result: dict) -> float | None:
+    """How many times faster `result` is than `baseline` (None if the baseline did not run)."""
+    base = results.get(baseline, {})
+    return base["median_s"] / result["median_s"] if "median_s" in base else None
+
+
+def table(resolution: str, results: dict) -> str:
+    """A markdown table of one resolution's results."""
+
+    def ratio(value: float | None) -> str:
+        return "—" if value is None else f"{value:.2f}×"
+
+    lines = [
+        f"### {resolution}",
+        "",
+        "| variant | attention | median s | TFLOP/s | vs stock | vs stock compiled | compile s (1st − median) | peak GiB | "
+        "extra GiB | max abs Δ (rel) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {name} | {r['attention']} | {r['median_s']:.3f} | {r['tflops']:.1f} | "
+            f"{ratio(r['speedup_vs_stock'])} | {ratio(r['speedup_vs_stock_compiled'])} | {r['compile_s']:.1f} | "
+            f"{r['peak_gib']:.2f} | {r['extra_gib']:.2f} | {r['max_abs_diff']:.3g} ({r['max_rel_diff']:.2g}) |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--resolutions", default="480p", help="comma-separated: 480p, 720p (default 480p)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiling happens here)")
+    parser.add_argument("--attention", default="auto", help="select_attention_backend preference")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of blocks (quick checks)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="tiny preset model, float32, on the CPU")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    args.resolutions = args.resolutions.split(",")
+    args.variants = args.variants.split(",")
+    unknown = set(args.variants) - set(VARIANTS) | set(args.resolutions) - set(LATENTS)
+    if unknown:
+        parser.error(f"unknown variant(s) or resolution(s): {sorted(unknown)}")
+    if args.runs < 1 or args.warmup < 1:
+        parser.error("--runs and --warmup must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    t0 = time.perf_counter()
+    model = build_transformer(args.tiny, args.layers, device, dtype, args.seed)
+    report = {
+        **environment(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "config": {k: v for k, v in model.config.items() if not k.startswith("_")},
+        "build_s": time.perf_counter() - t0,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "results": {},
+    }
+    print(f"{report['device']}, torch {report['torch']}, diffusers {report['diffusers']}; "
+          f"model built in {report['build_s']:.1f} s", flush=True)
+    for resolution in args.resolutions:
+        report["results"][resolution] = bench_resolution(model, resolution, args, device, dtype)
+        print("\n" + table(resolution, report["results"][resolution]) + "\n", flush=True)
+        if args.out:  # after each resolution, so a later failure keeps what was measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
