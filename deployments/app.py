@@ -24,6 +24,7 @@ class AppArgs(BaseModel):
     preset: str = "tiny"
     store: str = "data"  # a folder, or s3://bucket/prefix
     vae_tiling: bool = False
+    dit_options: dict = {}  # pusa_model.transformer.DiTOptions: compile, attention, fuse_qkv
     max_upload_bytes: int = 64 << 20
     runner: dict = {}
 
@@ -34,7 +35,7 @@ def build_app(args: dict) -> Application:
     return Router.bind(
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
-        DiT.bind(preset=a.preset),
+        DiT.bind(preset=a.preset, options=a.dit_options),
         preset=a.preset,
         store=a.store,
         max_upload_bytes=a.max_upload_bytes,

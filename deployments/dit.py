@@ -16,6 +16,7 @@ from ray import serve
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.sampler import initial_latents, initial_noise
+from pusa_model.transformer import DiTOptions
 
 from .devices import pick_device
 
@@ -29,9 +30,9 @@ def alpha_model_id(alpha: float) -> str:
 class DiT:
     """Holds the 14B transformer with the Pusa LoRA fused at one alpha."""
 
-    def __init__(self, preset: str = "tiny", device: str | None = None) -> None:
+    def __init__(self, preset: str = "tiny", device: str | None = None, options: dict | None = None) -> None:
         spec = get_preset(preset)
-        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device))
+        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(options or {})))
         self.steps_run = 0
 
     @serve.multiplexed(max_num_models_per_replica=1)

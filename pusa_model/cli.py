@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
+    gen.add_argument("--attention", default="auto", help="attention kernel: auto, native, flash, xformers, ...")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; run no model")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -97,6 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .pipeline import PusaPipeline
+    from .transformer import DiTOptions
 
     preset = get_preset(args.preset)
     plan = plan_request(parse_request(request_from_args(args)), preset)
@@ -108,7 +111,8 @@ def _generate(args: argparse.Namespace) -> int:
     for field, path in inputs:  # fail before the models load
         if not Path(path).is_file():
             raise InvalidRequest(field, f"file not found: {path}")
-    pipe = PusaPipeline.from_preset(args.preset, device=args.device)
+    options = DiTOptions(compile=args.compile, attention=args.attention)
+    pipe = PusaPipeline.from_preset(args.preset, device=args.device, dit_options=options)
     with tqdm(total=plan.request.steps, desc="denoising", unit="step", disable=args.json) as bar:
         result = pipe.generate(plan, args.output, on_step=lambda event: bar.update(1))
     summary = {

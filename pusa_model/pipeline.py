@@ -15,6 +15,7 @@ import torch
 
 from . import media
 from .dit import DiTStage
+from .transformer import DiTOptions
 from .loading import fill_once, load_components, resolve_source
 from .lora import LoraFuser, SafetensorsWeights, load_lora_state_dict
 from .presets import TINY_SEED, Preset, build_tiny_checkpoint, get_preset
@@ -58,14 +59,15 @@ def model_folder(preset: Preset) -> Path:
     return resolve_source(preset.source)
 
 
-def load_dit_stage(folder: Path, preset: Preset, device: str) -> DiTStage:
-    """The DiT with the preset's LoRA ready to fuse; base weights are re-read from the checkpoint."""
+def load_dit_stage(folder: Path, preset: Preset, device: str, options: DiTOptions | None = None) -> DiTStage:
+    """The DiT with the preset's LoRA ready to fuse (base weights are re-read from the checkpoint)
+    and the speed `options` applied."""
     transformer = load_components(folder, preset.torch_dtype, device, parts=("transformer",)).transformer
     lora = None
     if preset.lora:
         state = load_lora_state_dict(folder / preset.lora)
         lora = LoraFuser(transformer, state, base_weights=SafetensorsWeights(folder / "transformer"))
-    return DiTStage(transformer, lora)
+    return DiTStage(transformer, lora, options)
 
 
 def load_text_stage(folder: Path, preset: Preset, device: str) -> TextEncoderStage:
@@ -133,7 +135,9 @@ class PusaPipeline:
         self.dit = dit
 
     @classmethod
-    def from_preset(cls, name: str, device: str | None = None) -> "PusaPipeline":
+    def from_preset(
+        cls, name: str, device: str | None = None, dit_options: DiTOptions | None = None
+    ) -> "PusaPipeline":
         preset = get_preset(name)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         folder = model_folder(preset)
@@ -141,7 +145,7 @@ class PusaPipeline:
             preset,
             load_text_stage(folder, preset, device),
             load_vae_stage(folder, preset, device),
-            load_dit_stage(folder, preset, device),
+            load_dit_stage(folder, preset, device, dit_options),
         )
 
     def denoise(
