@@ -1,8 +1,11 @@
-# make run: generate a video with the embedded tiny preset on the CPU.  make test: the test suite.
-.PHONY: install run test bench-cpu
+# make serve: the service on the embedded tiny preset (CPU).  make test: the test suite.
+.PHONY: install serve run test
 
 install:
 	./scripts/install.sh
+
+serve: install
+	.venv/bin/pusa-serve serve_config.local.yaml
 
 run: install
 	.venv/bin/pusa generate --prompt "A cat walks on the grass, realistic" --steps 4 -o out/t2v.mp4
