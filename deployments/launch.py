@@ -29,13 +29,22 @@ def replica_demand(options: dict) -> dict[str, float]:
     return {k: float(v) for k, v in demand.items() if v}
 
 
+def actor_options(dep) -> dict:
+    """A config deployment's ``ray_actor_options`` as a dict ({} when the config leaves them out).
+
+    Serve's schema parses them into a `RayActorOptionsSchema` model, not a dict."""
+    options = dep.ray_actor_options
+    if hasattr(options, "model_dump"):
+        return options.model_dump(exclude_none=True)
+    return options if isinstance(options, dict) else {}
+
+
 def unplaceable(config: ServeDeploySchema, nodes: list[dict]) -> list[str]:
     """Deployments whose replica fits on none of `nodes` (each node: its total resources)."""
     problems = []
     for app in config.applications:
         for dep in app.deployments:
-            options = dep.ray_actor_options if isinstance(dep.ray_actor_options, dict) else {}
-            demand = replica_demand(options)
+            demand = replica_demand(actor_options(dep))
             if not any(all(node.get(r, 0) >= n for r, n in demand.items()) for node in nodes):
                 problems.append(f"{app.name}/{dep.name} needs {demand} per replica; no node has that")
     return problems
@@ -46,11 +55,14 @@ def not_running(app_name: str) -> list[str]:
     status = serve.status().applications.get(app_name)
     if status is None:
         return [f"{app_name}: not deployed yet"]
-    return [
+    problems = [
         f"{app_name}/{name}: {dep.status.value} {dep.message}".strip()
         for name, dep in status.deployments.items()
         if dep.status.value != "HEALTHY"
     ]
+    if status.status.value != "RUNNING" and not problems:  # e.g. still importing/building the app
+        problems.append(f"{app_name}: {status.status.value} {status.message}".strip())
+    return problems
 
 
 def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
@@ -66,9 +78,18 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
     deadline = time.monotonic() + start_timeout_s
     while True:
         problems = [p for app in config.applications for p in not_running(app.name)]
-        if not problems or time.monotonic() > deadline:
+        if not problems:
             return problems
+        if time.monotonic() > deadline:
+            nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+            return problems + unplaceable(config, nodes)
         time.sleep(1.0)
+
+
+def started_ray_here() -> bool:
+    """Whether `ray.init` started a local Ray in this process (rather than joining a cluster)."""
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return bool(getattr(node, "head", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print(f"pusa-serve: not running after {args.start_timeout:g}s:", file=sys.stderr)
         for line in problems:
-            print(f"  {line}", file=sys.stderr)
-        serve.shutdown()
-        return 1
+            print(f"  {line}", file=sys.stderr, flush=True)
+        if not started_ray_here():  # a cluster we joined: take the half-deployed app down again
+            serve.shutdown()
+        return 1  # a Ray this process started goes down with it, without waiting for replicas
     http = config.http_options
     print(f"Pusa service ready at http://{http.host}:{http.port}", flush=True)
     if args.no_block:

@@ -1,0 +1,318 @@
+"""The deployment configs: Serve configs, the Ray cluster launcher config and the KubeRay example.
+
+Everything here is checked with Ray's own code (Serve's schema and app builder, the cluster launcher's
+`prepare_config`/`validate_config`, the `ray start` CLI parser, the autoscaler's resource demand
+scheduler, KubeRay's RayCluster-to-autoscaler translation) and without starting Ray or loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler.tags import NODE_KIND_HEAD, NODE_KIND_WORKER, TAG_RAY_NODE_KIND, TAG_RAY_USER_NODE_TYPE
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.build_app import build_app
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.launch import actor_options as options, replica_demand, unplaceable
+
+try:
+    from ray._common.utils import import_attr
+except ImportError:  # older layout
+    from ray._private.utils import import_attr
+
+ROOT = Path(__file__).resolve().parent.parent
+PROD = ROOT / "serve_config.yaml"
+LOCAL = ROOT / "serve_config.local.yaml"
+CLUSTER = ROOT / "cluster.yaml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+STAGES = {"Router", "TextEncoder", "VAE", "DiT"}
+SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SECRET", "PASSWORD")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def deployments(config: ServeDeploySchema) -> dict:
+    (app,) = config.applications
+    return {d.name: d for d in app.deployments}
+
+
+@pytest.fixture(scope="module")
+def prod() -> ServeDeploySchema:
+    return ServeDeploySchema.model_validate(load(PROD))
+
+
+# -- Serve configs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [PROD, LOCAL], ids=["production", "local"])
+def test_serve_config_validates_and_builds_the_four_deployments(path):
+    config = ServeDeploySchema.model_validate(load(path))
+    (app,) = config.applications
+    # What the Serve controller does with the config, short of starting replicas (no __init__ runs).
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert isinstance(built, Application)
+    graph = build_app(built, name=app.name)
+    assert {d.name for d in graph.deployments} == STAGES
+    assert graph.ingress_deployment_name == "Router"
+    # Serve rejects a config that names a deployment the app doesn't have, so the names must match.
+    assert set(deployments(config)) == STAGES
+
+
+def test_production_app_and_proxies(prod):
+    assert prod.proxy_location.value == "EveryNode"
+    assert (prod.http_options.host, prod.http_options.port) == ("0.0.0.0", 8000)
+    (app,) = prod.applications
+    assert app.import_path == "deployments.app:build_app"
+    assert app.args["preset"] == "pusa-v1"
+    assert app.args["store"] == "s3://pusa-jobs/prod"
+    assert app.args["vae_tiling"] is True
+    env = app.runtime_env["env_vars"]
+    assert {"PUSA_MODEL_SOURCE", "PUSA_S3_ENDPOINT"} <= set(env)
+
+
+@pytest.mark.parametrize("path", [PROD, LOCAL, CLUSTER, DEPLOY_DOC], ids=lambda p: p.name)
+def test_no_credentials_in_config_files(path):
+    text = path.read_text()
+    for key in SECRET_KEYS:
+        # A placeholder (`KEY=...`) is fine; a value is not.
+        assert not re.search(rf"^\s*[\w-]*{key}\w*\s*[:=]\s*(?!\.\.\.)\S", text, re.M | re.I), \
+            f"{path.name} sets {key}"
+
+
+def test_production_resources(prod):
+    deps = deployments(prod)
+    dit = options(deps["DiT"])
+    # Each DiT replica: exactly one whole GPU, and it is an A6000.
+    assert dit["num_gpus"] == 1 and dit["resources"] == {"A6000": 1}
+    # TextEncoder and VAE: fractional, and the two fit together on one A6000.
+    te, vae = options(deps["TextEncoder"]), options(deps["VAE"])
+    for o in (te, vae):
+        assert 0 < o["num_gpus"] < 1 and o["resources"]["A6000"] == o["num_gpus"]
+    assert te["num_gpus"] + vae["num_gpus"] <= 1
+    assert te["resources"]["A6000"] + vae["resources"]["A6000"] <= 1
+    # Router: CPU only, so the head (no GPU, no A6000) can hold it.
+    router = options(deps["Router"])
+    assert not router.get("num_gpus") and "A6000" not in (router.get("resources") or {})
+
+
+def test_production_autoscaling_and_timeouts(prod):
+    deps = deployments(prod)
+    for name in ("DiT", "TextEncoder", "VAE"):
+        auto = deps[name].autoscaling_config
+        assert auto, f"{name} has no autoscaling_config"
+        assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
+        assert auto["downscale_delay_s"] >= auto["upscale_delay_s"]
+    assert "autoscaling_config" not in deps["Router"].model_fields_set
+    assert deps["DiT"].autoscaling_config["target_ongoing_requests"] == 1
+    assert deps["DiT"].autoscaling_config["max_replicas"] >= 8
+    assert deps["DiT"].max_ongoing_requests == 1
+    assert deps["VAE"].max_ongoing_requests <= 2
+    assert deps["TextEncoder"].max_ongoing_requests <= 8
+    assert deps["Router"].max_ongoing_requests >= 200  # SSE streams are long-lived requests
+    # A 720p 50-step job takes ~1 h on an A6000: scale-down/redeploy must not cut it short.
+    for name in ("DiT", "Router"):
+        assert deps[name].graceful_shutdown_timeout_s >= 3600
+    # A DiT step takes tens of seconds at 720p; a health check must outlast one.
+    for name in ("DiT", "VAE"):
+        assert deps[name].health_check_timeout_s >= 120
+    # The runners can keep every DiT replica busy at full scale, and no more.
+    (app,) = prod.applications
+    routers = deps["Router"].num_replicas
+    assert routers >= 2
+    assert routers * app.args["runner"]["max_running_jobs"] == deps["DiT"].autoscaling_config["max_replicas"]
+
+
+def test_production_config_places_on_an_a6000_cluster_only(prod):
+    head = {"CPU": 16.0, "memory": 64e9}
+    a6000_node = {"CPU": 32.0, "GPU": 2.0, "A6000": 2.0, "memory": 256e9}
+    assert unplaceable(prod, [head, a6000_node]) == []
+    missing = unplaceable(prod, [head])
+    assert {line.split()[0] for line in missing} == {"pusa/DiT", "pusa/TextEncoder", "pusa/VAE"}
+    assert replica_demand(options(deployments(prod)["DiT"])) == {"CPU": 2.0, "GPU": 1.0, "A6000": 1.0}
+
+
+def test_two_gpu_dit_is_only_a_comment():
+    text = PROD.read_text()
+    assert re.search(r"^\s*#.*num_gpus: 2", text, re.M)
+    for dep in deployments(ServeDeploySchema.model_validate(load(PROD))).values():
+        assert options(dep).get("num_gpus", 0) <= 1, dep.name
+
+
+# -- cluster.yaml ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict:
+    """cluster.yaml as `ray up` prepares it (defaults filled, setup commands merged), validated."""
+    raw = load(CLUSTER)
+    config = prepare_config(raw)
+    validate_config(config)
+    return config
+
+
+def test_cluster_yaml_passes_ray_validation(cluster):
+    assert cluster["provider"]["type"] == "local"
+    (node_type,) = cluster["available_node_types"].values()
+    pool = len(cluster["provider"]["worker_ips"])
+    # The whole pool stays up: the local provider can't add a machine for an A6000 demand (see below).
+    assert node_type["min_workers"] == node_type["max_workers"] == pool >= 1
+    assert cluster["idle_timeout_minutes"] > 0
+    assert cluster["file_mounts"]
+
+
+def test_cluster_installs_the_pinned_stack(cluster):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"ray[serve]==2.60.0"' in pyproject
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    (torch_pin,) = set(re.findall(r"torch==[\d.]+", install))
+    for commands in (cluster["head_setup_commands"], cluster["worker_setup_commands"]):
+        assert any("./scripts/install.sh" in c for c in commands)
+    worker = " ".join(cluster["worker_setup_commands"])
+    assert torch_pin in worker and "torch.cuda.is_available()" in worker and "gpu]" in worker
+
+
+def _run_start_command(command: str, tmp_path: Path, gpus: list[str]) -> list[str]:
+    """Run a start command with fake `nvidia-smi` and `ray`; return the argv `ray` got."""
+    home, fake_bin, argv_file = tmp_path / "home", tmp_path / "bin", tmp_path / "argv.json"
+    ray_bin = home / "pusa-serve" / ".venv" / "bin"
+    for folder in (ray_bin, fake_bin):
+        folder.mkdir(parents=True, exist_ok=True)
+    scripts = {
+        fake_bin / "nvidia-smi": "#!/bin/sh\nprintf '%s\\n' " + " ".join(shlex.quote(g) for g in gpus) + "\n",
+        ray_bin / "ray": f"#!{sys.executable}\nimport json, sys\n"
+                         f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n",
+    }
+    for path, text in scripts.items():
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    env = {"HOME": str(home), "PATH": f"{fake_bin}:/usr/bin:/bin", "RAY_HEAD_IP": "192.0.2.10"}
+    subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+    return json.loads(argv_file.read_text())
+
+
+def _ray_start_params(argv: list[str]) -> dict:
+    """Parse `ray start ...` arguments with Ray's own CLI definition."""
+    from ray.scripts.scripts import start
+
+    assert argv[0] == "start"
+    return start.make_context("start", argv[1:]).params
+
+
+def test_worker_start_command_advertises_a6000_per_card(cluster, tmp_path):
+    (command,) = [c for c in cluster["worker_start_ray_commands"] if " start " in c]
+    gpus = ["NVIDIA RTX A6000", "NVIDIA RTX A6000"]
+    params = _ray_start_params(_run_start_command(command, tmp_path, gpus))
+    assert params["address"] == "192.0.2.10:6379"
+    assert json.loads(params["resources"]) == {"A6000": 2}
+    assert params["num_gpus"] == 2
+
+
+def test_head_start_command_has_no_gpus(cluster, tmp_path):
+    (command,) = [c for c in cluster["head_start_ray_commands"] if " start " in c]
+    params = _ray_start_params(_run_start_command(command, tmp_path, []))
+    assert params["head"] is True
+    assert params["num_gpus"] == 0
+    assert "A6000" not in (params["resources"] or "")
+    assert params["autoscaling_config"] and params["port"] == 6379
+
+
+class _Provider:
+    """Just enough of a node provider for the resource demand scheduler: a head and one worker."""
+
+    def __init__(self, worker_type: str, head_type: str) -> None:
+        self.tags = {"head": {TAG_RAY_USER_NODE_TYPE: head_type, TAG_RAY_NODE_KIND: NODE_KIND_HEAD},
+                     "w1": {TAG_RAY_USER_NODE_TYPE: worker_type, TAG_RAY_NODE_KIND: NODE_KIND_WORKER}}
+
+    def node_tags(self, node_id):
+        return self.tags[node_id]
+
+    def internal_ip(self, node_id):
+        return {"head": "192.0.2.10", "w1": "192.0.2.11"}[node_id]
+
+    def non_terminated_nodes(self, tag_filters):
+        return list(self.tags)
+
+
+def _nodes_to_launch(config: dict, worker_type: str, worker: dict, demand: list[dict]) -> dict:
+    """Node types Ray's autoscaler would launch for `demand`, with the head and a full worker running."""
+    scheduler = ResourceDemandScheduler(
+        _Provider(worker_type, config["head_node_type"]), config["available_node_types"], config["max_workers"],
+        config["head_node_type"], config["upscaling_speed"])
+    static = {"192.0.2.10": {"CPU": 8}, "192.0.2.11": worker}
+    unused = {"192.0.2.10": {"CPU": 1}, "192.0.2.11": {}}
+    launch, _ = scheduler.get_nodes_to_launch(
+        ["head", "w1"], {}, demand, unused, [], static, [], NodeAvailabilitySummary({}))
+    return launch
+
+
+def test_local_provider_cannot_scale_nodes_for_a6000(prod):
+    """Why cluster.yaml keeps the whole pool up: with an elastic local pool (min 1, max 4) and one
+    A6000 worker running, Ray's autoscaler launches nothing for a waiting DiT replica - it learns only
+    CPU/GPU/memory of the local node type - while a GPU-only demand would get a machine."""
+    raw = load(CLUSTER) | {"min_workers": 1, "max_workers": 4}
+    config = prepare_config(raw)
+    (worker_type,) = config["available_node_types"]
+    worker = {"CPU": 32, "GPU": 2, "A6000": 2}
+    dit = replica_demand(options(deployments(prod)["DiT"]))
+    assert _nodes_to_launch(config, worker_type, worker, [dit] * 2) == {}
+    gpu_only = {k: v for k, v in dit.items() if k != "A6000"}
+    assert _nodes_to_launch(config, worker_type, worker, [gpu_only] * 2) == {worker_type: 1}
+
+
+# -- docs/deploy.md: the KubeRay RayService example -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    blocks = re.findall(r"^```ya?ml\n(.*?)^```", DEPLOY_DOC.read_text(), re.S | re.M)
+    (service,) = [yaml.safe_load(b) for b in blocks if re.search(r"^kind: RayService$", b, re.M)]
+    return service
+
+
+def test_kuberay_example_embeds_the_production_serve_config(rayservice):
+    assert rayservice["apiVersion"] == "ray.io/v1" and rayservice["kind"] == "RayService"
+    embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(embedded)
+    assert embedded == load(PROD), "docs/deploy.md's serveConfigV2 differs from serve_config.yaml"
+    assert rayservice["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
+
+
+def test_kuberay_example_scales_a6000_pods(rayservice, prod):
+    cluster_spec = rayservice["spec"]["rayClusterConfig"]
+    head = cluster_spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    (group,) = cluster_spec["workerGroupSpecs"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "A6000" in json.dumps(group["template"]["spec"]["nodeSelector"])
+    # KubeRay's own translation of the RayCluster into the autoscaler's node types.
+    config = _derive_autoscaling_config_from_ray_cr({"metadata": rayservice["metadata"], "spec": cluster_spec})
+    node_type = config["available_node_types"][group["groupName"]]
+    assert node_type["resources"]["A6000"] == 1 and node_type["resources"]["GPU"] == 1
+    assert config["available_node_types"]["headgroup"]["resources"]["GPU"] == 0
+    deps = deployments(prod)
+    dit = replica_demand(options(deps["DiT"]))
+    te_vae = {k: replica_demand(options(deps["TextEncoder"])).get(k, 0) + replica_demand(options(deps["VAE"])).get(k, 0)
+              for k in ("CPU", "GPU", "A6000")}
+    for demand in (dit, te_vae):  # one pod holds a DiT replica, or a TextEncoder+VAE pair
+        assert all(node_type["resources"].get(k, 0) >= v for k, v in demand.items()), demand
+    # A waiting DiT replica makes the autoscaler add an a6000 pod (cf. the local provider above).
+    worker = dict(node_type["resources"])
+    launch = _nodes_to_launch(config, group["groupName"], worker, [dit])
+    assert launch == {group["groupName"]: 1}
