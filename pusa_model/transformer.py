@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers import WanTransformer3DModel
@@ -28,6 +29,19 @@ logger = logging.getLogger(__name__)
 BlockFn = Callable[
     [WanTransformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]], torch.Tensor
 ]
+
+
+class TokenSplit(Protocol):
+    """Sequence-parallel hook of `forward_per_frame` (`pusa_model.parallel.UlyssesTokens` implements it).
+
+    `split` keeps this rank's share of a frame-major token sequence (dim 1) and `gather` undoes it. The
+    share must hold the same number of tokens of every frame, so that the per-frame modulation still
+    broadcasts over a ``(B, F, T_local, D)`` view.
+    """
+
+    def split(self, tokens: torch.Tensor, frames: int) -> torch.Tensor: ...
+
+    def gather(self, tokens: torch.Tensor, frames: int) -> torch.Tensor: ...
 
 
 def _per_frame(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -84,6 +98,7 @@ def forward_per_frame(
     frame_timesteps: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     block_fn: BlockFn = block_forward,
+    tokens: TokenSplit | None = None,
 ) -> torch.Tensor:
     """Velocity prediction of `model` with one timestep per latent frame.
 
@@ -91,6 +106,8 @@ def forward_per_frame(
     encoder_hidden_states: text embeddings ``(B, L, text_dim)``. Returns ``(B, C, F, H, W)``.
     Equal to ``model(hidden_states, timestep=<per-token (B, seq_len)>, ...)`` without building
     per-token tensors. `block_fn` runs each block: `block_forward` or `compile_block_forward()`'s result.
+    `tokens` (sequence parallelism): the blocks and the output head run on `tokens.split`'s share of the
+    sequence and RoPE, and `tokens.gather` reassembles the head's output before unpatchifying.
     """
     batch, _, num_frames, height, width = hidden_states.shape
     p_t, p_h, p_w = model.config.patch_size
@@ -107,6 +124,9 @@ def forward_per_frame(
         frame_timesteps.flatten(), encoder_hidden_states, None, timestep_seq_len=frames
     )
     frame_modulation = timestep_proj.unflatten(2, (6, -1))  # (B, F, 6, D)
+    if tokens is not None:
+        x = tokens.split(x, frames)
+        rotary_emb = tuple(tokens.split(freqs, frames) for freqs in rotary_emb)
 
     for block in model.blocks:
         x = block_fn(block, x, text, frame_modulation, rotary_emb)
@@ -114,6 +134,8 @@ def forward_per_frame(
     shift, scale = (model.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)  # (B, F, D) each
     x = _modulate(model.norm_out(x.float()), scale, shift).type_as(x)
     x = model.proj_out(x)
+    if tokens is not None:
+        x = tokens.gather(x, frames)
 
     x = x.reshape(batch, frames, rows, cols, p_t, p_h, p_w, -1)
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
