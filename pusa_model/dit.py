@@ -27,7 +27,7 @@ class DiTStage:
         self.transformer = transformer
         self.lora = lora
         self.device = next(transformer.parameters()).device
-        self.dtype = next(transformer.parameters()).dtype
+        self.dtype = transformer.patch_embedding.weight.dtype  # some parameters stay float32
         self._block_fn = block_forward if options is None else apply_options(transformer, options)
 
     @property

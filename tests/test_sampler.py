@@ -147,3 +147,15 @@ def test_unconditional_pass_skipped_at_guidance_one(parts, guidance, passes):
     plan = make_plan(task="t2v", steps=2, frames=5, guidance=guidance)
     run_vta(dit, plan, torch.zeros(plan.latent_shape), torch.randn(1, 512, 32), torch.randn(1, 512, 32))
     assert len(calls) == passes * 2
+
+
+def test_bfloat16_dit_steps_in_its_own_dtype(tiny_folder):
+    """diffusers keeps some DiT parameters in float32; the stage must still feed bf16 inputs."""
+    transformer = WanTransformer3DModel.from_pretrained(tiny_folder / "transformer", torch_dtype=torch.bfloat16)
+    assert next(transformer.parameters()).dtype == torch.float32  # scale_shift_table comes first
+    dit = DiTStage(transformer.eval())
+    assert dit.dtype == torch.bfloat16
+    plan = make_plan(task="t2v", steps=2, frames=5)
+    out = run_vta(dit, plan, torch.zeros(plan.latent_shape), torch.randn(1, 512, 32), torch.randn(1, 512, 32))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.equal(out, initial_noise(plan.latent_shape, plan.seed))
