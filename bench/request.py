@@ -96,14 +96,6 @@ def build_pipeline(args, device: torch.device) -> tuple[PusaPipeline, dict]:
 
     t0 = time.perf_counter()
     dit = DiTStage(transformer, options=DiTOptions(compile=not args.eager, attention=args.attention))
-    # DiTStage takes its input dtype from the first parameter, which is the float32 `scale_shift_table`
-    # (a _keep_in_fp32_modules parameter, registered on the root module) in a bf16 checkpoint: it would
-    # feed float32 latents to the bf16 patch embedding. Use the weights' dtype here (and report it).
-    if dit.dtype != transformer.patch_embedding.weight.dtype:
-        print(f"DiTStage.dtype is {dit.dtype}; using the patch embedding's {transformer.patch_embedding.weight.dtype}",
-              flush=True)
-        seconds["dit_dtype_workaround"] = str(dit.dtype)
-        dit.dtype = transformer.patch_embedding.weight.dtype
     text = TextEncoderStage(tokenizer, text_encoder)
     vae_stage = VAEStage(vae, tiling=args.vae_tiling)
     seconds["stages"] = time.perf_counter() - t0
