@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -23,7 +24,7 @@ from starlette.datastructures import UploadFile
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.presets import get_preset
-from pusa_model.request import GenerationPlan, parse_request, plan_request
+from pusa_model.request import MAX_SIDE, SIZE_MULTIPLE, GenerationPlan, parse_request, plan_request
 
 from .jobs import TERMINAL, Job, JobStore, new_job_id
 from .runner import JobRunner, RunnerSettings, new_job_plan
@@ -93,7 +94,11 @@ class Submission:
             total = 0
             for key, value in form.multi_items():
                 key = key.removesuffix("[]")
-                if isinstance(value, UploadFile):
+                name, bracket, inner = key.partition("[")
+                if bracket and inner.endswith("]") and not isinstance(value, UploadFile):
+                    # an object field as OpenAI's SDK sends it: `video[id]=...`, `input_reference[image_url]=...`
+                    sub.fields.setdefault(name, []).append({inner[:-1]: value})
+                elif isinstance(value, UploadFile):
                     data = await value.read()
                     total += len(data)
                     if total > max_upload_bytes:
@@ -129,10 +134,15 @@ class Submission:
         if model != MODEL_NAME:
             raise InvalidRequest("model", f"unknown model {model!r} (available: {MODEL_NAME})")
         if "size" in data:
+            size = str(data.pop("size"))
             try:
-                data["width"], data["height"] = (int(v) for v in str(data.pop("size")).lower().split("x"))
+                data["width"], data["height"] = (int(v) for v in size.lower().split("x"))
             except ValueError:
                 raise InvalidRequest("size", "expected WIDTHxHEIGHT, e.g. 832x480") from None
+            for side in (data["width"], data["height"]):  # checked here so the error names `size`
+                if side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE:
+                    raise InvalidRequest("size", f"width and height must be multiples of {SIZE_MULTIPLE} "
+                                                 f"from {SIZE_MULTIPLE} to {MAX_SIDE}, got {size}")
         if "seconds" in data:
             try:
                 seconds = float(data.pop("seconds"))
@@ -251,7 +261,10 @@ class Router:
             raise _invalid(exc) from None
         if isinstance(data.get("video"), dict) or str(data.get("video", "")).startswith("video_"):
             ref = data["video"]
-            sub.media["video"] = await self._source_video(ref["id"] if isinstance(ref, dict) else ref)
+            video_id = ref.get("id") if isinstance(ref, dict) else ref
+            if not isinstance(video_id, str):
+                raise ApiError(400, 'video: expected {"id": "video_..."}, a video id or an upload', param="video")
+            sub.media["video"] = await self._source_video(video_id)
             data["video"] = "video"
         return data
 
@@ -284,8 +297,9 @@ class Router:
                     yield frame
                 finished = True
             finally:
-                if not finished:
-                    await self.runner.cancel(job.id)
+                if not finished:  # the client went away; this task is being cancelled, so shield the cancel
+                    with anyio.CancelScope(shield=True):
+                        await self.runner.cancel(job.id)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -318,7 +332,10 @@ class Router:
     async def events(self, request: Request, video_id: str) -> StreamingResponse:
         """Server-Sent Events of the job; resumes after the ``Last-Event-ID`` header if given."""
         await self._get(video_id)
-        after = int(request.headers.get("last-event-id", -1))
+        try:
+            after = int(request.headers.get("last-event-id", -1))
+        except ValueError:
+            raise ApiError(400, "Last-Event-ID: must be an event id (an integer)", param="Last-Event-ID") from None
         return StreamingResponse(self._events(video_id, after), media_type="text/event-stream")
 
     @app.post("/v1/videos/{video_id}/cancel")

@@ -25,11 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_config(store: str, port: int, runner: dict | None = None, deployments: dict | None = None) -> dict:
-    """serve_config.local.yaml with the store, port, runner settings and per-deployment options given."""
+def local_config(store: str, port: int, runner: dict | None = None, deployments: dict | None = None,
+                 args: dict | None = None) -> dict:
+    """serve_config.local.yaml with the store, port, runner settings, per-deployment options and extra
+    application args (e.g. ``max_upload_bytes``) given."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
+    app["args"].update(copy.deepcopy(args or {}))
     app["args"]["store"] = store
     app["args"]["runner"] = {**app["args"].get("runner", {}), **(runner or {})}
     for dep in app["deployments"]:
@@ -39,10 +42,10 @@ def local_config(store: str, port: int, runner: dict | None = None, deployments:
 
 @contextmanager
 def running_service(store: str, runner: dict | None = None, deployments: dict | None = None,
-                    start_timeout_s: float = 180, env: dict | None = None):
+                    start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None):
     """Yield the base URL of the service deployed from the local profile; shut everything down after."""
     port = free_port()
-    config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments))
+    config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args))
     ray.init(num_cpus=2, namespace="serve", runtime_env={"env_vars": env or {}}, include_dashboard=False)
     try:
         problems = deploy(config, start_timeout_s)
