@@ -109,8 +109,7 @@ class JobRunner:
             try:
                 now = time.time()
                 for job in list(self._owned.values()):
-                    job.heartbeat_at = now
-                    await self._save(job)
+                    await self._heartbeat(job, now)
                 await self._adopt_stale(now)
             except Exception:  # a store hiccup must not stop the loop
                 logger.exception("job maintenance failed")
@@ -135,6 +134,17 @@ class JobRunner:
             self._wake.set()
 
     # -- one job -------------------------------------------------------------------------------
+
+    async def _heartbeat(self, job: Job, now: float) -> None:
+        """Record that this replica still owns `job`, unless it finished meanwhile (a finished job's
+        record may already be deleted and must not be written back)."""
+        lock = self._locks.setdefault(job.id, asyncio.Lock()) if job.id in self._owned else None
+        if lock is None:
+            return
+        async with lock:
+            if job.id in self._owned and not job.terminal:
+                job.heartbeat_at = now
+                await asyncio.to_thread(self.jobs.save, job)
 
     async def _save(self, job: Job) -> None:
         async with self._locks.setdefault(job.id, asyncio.Lock()):
