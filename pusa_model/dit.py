@@ -10,7 +10,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from .lora import LoraFuser
-from .sampler import denoise_step
+from .sampler import Guide, denoise_step, guided_velocity
 from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame
 
 
@@ -29,6 +29,7 @@ class DiTStage:
         self.device = next(transformer.parameters()).device
         self.dtype = transformer.patch_embedding.weight.dtype  # some parameters stay float32
         self._block_fn = block_forward if options is None else apply_options(transformer, options)
+        self.guide: Guide = guided_velocity  # how the conditional and unconditional passes combine
 
     @property
     def lora_alpha(self) -> float | None:
@@ -63,6 +64,6 @@ class DiTStage:
             self.set_lora_alpha(lora_alpha)
         x = latents.to(self.device, torch.float32)
         out = denoise_step(
-            self.velocity, x, step, sigmas, multipliers, prompt_embeds, negative_embeds, guidance
+            self.velocity, x, step, sigmas, multipliers, prompt_embeds, negative_embeds, guidance, self.guide
         )
         return out.cpu()

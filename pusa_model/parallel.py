@@ -30,6 +30,7 @@ time; one all-gather over the cfg group gives both to every rank, which combine 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,8 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .dit import DiTStage
 from .lora import LoraFuser
-from .sampler import VelocityModel, _over_frames
-from .schedule import frame_sigma_deltas, frame_timesteps
+from .sampler import VelocityModel
 from .transformer import BlockFn, DiTOptions, block_forward, forward_per_frame
 
 MESH_DIMS = ("cfg", "ring", "ulysses")
@@ -207,27 +207,6 @@ def cfg_parallel_velocity(
     return uncond + guidance * (velocity - uncond)
 
 
-def denoise_step_parallel(
-    model: VelocityModel,
-    latents: torch.Tensor,
-    step: int,
-    sigmas: torch.Tensor,
-    multipliers: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
-    guidance: float,
-    cfg_group: dist.ProcessGroup,
-) -> torch.Tensor:
-    """`sampler.denoise_step` with `cfg_parallel_velocity`; every rank returns the same latents."""
-    batch = latents.shape[0]
-    timesteps = frame_timesteps(sigmas, multipliers, step).to(latents.device).expand(batch, -1)
-    velocity = cfg_parallel_velocity(
-        model, latents, timesteps, prompt_embeds, negative_embeds, guidance, cfg_group
-    )
-    deltas = _over_frames(frame_sigma_deltas(sigmas, multipliers, step).to(latents))
-    return latents + velocity.to(latents.dtype) * deltas
-
-
 class ParallelDiTStage(DiTStage):
     """`DiTStage` on the G = cfg·U ranks of `groups`: every rank builds one and calls `step` together
     with the same arguments (SPMD); every rank returns the same latents."""
@@ -242,6 +221,8 @@ class ParallelDiTStage(DiTStage):
         super().__init__(transformer, lora, options)
         self.groups = groups
         self._sp = SequenceParallel(transformer, groups) if groups.ulysses > 1 else None
+        if groups.cfg > 1:
+            self.guide = functools.partial(cfg_parallel_velocity, cfg_group=groups.cfg_group)
 
     def velocity(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         if self._sp is None:
@@ -249,28 +230,3 @@ class ParallelDiTStage(DiTStage):
         x = latents.to(self.device, self.dtype)
         text = text.to(self.device, self.dtype)
         return self._sp(x, timesteps.to(self.device), text, self._block_fn).float()
-
-    @torch.no_grad()
-    def step(
-        self,
-        latents: torch.Tensor,
-        step: int,
-        sigmas: torch.Tensor,
-        multipliers: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        guidance: float,
-        lora_alpha: float | None = None,
-    ) -> torch.Tensor:
-        if self.groups.cfg == 1:
-            return super().step(
-                latents, step, sigmas, multipliers, prompt_embeds, negative_embeds, guidance, lora_alpha
-            )
-        if lora_alpha is not None:
-            self.set_lora_alpha(lora_alpha)
-        x = latents.to(self.device, torch.float32)
-        out = denoise_step_parallel(
-            self.velocity, x, step, sigmas, multipliers, prompt_embeds, negative_embeds, guidance,
-            self.groups.cfg_group,
-        )
-        return out.cpu()

@@ -15,6 +15,8 @@ from .schedule import frame_sigma_deltas, frame_timesteps
 
 # velocity = model(latents, per-frame timesteps (B, F), text embeddings)
 VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# guided velocity = guide(model, latents, timesteps, prompt, negative prompt, guidance scale)
+Guide = Callable[[VelocityModel, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -62,10 +64,12 @@ def denoise_step(
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor | None,
     guidance: float,
+    guide: Guide = guided_velocity,
 ) -> torch.Tensor:
-    """One VTA Euler step: per-frame timesteps, guided velocity, per-frame update. Returns new latents."""
+    """One VTA Euler step: per-frame timesteps, guided velocity (`guide`), per-frame update.
+    Returns new latents."""
     batch = latents.shape[0]
     timesteps = frame_timesteps(sigmas, multipliers, step).to(latents.device).expand(batch, -1)
-    velocity = guided_velocity(model, latents, timesteps, prompt_embeds, negative_embeds, guidance)
+    velocity = guide(model, latents, timesteps, prompt_embeds, negative_embeds, guidance)
     deltas = _over_frames(frame_sigma_deltas(sigmas, multipliers, step).to(latents))
     return latents + velocity.to(latents.dtype) * deltas

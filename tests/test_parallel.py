@@ -9,6 +9,7 @@ frames of 6x10 latents give 15 tokens per frame, so 2 ranks hold 8 and 7 of each
 from __future__ import annotations
 
 import datetime
+import functools
 import multiprocessing
 
 import pytest
@@ -22,7 +23,7 @@ from pusa_model.parallel import (
     ParallelDiTStage,
     SequenceParallel,
     UlyssesTokens,
-    denoise_step_parallel,
+    cfg_parallel_velocity,
     frame_token_shares,
     init_parallel_groups,
 )
@@ -99,7 +100,8 @@ def _two_ranks(rank: int, world: int, init_file: str) -> None:
         for guidance in (5.0, 1.0):
             args = _step_args(x, prompt, negative, guidance)
             reference = denoise_step(velocity, **args)
-            parallel = denoise_step_parallel(velocity, **args, cfg_group=groups.cfg_group)
+            guide = functools.partial(cfg_parallel_velocity, cfg_group=groups.cfg_group)
+            parallel = denoise_step(velocity, **args, guide=guide)
             assert torch.equal(parallel, reference)
         parallel = ParallelDiTStage(model, groups).step(**_step_args(x, prompt, negative, 5.0))
         assert torch.equal(parallel, DiTStage(model).step(**_step_args(x, prompt, negative, 5.0)))
