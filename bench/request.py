@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -198,3 +198,15 @@ def s3_server_fixture(scope: str = "session"):
             yield server
 
     return s3_server
+
+
+def use_test_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The test server's credentials in the environment, and nothing else AWS-related from this machine."""
+    for name in ("PUSA_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 from openai.types import Video
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, s3_server_fixture
+from s3server import S3Server, s3_server_fixture, use_test_credentials
 
 from deployments.jobs import Job, JobStore, new_job_id
 from deployments.storage import LocalStore, S3Store, open_store
@@ -26,15 +26,7 @@ T0 = 1_760_000_000.0
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The test server's credentials in the environment and nothing else AWS-related from this machine."""
-    for name in ("PUSA_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    use_test_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -159,7 +151,7 @@ def test_cancel_marker_from_another_replica(jobs: JobStore) -> None:
 def test_stale_jobs_and_claim(jobs: JobStore) -> None:
     beat_long_ago = jobs.create(make_job(T0, owner="r1", heartbeat_at=T0 + 100))
     never_beat = jobs.create(make_job(T0 + 50))
-    recent = jobs.create(make_job(T0 + 1, owner="r2", heartbeat_at=T0 + 190))
+    jobs.create(make_job(T0 + 1, owner="r2", heartbeat_at=T0 + 190))  # beat recently: not stale
     done = make_job(T0 + 2)
     jobs.create(done)
     done.status = "completed"

@@ -16,7 +16,7 @@ import torch
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
-from s3server import ACCESS_KEY, SECRET_KEY, S3Server, running_s3_server, s3_server_fixture
+from s3server import S3Server, running_s3_server, s3_server_fixture, use_test_credentials
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
@@ -37,14 +37,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The test servers' credentials in the environment and nothing else AWS-related from this machine."""
-    for name in ("PUSA_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    use_test_credentials(monkeypatch, tmp_path)
     monkeypatch.setenv("PUSA_CACHE_DIR", str(tmp_path / "default-cache"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, s3_server_fixture
+from s3server import S3Server, s3_server_fixture, use_test_credentials
 
 from deployments.storage import LocalStore, S3Store, Store, open_store
 
@@ -22,15 +22,7 @@ s3_server = s3_server_fixture(scope="module")
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The test server's credentials in the environment and nothing else AWS-related from this machine."""
-    for name in ("PUSA_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    use_test_credentials(monkeypatch, tmp_path)
 
 
 @pytest.fixture
