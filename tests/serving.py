@@ -46,7 +46,8 @@ def running_service(store: str, runner: dict | None = None, deployments: dict | 
     """Yield the base URL of the service deployed from the local profile; shut everything down after."""
     port = free_port()
     config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args))
-    ray.init(num_cpus=2, namespace="serve", runtime_env={"env_vars": env or {}}, include_dashboard=False)
+    ray.init(num_cpus=2, namespace="serve", runtime_env={"env_vars": env or {}}, include_dashboard=False,
+             log_to_driver=False)  # replica logs stay in the session folder; failures surface in jobs
     try:
         problems = deploy(config, start_timeout_s)
         assert not problems, problems
