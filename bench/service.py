@@ -12,6 +12,8 @@ One run starts the local profile (``serve_config.local.yaml``) on a fresh local 
      difference of consecutive ``step`` events' ``elapsed_s`` (the first step, which waits for the
      encoders, is dropped). It covers the cancel check, the DiT handle call with the latents' round
      trip, and the job record's save with the new event;
+   - ``worker``: the in-process loop inside a Ray actor placed like the DiT replicas, to tell the
+     worker's environment (threads, scheduling beside the other replicas) from the distribution;
    - ``handle``: the same steps sent from this process straight to the DiT deployment through a
      `DeploymentHandle` (no router), which splits the service's overhead into handle + latent hop and
      router bookkeeping (the text embeddings go as one stored object, as the router passes the
@@ -35,7 +37,7 @@ One run starts the local profile (``serve_config.local.yaml``) on a fresh local 
 
 Usage::
 
-    .venv/bin/python bench/service.py --out bench/results/service_cpu.json
+    .venv/bin/python bench/service.py --out service_cpu.json
 
 Prints a markdown table and writes every sample as JSON. See docs/benchmarks.md.
 """
@@ -108,7 +110,7 @@ def ms(values: list[float]) -> list[float]:
 
 
 def summary(samples_s: list[float], per_run_s: list[list[float]] | None = None) -> dict:
-    """Median (ms) over all samples, quartiles, and the range of the per-run medians."""
+    """Median and quartiles (ms) over all samples, and each run's median."""
     q = statistics.quantiles(samples_s, n=4) if len(samples_s) > 1 else [samples_s[0]] * 3
     out = {"median_ms": round(statistics.median(samples_s) * 1000, 2), "p25_ms": round(q[0] * 1000, 2),
            "p75_ms": round(q[2] * 1000, 2), "n": len(samples_s)}
@@ -277,6 +279,17 @@ class Echo:
         return x
 
 
+@ray.remote(num_cpus=0)
+class InWorker:
+    """The in-process pipeline inside a Ray worker placed like the DiT replicas (``num_cpus: 0``)."""
+
+    def __init__(self) -> None:
+        self.pipe = PusaPipeline.from_preset("tiny", device="cpu")
+
+    def runs(self, size, steps: int) -> list[list[float]]:
+        return inprocess_runs(self.pipe, size, steps, 1, torch.get_num_threads())
+
+
 def hop_times(echo, calls: int) -> list[dict]:
     """Round trips of each latent size to `echo`, the sizes taking turns (so background load hits each alike)."""
     arrays = [np.random.default_rng(0).standard_normal(latent_shape(size), dtype=np.float32) for size in HOP_SIZES]
@@ -312,18 +325,22 @@ def load_level(url: str, jobs: JobStore, concurrency: int, steps: int) -> dict:
     size = OVERHEAD_SIZES[0]
     with httpx.Client(limits=httpx.Limits(max_connections=2 * concurrency + 4)) as client, \
             ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda i: run_job(client, url, {**request_body(size, steps, seed=100 + i)}),
+        results = list(pool.map(lambda i: run_job(client, url, request_body(size, steps, seed=100 + i)),
                                 range(concurrency)))
     stop.set()
     watcher.join()
-    latencies, completions = [], []
-    for submitted, job_id, _ in results:
+    latencies, completions, queued, running, denoise = [], [], [], [], []
+    for submitted, job_id, events in results:
         record = jobs.get(job_id)
         latencies.append(record.completed_at - submitted)
         completions.append(record.completed_at)
+        queued.append(record.started_at - submitted)  # POST + time in the router's queue
+        running.append(record.completed_at - record.started_at)  # encode, steps, decode, MP4, store
+        denoise.append([e["elapsed_s"] for e in events if e["type"] == "step"][-1])  # encoders' wait + steps
     first_submit = min(s for s, _, _ in results)
     span = max(completions) - first_submit
-    return {"latencies_s": [round(v, 3) for v in latencies], "span_s": round(span, 3),
+    return {"latencies_s": [round(v, 3) for v in latencies], "queued_s": [round(v, 3) for v in queued],
+            "running_s": [round(v, 3) for v in running], "encode_and_steps_s": denoise, "span_s": round(span, 3),
             "jobs_per_min": round(concurrency / span * 60, 2), "dit_replicas_max": max(replicas)}
 
 
@@ -335,20 +352,22 @@ def markdown(result: dict) -> str:
     lines = [f"{env['machine']}, ray {env['ray']}, torch {env['torch']}; 1-minute load average "
              f"{env['loadavg_1m_start']} at the start, {env['loadavg_1m_end']} at the end; {result['wall_s']:.0f} s.", "",
              "Overhead per denoising step (t2v, guidance 5; median over steps 2..N of every run, ms):", "",
-             "| size | latent | in-process | service | overhead | direct DiT handle | router bookkeeping | goal ≤ 50 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| size | latent | in-process | service | **overhead** | goal ≤ 50 ms | in-process in a Ray worker "
+             "| DiT handle from the driver | service - handle |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in result["overhead"]:
         lines.append(
             f"| {row['size']}, {row['steps']} steps | {row['latent_mb']:.2f} MB | {row['inprocess']['median_ms']:.1f} "
             f"| {row['service']['median_ms']:.1f} | **{row['overhead_ms']:.1f}** "
-            f"| {row['handle']['median_ms']:.1f} (+{row['handle_over_inprocess_ms']:.1f}) "
-            f"| {row['service_over_handle_ms']:.1f} | {'met' if row['overhead_ms'] <= GOAL_MS else 'NOT met'} |")
+            f"| {'met' if row['overhead_ms'] <= GOAL_MS else 'NOT met'} | {row['worker']['median_ms']:.1f} "
+            f"| {row['handle']['median_ms']:.1f} | {row['service_over_handle_ms']:.1f} |")
     lines += ["", f"Spread: medians of each of the {result['config']['runs']} runs (ms), and service - in-process "
-              "per run (the runs of the three variants take turns):", ""]
+              "per run (the runs of the variants take turns):", ""]
     for row in result["overhead"]:
         pairs = row["overhead_run_pairs_ms"]
         lines.append(f"- {row['size']}: in-process {row['inprocess']['run_medians_ms']}, service "
-                     f"{row['service']['run_medians_ms']}, handle {row['handle']['run_medians_ms']}; overhead per run "
+                     f"{row['service']['run_medians_ms']}, in a worker {row['worker']['run_medians_ms']}, handle "
+                     f"{row['handle']['run_medians_ms']}; overhead per run "
                      f"{min(pairs):.1f}–{max(pairs):.1f} (median {statistics.median(pairs):.1f})")
         if "inprocess_default_threads" in row:
             d = row["inprocess_default_threads"]
@@ -373,12 +392,14 @@ def markdown(result: dict) -> str:
         return "\n".join(lines)
     lines += ["", f"Load (t2v 64x64x17, {result['config']['load_steps']} steps, guidance 5; DiT "
               f"{result['config']['dit_replicas']}; {result['config']['load_repeats']} rounds per level):", "",
-              "| concurrent jobs | p50 latency s | p95 latency s | jobs/min (median, range) | DiT replicas seen |",
-              "|---|---|---|---|---|"]
+              "| concurrent jobs | p50 latency s | p95 latency s | jobs/min (median, range) | DiT replicas seen "
+              "| median s queued / running (of which encode + steps) |",
+              "|---|---|---|---|---|---|"]
     for row in result["load"]:
-        jpm = row["jobs_per_min"]
+        jpm, parts = row["jobs_per_min"], row["median_parts_s"]
         lines.append(f"| {row['concurrency']} | {row['p50_s']:.2f} | {row['p95_s']:.2f} "
-                     f"| {jpm['median']:.1f} ({jpm['min']:.1f}–{jpm['max']:.1f}) | {row['dit_replicas_max']} |")
+                     f"| {jpm['median']:.1f} ({jpm['min']:.1f}–{jpm['max']:.1f}) | {row['dit_replicas_max']} "
+                     f"| {parts['queued_s']:.2f} / {parts['running_s']:.2f} ({parts['encode_and_steps_s']:.2f}) |")
     return "\n".join(lines)
 
 
@@ -386,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the overhead request")
     parser.add_argument("--large-steps", type=int, default=10, help="denoising steps at 256x256x33")
-    parser.add_argument("--runs", type=int, default=5, help="runs of each overhead variant per size")
+    parser.add_argument("--runs", type=int, default=7, help="runs of each overhead variant per size")
     parser.add_argument("--hop-calls", type=int, default=30, help="echo round trips per latent size")
     parser.add_argument("--load-steps", type=int, default=4, help="steps of each load job")
     parser.add_argument("--load-levels", default="1,4,16", help="concurrent jobs per level")
@@ -426,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             threads = ray.get(echo.threads.remote())
             result["environment"]["replica_threads"] = threads
             replica_threads = int(threads["torch_threads"])
+            worker = InWorker.remote()
             with httpx.Client() as client:  # warm-up: first job loads lazily, fuses the LoRA
                 for size in OVERHEAD_SIZES:
                     run_job(client, url, request_body(size, 2, seed=0))
@@ -433,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
 
             if "overhead" not in skip:
                 for size, steps in zip(OVERHEAD_SIZES, (args.steps, args.large_steps)):
-                    runs: dict[str, list[list[float]]] = {"inprocess": [], "service": [], "handle": []}
+                    runs: dict[str, list[list[float]]] = {"inprocess": [], "worker": [], "service": [], "handle": []}
                     for i in range(args.runs):  # interleaved, so drifting background load hits each alike
                         runs["inprocess"] += inprocess_runs(pipe, size, steps, 1, replica_threads)
+                        runs["worker"] += ray.get(worker.runs.remote(size, steps))
                         runs["service"] += service_runs(url, size, steps, 1, seed=1 + i)
                         runs["handle"] += handle_runs(pipe, size, steps, 1)
                     row = {"size": label(size), "steps": steps, "latent_shape": list(latent_shape(size)),
@@ -448,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["overhead_ms"] = round(row["service"]["median_ms"] - row["inprocess"]["median_ms"], 2)
                     paired = [s - i for s, i in zip(row["service"]["run_medians_ms"], row["inprocess"]["run_medians_ms"])]
                     row["overhead_run_pairs_ms"] = [round(v, 2) for v in paired]
+                    row["worker_over_inprocess_ms"] = round(row["worker"]["median_ms"] - row["inprocess"]["median_ms"], 2)
+                    row["handle_over_worker_ms"] = round(row["handle"]["median_ms"] - row["worker"]["median_ms"], 2)
                     row["handle_over_inprocess_ms"] = round(row["handle"]["median_ms"] - row["inprocess"]["median_ms"], 2)
                     row["service_over_handle_ms"] = round(row["service"]["median_ms"] - row["handle"]["median_ms"], 2)
                     row["samples_ms"] = {k: [ms(r) for r in v] for k, v in runs.items()}
@@ -472,10 +497,12 @@ def main(argv: list[str] | None = None) -> int:
                 for concurrency in (int(c) for c in args.load_levels.split(",")):
                     rounds = [load_level(url, jobs, concurrency, args.load_steps) for _ in range(args.load_repeats)]
                     latencies = [v for r in rounds for v in r["latencies_s"]]
+                    parts = {k: round(statistics.median(v for r in rounds for v in r[k]), 3)
+                             for k in ("queued_s", "running_s", "encode_and_steps_s")}
                     jpm = [r["jobs_per_min"] for r in rounds]
                     result["load"].append({
                         "concurrency": concurrency, "p50_s": round(percentile(latencies, 50), 3),
-                        "p95_s": round(percentile(latencies, 95), 3), "jobs": len(latencies),
+                        "p95_s": round(percentile(latencies, 95), 3), "jobs": len(latencies), "median_parts_s": parts,
                         "jobs_per_min": {"median": statistics.median(jpm), "min": min(jpm), "max": max(jpm),
                                          "rounds": jpm},
                         "dit_replicas_max": max(r["dit_replicas_max"] for r in rounds), "rounds": rounds})
