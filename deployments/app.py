@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from .dit import DiT
+from .dit_group import DiTParallel
 from .router import Router
 from .text_encoder import TextEncoder
 from .vae import VAE
@@ -25,6 +26,9 @@ class AppArgs(BaseModel):
     store: str = "data"  # a folder, or s3://bucket/prefix
     vae_tiling: bool = False
     dit_options: dict = {}  # pusa_model.transformer.DiTOptions: compile, attention, fuse_qkv
+    # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
+    # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
+    dit_parallel: DiTParallel = DiTParallel()
     max_upload_bytes: int = 64 << 20
     runner: dict = {}
 
@@ -35,7 +39,7 @@ def build_app(args: dict) -> Application:
     return Router.bind(
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
-        DiT.bind(preset=a.preset, options=a.dit_options),
+        DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump()),
         preset=a.preset,
         store=a.store,
         max_upload_bytes=a.max_upload_bytes,

@@ -2,6 +2,9 @@
 
 The LoRA strength is the multiplexed model id (``alpha=1.4``): Serve routes a request to a replica
 that already holds its alpha when it can; otherwise the replica re-fuses from the base weights.
+
+With ``parallel`` (app arg ``dit_parallel``) of G = cfg·ulysses > 1 the replica holds no model: it
+drives G worker actors, one per GPU of its placement group (`deployments.dit_group`).
 """
 
 from __future__ import annotations
@@ -10,15 +13,14 @@ import asyncio
 import os
 
 import numpy as np
-import torch
 from ray import serve
 
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
-from pusa_model.sampler import initial_latents, initial_noise
 from pusa_model.transformer import DiTOptions
 
 from .devices import pick_device
+from .dit_group import DiTGroup, DiTParallel, run_step
 
 
 def alpha_model_id(alpha: float) -> str:
@@ -28,31 +30,33 @@ def alpha_model_id(alpha: float) -> str:
 
 @serve.deployment(name="DiT")
 class DiT:
-    """Holds the 14B transformer with the Pusa LoRA fused at one alpha."""
+    """Holds the 14B transformer with the Pusa LoRA fused at one alpha (or a group of G ranks that do)."""
 
-    def __init__(self, preset: str = "tiny", device: str | None = None, options: dict | None = None) -> None:
-        spec = get_preset(preset)
-        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(options or {})))
+    def __init__(
+        self, preset: str = "tiny", device: str | None = None, options: dict | None = None,
+        parallel: dict | None = None,
+    ) -> None:
+        layout = DiTParallel.model_validate(parallel or {})
+        self.group = DiTGroup(preset, options or {}, layout) if layout.size > 1 else None
+        if self.group is None:
+            spec = get_preset(preset)
+            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(options or {})))
         self.steps_run = 0
 
     @serve.multiplexed(max_num_models_per_replica=1)
     async def load_alpha(self, model_id: str) -> float:
         """Fuse the LoRA at the alpha named by `model_id` (always from the base weights)."""
         alpha = float(model_id.removeprefix("alpha="))
-        await asyncio.to_thread(self.stage.set_lora_alpha, alpha)
+        if self.group is not None:
+            await self.group.set_lora_alpha(alpha)
+        else:
+            await asyncio.to_thread(self.stage.set_lora_alpha, alpha)
         return alpha
 
-    def _step(self, latents, clean, seed, step, sigmas, multipliers, text, guidance) -> np.ndarray:
-        sigmas, multipliers = torch.tensor(sigmas), torch.tensor(multipliers)
-        if latents is None:  # step 0 starts from the seed's noise and the clean conditioning
-            clean = torch.from_numpy(clean)
-            x = initial_latents(initial_noise(tuple(clean.shape), seed), clean, multipliers)
-        else:
-            x = torch.from_numpy(latents)
-        prompt, negative = (None if t is None else torch.from_numpy(t) for t in text)
-        out = self.stage.step(x, step, sigmas, multipliers, prompt, negative, guidance)
+    def _step(self, *args) -> np.ndarray:
+        out = run_step(self.stage, *args)
         self.steps_run += 1
-        return out.numpy()
+        return out
 
     async def step(
         self,
@@ -70,10 +74,29 @@ class DiT:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.load_alpha(model_id)
-        return await asyncio.to_thread(
-            self._step, latents, clean, seed, step, sigmas, multipliers, text, guidance
-        )
+        args = (latents, clean, seed, step, sigmas, multipliers, text, guidance)
+        if self.group is None:
+            return await asyncio.to_thread(self._step, *args)
+        out = await self.group.step(*args)
+        self.steps_run += 1
+        return out
 
-    def stats(self) -> dict:
-        """This replica's pid, steps run and fused alpha (for operators and tests)."""
-        return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha}
+    async def stats(self) -> dict:
+        """This replica's pid, steps run and fused alpha (for operators and tests); with a group also its
+        layout (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt)
+        and how often it was rebuilt."""
+        if self.group is None:
+            return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha}
+        return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.group.lora_alpha,
+                "parallel": self.group.layout.model_dump(), "workers": await self.group.stats(),
+                "rebuilds": self.group.rebuilds}
+
+    def check_health(self) -> None:
+        """Unhealthy once a lost group could not be rebuilt: Serve then replaces the replica."""
+        if self.group is not None and self.group.failed is not None:
+            raise RuntimeError(f"DiT group could not be rebuilt: {self.group.failed!r}")
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()

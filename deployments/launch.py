@@ -39,14 +39,42 @@ def actor_options(dep) -> dict:
     return options if isinstance(options, dict) else {}
 
 
+def placement_bundles(dep) -> list[dict[str, float]] | None:
+    """A config deployment's ``placement_group_bundles`` (None when it has none)."""
+    if "placement_group_bundles" not in dep.model_fields_set or not dep.placement_group_bundles:
+        return None
+    return [{k: float(v) for k, v in b.items() if v} for b in dep.placement_group_bundles]
+
+
+def node_demands(dep) -> list[dict[str, float]]:
+    """What must fit on a single node for one replica of `dep`, one dict per node it needs.
+
+    A replica with a placement group lives in its first bundle (its own ``ray_actor_options`` are part
+    of it); with ``STRICT_PACK`` (the multi-GPU DiT) all bundles go on one node, so that node needs
+    their sum; with another strategy each bundle needs some node.
+    """
+    bundles = placement_bundles(dep)
+    if bundles is None:
+        return [replica_demand(actor_options(dep))]
+    if dep.placement_group_strategy == "STRICT_PACK":
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for k, v in bundle.items():
+                total[k] = total.get(k, 0.0) + v
+        return [total]
+    return bundles
+
+
 def unplaceable(config: ServeDeploySchema, nodes: list[dict]) -> list[str]:
     """Deployments whose replica fits on none of `nodes` (each node: its total resources)."""
     problems = []
     for app in config.applications:
         for dep in app.deployments:
-            demand = replica_demand(actor_options(dep))
-            if not any(all(node.get(r, 0) >= n for r, n in demand.items()) for node in nodes):
-                problems.append(f"{app.name}/{dep.name} needs {demand} per replica; no node has that")
+            for demand in node_demands(dep):
+                if not any(all(node.get(r, 0) >= n for r, n in demand.items()) for node in nodes):
+                    packed = placement_bundles(dep) and dep.placement_group_strategy == "STRICT_PACK"
+                    where = " on one node (STRICT_PACK placement group)" if packed else ""
+                    problems.append(f"{app.name}/{dep.name} needs {demand}{where} per replica; no node has that")
     return problems
 
 

@@ -42,12 +42,17 @@ def local_config(store: str, port: int, runner: dict | None = None, deployments:
 
 @contextmanager
 def running_service(store: str, runner: dict | None = None, deployments: dict | None = None,
-                    start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None):
-    """Yield the base URL of the service deployed from the local profile; shut everything down after."""
+                    start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None,
+                    num_gpus: int | None = None):
+    """Yield the base URL of the service deployed from the local profile; shut everything down after.
+
+    `num_gpus` gives the local Ray that many logical GPUs (default: the GPUs Ray detects), e.g. for
+    placement-group bundles of one GPU on a CPU-only machine."""
     port = free_port()
     config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args))
-    ray.init(num_cpus=2, namespace="serve", runtime_env={"env_vars": env or {}}, include_dashboard=False,
-             log_to_driver=False)  # replica logs stay in the session folder; failures surface in jobs
+    # log_to_driver: replica logs stay in the session folder; failures surface in jobs
+    ray.init(num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
+             include_dashboard=False, log_to_driver=False)
     try:
         problems = deploy(config, start_timeout_s)
         assert not problems, problems

@@ -147,9 +147,8 @@ def test_production_config_places_on_an_a6000_cluster_only(prod):
     assert replica_demand(options(deployments(prod)["DiT"])) == {"CPU": 2.0, "GPU": 1.0, "A6000": 1.0}
 
 
-def test_two_gpu_dit_is_only_a_comment():
-    text = PROD.read_text()
-    assert re.search(r"^\s*#.*num_gpus: 2", text, re.M)
+def test_production_replicas_take_at_most_one_gpu():
+    """Two-GPU DiT replicas live in serve_config.2gpu.yaml (tests/test_dit_group.py checks it)."""
     for dep in deployments(ServeDeploySchema.model_validate(load(PROD))).values():
         assert options(dep).get("num_gpus", 0) <= 1, dep.name
 

@@ -1,0 +1,260 @@
+"""A DiT replica over several GPUs of one node (`deployments/dit_group.py`), on the CPU.
+
+The service runs on a local Ray with two logical GPUs: the DiT deployment has a placement group of two
+one-GPU bundles (STRICT_PACK) and app arg ``dit_parallel``; its replica starts two worker actors, which
+find no CUDA and join a gloo group. First CFG parallel (``cfg: 2``): a job's MP4 is byte-identical to
+the in-process pipeline's for the same plan, a DiT step equals the single-process step exactly, and a
+worker killed mid-step costs one retried step (same video) and a rebuilt group in the same replica. Then
+the same service is redeployed with Ulysses (``ulysses: 2``; the tiny model has 2 heads): a step equals
+the single-process one within float tolerance, and a job's video matches up to a few pixels. Also the
+2xA6000 profile (`serve_config.2gpu.yaml`) is checked the way `tests/test_configs.py` checks production.
+
+References run in this process on one thread, as the replicas and workers do (under one CPU each):
+CPU matmuls sum in another order with another thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ray import serve
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.build_app import build_app
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import AppArgs
+from deployments.dit import alpha_model_id
+from deployments.dit_group import run_step, worker_resources
+from deployments.launch import deploy, node_demands, unplaceable
+from deployments.vae import plan_from_job
+from pusa_model.media import load_video
+from pusa_model.schedule import flow_sigmas
+from serving import local_config, running_service
+from test_faults import Service
+
+try:
+    from ray._common.utils import import_attr
+except ImportError:  # older layout
+    from ray._private.utils import import_attr
+
+ROOT = Path(__file__).resolve().parent.parent
+PROD, TWO_GPU = ROOT / "serve_config.yaml", ROOT / "serve_config.2gpu.yaml"
+# As in serve_config.2gpu.yaml: the replica's CPU share lives in bundle 0; each worker gets half a CPU.
+BUNDLES = {"placement_group_bundles": [{"CPU": 1, "GPU": 1}, {"CPU": 0.5, "GPU": 1}],
+           "placement_group_strategy": "STRICT_PACK", "ray_actor_options": {"num_cpus": 0.5}}
+DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 1, "health_check_period_s": 1, **BUNDLES}}
+RUNNER = {"heartbeat_s": 0.5}
+CFG2, ULYSSES2 = {"cfg": 2, "ulysses": 1}, {"cfg": 1, "ulysses": 2}
+REQUEST = {"prompt": "a cat walks on the grass", "size": "64x64", "frames": 17, "guidance": 5.0, "seed": 7}
+SLOW, STEPS = {**REQUEST, "size": "1024x1024", "frames": 1}, 8
+
+
+# -- the 2xA6000 profile (no Ray) -----------------------------------------------------------------
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _dit(config: dict) -> dict:
+    (app,) = config["applications"]
+    return next(d for d in app["deployments"] if d["name"] == "DiT")
+
+
+def _without_the_dit_changes(config: dict) -> dict:
+    """`config` less what the 2-GPU profile may change: the DiT's resources and replica limit, the
+    `dit_parallel` arg and the runner's job limit."""
+    config = copy.deepcopy(config)
+    (app,) = config["applications"]
+    app["args"].pop("dit_parallel", None)
+    app["args"]["runner"].pop("max_running_jobs")
+    dit = _dit(config)
+    for key in ("ray_actor_options", "placement_group_bundles", "placement_group_strategy"):
+        dit.pop(key, None)
+    dit["autoscaling_config"].pop("max_replicas")
+    return config
+
+
+def test_two_gpu_profile_is_production_with_a_two_card_dit():
+    two, prod = _load(TWO_GPU), _load(PROD)
+    config = ServeDeploySchema.model_validate(two)
+    (app,) = config.applications
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert {d.name for d in build_app(built, name=app.name).deployments} == {"Router", "TextEncoder", "VAE", "DiT"}
+    assert _without_the_dit_changes(two) == _without_the_dit_changes(prod)
+
+    layout = AppArgs.model_validate(app.args).dit_parallel
+    assert (layout.cfg, layout.ulysses) == (2, 1)
+    dit = _dit(two)
+    assert dit["ray_actor_options"] == {"num_cpus": 1}  # the replica: no GPU, no A6000
+    assert dit["placement_group_strategy"] == "STRICT_PACK"
+    bundles = dit["placement_group_bundles"]
+    assert len(bundles) == layout.size
+    # every worker gets one card and a CPU: bundle 0 less the replica's share, the others whole
+    for i, bundle in enumerate(bundles):
+        opts = worker_resources(bundle, {"CPU": 1.0} if i == 0 else {})
+        assert opts == {"num_cpus": 1, "num_gpus": 1, "resources": {"A6000": 1}}, (i, opts)
+    # 8 two-card replicas: production's 16 cards; the routers can keep each one busy, and no more
+    assert dit["autoscaling_config"]["max_replicas"] * 2 == _dit(prod)["autoscaling_config"]["max_replicas"]
+    routers = next(d for d in app.deployments if d.name == "Router").num_replicas
+    assert routers * app.args["runner"]["max_running_jobs"] == dit["autoscaling_config"]["max_replicas"]
+
+
+def test_two_gpu_dit_needs_one_node_with_both_cards():
+    config = ServeDeploySchema.model_validate(_load(TWO_GPU))
+    dit = next(d for d in config.applications[0].deployments if d.name == "DiT")
+    assert node_demands(dit) == [{"CPU": 3.0, "GPU": 2.0, "A6000": 2.0}]
+    head = {"CPU": 16.0}
+    two_cards = {"CPU": 32.0, "GPU": 2.0, "A6000": 2.0}
+    one_card = {"CPU": 32.0, "GPU": 1.0, "A6000": 1.0}
+    assert unplaceable(config, [head, two_cards]) == []
+    # two 1-card nodes have the cards, but not on one node
+    (line,) = unplaceable(config, [head, one_card, one_card])
+    assert line.startswith("pusa/DiT needs") and "one node" in line
+
+
+# -- the service on two logical GPUs ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def group_service(tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("dit-group") / "store")
+    args = {"dit_parallel": CFG2}
+    with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, args=args, num_gpus=2) as url:
+        svc = Service(url, store)
+        svc.store = store
+        try:
+            yield svc
+        finally:
+            svc.http.close()
+
+
+def _dit_handle(alpha: float = 1.4):
+    return serve.get_deployment_handle("DiT", app_name="pusa").options(multiplexed_model_id=alpha_model_id(alpha))
+
+
+def _stats() -> dict:
+    return serve.get_deployment_handle("DiT", app_name="pusa").stats.remote().result(timeout_s=60)
+
+
+@contextmanager
+def one_thread():
+    """Run torch on one thread: CPU matmuls sum in a different order with another thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(tiny_pipeline, svc: Service, job_id: str, tmp_path: Path) -> bytes:
+    """The job's video made by the in-process pipeline from the job's own request and seed."""
+    job = svc.record(job_id)
+    plan = plan_from_job(job.request, job.plan["seed"], "tiny")
+    with one_thread():  # as the service's replicas and workers run (under one CPU: one thread)
+        return tiny_pipeline.generate(plan, tmp_path / f"{job_id}.mp4").video_path.read_bytes()
+
+
+def _step_inputs(tiny_pipeline, height: int, width: int):
+    """One mid-schedule step's arguments: random latents (two conditioning frames), real embeddings."""
+    rng = np.random.default_rng(height * width)
+    latents = rng.standard_normal((1, 16, 5, height, width)).astype(np.float32)
+    prompt, negative = tiny_pipeline.text.encode("a cat walks on the grass", "blurred details")
+    text = (prompt.numpy(), negative.numpy())
+    return latents, flow_sigmas(6).tolist(), [0.3, 1.0, 1.0, 1.0, 0.0], text
+
+
+def _compare_steps(tiny_pipeline, exact: bool) -> None:
+    """DiT steps through the handle (the group) against `run_step` on the in-process stage."""
+    handle = _dit_handle(1.4)
+    tiny_pipeline.dit.set_lora_alpha(1.4)
+    for height, width, guidance in [(6, 10, 5.0), (8, 8, 5.0), (6, 10, 1.0)]:  # 15 tokens a frame: uneven
+        latents, sigmas, multipliers, text = _step_inputs(tiny_pipeline, height, width)
+        args = (latents, None, 0, 2, sigmas, multipliers, text, guidance)
+        served = handle.step.remote(*args).result(timeout_s=120)
+        with one_thread():  # as the workers run
+            reference = run_step(tiny_pipeline.dit, *args)
+        if exact:
+            assert np.array_equal(served, reference), (height, width, guidance)
+        else:
+            np.testing.assert_allclose(served, reference, rtol=1e-5, atol=1e-5)
+            assert not np.array_equal(served, latents)
+
+
+def test_cfg_parallel_job_is_byte_identical_to_the_pipeline(group_service, tiny_pipeline, tmp_path):
+    svc = group_service
+    t0 = time.monotonic()
+    job_id, video = svc.run(timeout=120, **REQUEST, steps=4)
+    print(f"cfg=2 job: {time.monotonic() - t0:.1f}s")
+    assert video == _reference(tiny_pipeline, svc, job_id, tmp_path)
+
+    stats = _stats()
+    workers = stats["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert all(w["device"] == "cpu" and w["lora_alpha"] == 1.4 for w in workers)  # the alpha went to both
+    # each worker holds its bundle, less the replica's share of bundle 0
+    assert all(w["resources"] == {"CPU": 0.5, "GPU": 1.0} for w in workers), workers
+    assert len({w["pid"] for w in workers} | {stats["pid"]}) == 3  # the replica holds no model itself
+    assert workers[0]["steps_run"] == workers[1]["steps_run"] == stats["steps_run"] >= 4
+    _compare_steps(tiny_pipeline, exact=True)
+
+
+def test_lost_worker_costs_one_step_and_the_group_is_rebuilt(group_service, tiny_pipeline, tmp_path):
+    svc = group_service
+    before = _stats()
+    # 1024x1024, one frame: a pass takes ~0.3 s on a core, so the kill most likely lands mid-step, with
+    # rank 0 inside a collective (gloo fails it; NCCL would hang it: the replica kills it either way)
+    job_id = svc.submit(**SLOW, steps=STEPS)
+    svc.wait_for(job_id, lambda j: sum(e["type"] == "step" for e in j.events) >= 2, timeout=60, poll=0.02)
+    os.kill(before["workers"][1]["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    job = svc.wait_ended(job_id, timeout=150)
+    print(f"job finished {time.monotonic() - t0:.1f}s after the kill")
+    assert job.status == "completed", job.error
+
+    events = svc.sse_events(job_id)
+    retries = [e for e in events if e["type"] == "retry"]
+    assert len(retries) == 1 and "ActorDiedError" in retries[0]["reason"], retries
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, STEPS + 1))  # none lost or redone
+    assert svc.content(job_id) == _reference(tiny_pipeline, svc, job_id, tmp_path)
+
+    after = _stats()
+    assert after["pid"] == before["pid"] and after["rebuilds"] == before["rebuilds"] + 1  # same replica
+    old = {w["pid"] for w in before["workers"]}
+    assert len(after["workers"]) == 2 and not old & {w["pid"] for w in after["workers"]}
+    assert all(w["lora_alpha"] == 1.4 for w in after["workers"])  # the rebuilt group re-fused the alpha
+
+
+def test_ulysses_group_after_a_redeploy(group_service, tiny_pipeline, tmp_path):
+    svc = group_service
+    config = local_config(svc.store, urlparse(svc.url).port, runner=RUNNER, deployments=DEPLOYMENTS,
+                          args={"dit_parallel": ULYSSES2})
+    t0 = time.monotonic()
+    problems = deploy(ServeDeploySchema.model_validate(config), 180)
+    assert not problems, problems
+    while (stats := _stats()).get("parallel") != ULYSSES2:  # until the new replica has replaced the old
+        assert time.monotonic() - t0 < 180, stats
+        time.sleep(0.5)
+    assert len(stats["workers"]) == 2, stats
+    print(f"redeployed with ulysses 2 in {time.monotonic() - t0:.1f}s")
+    _compare_steps(tiny_pipeline, exact=False)
+
+    job_id, video = svc.run(timeout=120, **REQUEST, steps=4)
+    reference = _reference(tiny_pipeline, svc, job_id, tmp_path)
+    if video != reference:  # Ulysses sums attention in another order: H.264 may round a few pixels apart
+        levels = [(load_video(v, 64, 64, 17).numpy() + 1) * 127.5 for v in (video, reference)]
+        diff = np.abs(levels[0] - levels[1])
+        differ = np.mean(diff > 0.5)
+        print(f"ulysses video vs pipeline: {differ:.2%} of values differ, by up to {diff.max():.0f} levels")
+        assert differ < 0.02 and diff.max() <= 16
