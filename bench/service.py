@@ -54,7 +54,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +64,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
-from serving import free_port, local_config  # noqa: E402  (tests/serving.py: the local profile + overrides)
+from serving import local_config, running_service  # noqa: E402  (tests/serving.py: the local profile)
 
 from deployments.dit import alpha_model_id  # noqa: E402
 from deployments.jobs import JobStore  # noqa: E402
-from deployments.launch import deploy  # noqa: E402
 from deployments.storage import open_store  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402
@@ -123,31 +120,6 @@ def summary(samples_s: list[float], per_run_s: list[list[float]] | None = None) 
 def percentile(values: list[float], p: float) -> float:
     """Linear-interpolated percentile (numpy's default)."""
     return float(np.percentile(values, p))
-
-
-@contextmanager
-def service(store: str, deployments: dict | None = None, start_timeout_s: float = 240):
-    """The local profile on a new local Ray (never joining another one on this machine): base URL."""
-    port = free_port()
-    config = ServeDeploySchema.model_validate(local_config(store=store, port=port, deployments=deployments))
-    ray.init(address="local", num_cpus=2, namespace="serve", include_dashboard=False, log_to_driver=False)
-    try:
-        problems = deploy(config, start_timeout_s)
-        if problems:
-            raise RuntimeError(f"the service did not start: {problems}")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the proxy learns the routes shortly after RUNNING
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def run_job(client: httpx.Client, url: str, body: dict) -> tuple[float, str, list[dict]]:
@@ -441,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = PusaPipeline.from_preset("tiny", device="cpu")
     with tempfile.TemporaryDirectory(prefix="pusa-bench-") as tmp:
         store = str(Path(tmp) / "store")
-        with service(store, deployments) as url:
+        with running_service(store, deployments=deployments, start_timeout_s=240) as url:
             print(f"service up at {url} after {time.monotonic() - started:.0f} s", flush=True)
             echo = Echo.remote()
             threads = ray.get(echo.threads.remote())

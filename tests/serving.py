@@ -51,7 +51,7 @@ def running_service(store: str, runner: dict | None = None, deployments: dict | 
     port = free_port()
     config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args))
     # log_to_driver: replica logs stay in the session folder; failures surface in jobs
-    ray.init(num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
+    ray.init(address="local", num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
              include_dashboard=False, log_to_driver=False)
     try:
         problems = deploy(config, start_timeout_s)
