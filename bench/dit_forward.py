@@ -157,18 +157,24 @@ def build_transformer(tiny: bool, layers: int | None, device: torch.device, dtyp
     return model
 
 
-def bench_resolution(model, resolution: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """All selected variants at one resolution; returns ``{variant: result}``."""
-    frames, height, width = (TINY_LATENTS if args.tiny else LATENTS)[resolution]
+def dit_inputs(model, resolution: str, tiny: bool, seed: int, device: torch.device, dtype: torch.dtype):
+    """Random latents, text embeddings and an i2v-like timestep vector (frame 0 at m = 0.2, the rest at
+    the step's t) for one forward at `resolution`; also the token grid ``rows, cols`` and text length."""
+    frames, height, width = (TINY_LATENTS if tiny else LATENTS)[resolution]
     _, p_h, p_w = model.config.patch_size
-    rows, cols = height // p_h, width // p_w
-    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    gen = torch.Generator(device).manual_seed(seed + 1)
     x = torch.randn(1, model.config.in_channels, frames, height, width, generator=gen, device=device, dtype=dtype)
-    text_len = 16 if args.tiny else TEXT_LEN
+    text_len = 16 if tiny else TEXT_LEN
     text = torch.randn(1, text_len, model.config.text_dim, generator=gen, device=device, dtype=dtype)
-    # An i2v-like vector: frame 0 at m = 0.2, the rest at the step's t.
     tau = torch.full((1, frames), 875.0, device=device)
     tau[:, 0] = 0.2 * 875.0
+    return x, text, tau, (height // p_h, width // p_w), text_len
+
+
+def bench_resolution(model, resolution: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """All selected variants at one resolution; returns ``{variant: result}``."""
+    x, text, tau, (rows, cols), text_len = dit_inputs(model, resolution, args.tiny, args.seed, device, dtype)
+    frames = x.shape[2]
     per_token = per_token_timesteps(tau, rows * cols)
     flops = forward_flops(model.config, frames, rows, cols, text_len)
 

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, schedule  # noqa: E402
 
-from dit_forward import LATENTS, TEXT_LEN, TINY_LATENTS, build_transformer, environment, timed_call  # noqa: E402
+from dit_forward import LATENTS, build_transformer, dit_inputs, environment, timed_call  # noqa: E402
 from pusa_model.transformer import (  # noqa: E402
     block_forward,
     compile_block_forward,
@@ -191,15 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = build_transformer(args.tiny, None, device, dtype, args.seed)
-    frames, height, width = (TINY_LATENTS if args.tiny else LATENTS)[args.resolution]
-    _, p_h, p_w = model.config.patch_size
-    rows, cols = height // p_h, width // p_w
-    gen = torch.Generator(device).manual_seed(args.seed + 1)
-    x = torch.randn(1, model.config.in_channels, frames, height, width, generator=gen, device=device, dtype=dtype)
-    text_len = 16 if args.tiny else TEXT_LEN
-    text = torch.randn(1, text_len, model.config.text_dim, generator=gen, device=device, dtype=dtype)
-    tau = torch.full((1, frames), 875.0, device=device)
-    tau[:, 0] = 0.2 * 875.0
+    x, text, tau, (rows, cols), text_len = dit_inputs(model, args.resolution, args.tiny, args.seed, device, dtype)
+    frames, height, width = x.shape[2:]
     backend = select_attention_backend(model, args.attention)
     block_fn = block_forward if args.eager else compile_block_forward()
 
