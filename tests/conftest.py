@@ -26,3 +26,17 @@ def tiny_pipeline(tiny_folder):
     from pusa_model.pipeline import PusaPipeline
 
     return PusaPipeline.from_preset("tiny", device="cpu")
+
+
+from pgserver import PostgresServer, postgres_server_fixture  # noqa: E402
+
+postgres_server = postgres_server_fixture(scope="session")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty job database: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database()

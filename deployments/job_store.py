@@ -1,0 +1,330 @@
+"""Jobs, their events and leases in the job database.
+
+A job is run by the router that holds its lease. `claim` takes the oldest job that is queued, released,
+or whose holder stopped renewing its lease, in one compare-and-set statement (PostgreSQL skips rows other
+claimers have locked) and bumps the lease's epoch. Every write a holder makes afterwards is fenced by
+that epoch and by the job's event count (`version`): a holder that lost its lease can never overwrite
+the new holder's state, and a write retried after an unacknowledged commit is recognised instead of
+being applied twice. Other replicas only raise flags (cancel, delete) or act on jobs nobody holds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import and_, case, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.exc import IntegrityError
+
+from .db import Database, db_now
+from .jobs import ACTIVE, TERMINAL, Job, job_created_at
+from .schema import job_events, jobs, webhook_deliveries
+
+Order = Literal["asc", "desc"]
+
+
+class LeaseLost(Exception):
+    """This router no longer holds the job: another one claimed it."""
+
+
+class IdempotencyConflict(Exception):
+    """An `Idempotency-Key` already names a job with a different request."""
+
+
+@dataclass
+class Lease:
+    """A router's hold on a job: the job as claimed, the epoch that fences writes, and the seq of the
+    next event (kept up to date by the store's fenced writes)."""
+
+    job: Job
+    holder: str
+    epoch: int
+    version: int
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the job ran before (under an earlier lease) rather than starting fresh."""
+        return self.job.version > 1
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What other replicas asked of a job, read back by each fenced write."""
+
+    cancel: bool = False
+    delete: bool = False
+    abandoned: bool = False  # a streaming client left and did not come back in time
+
+
+def _job(row) -> Job:
+    return Job.model_validate(dict(row._mapping))
+
+
+def _event(row) -> dict[str, Any]:
+    return {**row.data, "type": row.type, "seq": row.seq}
+
+
+def _events_after(job_id: str, seq: int):
+    return select(job_events).where(job_events.c.job_id == job_id, job_events.c.seq > seq).order_by(job_events.c.seq)
+
+
+_ABANDONED = and_(jobs.c.abandon_at.is_not(None), jobs.c.abandon_at < db_now()).label("abandoned")
+_SIGNALS = (jobs.c.cancel_requested, jobs.c.delete_requested, _ABANDONED)
+
+
+def _signals(row) -> Signals:
+    return Signals(cancel=bool(row.cancel_requested), delete=bool(row.delete_requested),
+                   abandoned=bool(row.abandoned))
+
+
+class JobStore:
+    """Job rows, events and leases in `db`; a lease lasts `lease_ttl_s` after each write or renewal."""
+
+    def __init__(self, db: Database, lease_ttl_s: float = 30.0) -> None:
+        self.db = db
+        self.lease_ttl_s = lease_ttl_s
+
+    # -- submission ------------------------------------------------------------------------------
+
+    def create(self, job: Job, event: dict[str, Any], abandon_after_s: float | None = None) -> Job:
+        """Insert a new job with `event` as its event 0; with `abandon_after_s`, the job is cancelled that
+        long after no client streams it any more (`keep_watching`). With an idempotency key the same
+        owner used before: the existing job if its request hash matches, else `IdempotencyConflict`."""
+        row = job.model_dump(exclude={"version"}) | {"version": 1}
+        values = dict(row)
+        if abandon_after_s is not None:
+            values["abandon_at"] = db_now() + abandon_after_s
+        try:
+            with self.db.write() as conn:
+                conn.execute(insert(jobs).values(**values))
+                self._insert_event(conn, job.id, 0, event)
+        except IntegrityError:
+            existing = self.find_idempotent(job.owner, job.idempotency_key) if job.idempotency_key else None
+            if existing is None:
+                raise
+            if existing.request_hash != job.request_hash:
+                raise IdempotencyConflict(job.idempotency_key) from None
+            return existing
+        return Job.model_validate(row)
+
+    def find_idempotent(self, owner: str, key: str) -> Job | None:
+        """The job `owner` created with idempotency key `key`, if any (deleted ones included)."""
+        with self.db.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)).first()
+        return None if row is None else _job(row)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        """The job `job_id`; `KeyError` if there is none or its deletion was requested."""
+        with self.db.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        if row is None or row.delete_requested:
+            raise KeyError(job_id)
+        return _job(row)
+
+    def list(self, limit: int = 20, after: str | None = None, order: Order = "desc",
+             owner: str | None = "") -> list[Job]:
+        """Up to `limit` of `owner`'s jobs (every owner's with None) in creation order, after the job id
+        `after` (the last of the previous page; it need not exist any more). One index range scan."""
+        with self.db.read() as conn:
+            return [_job(row) for row in conn.execute(self.list_query(limit, after, order, owner))]
+
+    @staticmethod
+    def list_query(limit: int, after: str | None, order: Order, owner: str | None):
+        """The SELECT behind `list`: ordered by (created_at, id), which ``ix_jobs_owner_created`` (or
+        ``ix_jobs_created`` for every owner) holds in order; the cursor's creation time is in its id."""
+        key = tuple_(jobs.c.created_at, jobs.c.id)
+        query = select(jobs).where(jobs.c.delete_requested.is_(False))
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        if after is not None:
+            try:
+                cursor = tuple_(job_created_at(after), after)
+            except ValueError:
+                raise KeyError(after) from None
+            query = query.where(key < cursor if order == "desc" else key > cursor)
+        columns = (jobs.c.created_at, jobs.c.id)
+        return query.order_by(*(c.desc() if order == "desc" else c.asc() for c in columns)).limit(limit)
+
+    def poll(self, job_id: str, seq: int) -> tuple[Job | None, list[dict[str, Any]]]:
+        """The job (None once it is gone) and its events after `seq`, read in that order: when the job is
+        ended, its final event is among them."""
+        with self.db.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            if row is None or row.delete_requested:
+                return None, []
+            return _job(row), [_event(e) for e in conn.execute(_events_after(job_id, seq))]
+
+    def events_after(self, job_id: str, seq: int) -> list[dict[str, Any]]:
+        """The job's events with `seq` greater than `seq` (-1 for all), in order."""
+        with self.db.read() as conn:
+            return [_event(row) for row in conn.execute(_events_after(job_id, seq))]
+
+    def queued_count(self) -> int:
+        """Jobs waiting for a router (the queue's length)."""
+        with self.db.read() as conn:
+            return conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued")).scalar_one()
+
+    def queue_position(self, job: Job) -> int | None:
+        """1-based place of a queued job in the queue (oldest first); None unless it is queued."""
+        if job.status != "queued":
+            return None
+        ahead = (select(func.count()).select_from(jobs)
+                 .where(jobs.c.status == "queued", tuple_(jobs.c.created_at, jobs.c.id) < tuple_(job.created_at, job.id)))
+        with self.db.read() as conn:
+            return conn.execute(ahead).scalar_one() + 1
+
+    # -- requests from any replica ---------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask for the job to stop: a queued job nobody holds ends now; a running one ends when its
+        holder reads the flag after its current step."""
+        with self.db.write() as conn:
+            row = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE))
+                               .values(cancel_requested=True).returning(*jobs.c)).first()
+            if row is not None and row.lease_holder is None and row.status == "queued":
+                self._end_unheld(conn, _job(row), "cancelled")
+
+    def request_delete(self, job_id: str) -> bool:
+        """Mark the job deleted (hidden at once) and cancel it if it runs. True when it has ended, so the
+        caller removes it now; False when its holder removes it once it stops."""
+        with self.db.write() as conn:
+            row = conn.execute(update(jobs).where(jobs.c.id == job_id)
+                               .values(delete_requested=True, cancel_requested=jobs.c.status.in_(ACTIVE))
+                               .returning(*jobs.c)).first()
+            if row is None:
+                raise KeyError(job_id)
+            job = _job(row)
+            if job.status == "queued" and job.lease_holder is None:
+                self._end_unheld(conn, job, "cancelled")
+                return True
+            return job.terminal
+
+    def keep_watching(self, job_id: str, grace_s: float) -> None:
+        """A client streams the job: push back the time at which a job created by a stream is cancelled
+        for want of one (jobs without that deadline are not touched)."""
+        with self.db.write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.abandon_at.is_not(None),
+                                            jobs.c.status.in_(ACTIVE))
+                         .values(abandon_at=db_now() + grace_s))
+
+    def delete(self, job_id: str) -> None:
+        """Remove the job's row and events (its files are the caller's)."""
+        with self.db.write() as conn:
+            conn.execute(delete(jobs).where(jobs.c.id == job_id))
+
+    def _end_unheld(self, conn, job: Job, status: str) -> None:
+        """End a job nobody holds (guarded by its unchanged version)."""
+        done = conn.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.version == job.version,
+                                               jobs.c.lease_holder.is_(None))
+                            .values(status=status, completed_at=time.time(), version=job.version + 1))
+        if done.rowcount:
+            self._insert_event(conn, job.id, job.version, {"type": status})
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def claim(self, holder: str) -> Lease | None:
+        """Take the oldest job that is queued, released, or whose lease expired (not one `holder` held
+        itself) and start it; None if there is none. A job taken from a lost holder counts a takeover."""
+        now = db_now()
+        claimable = and_(
+            jobs.c.status.in_(ACTIVE),
+            or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
+            or_(jobs.c.lease_holder.is_(None), jobs.c.lease_holder != holder),
+        )
+        oldest = (select(jobs.c.id).where(claimable).order_by(jobs.c.created_at, jobs.c.id).limit(1)
+                  .with_for_update(skip_locked=True).scalar_subquery())
+        stmt = (update(jobs).where(jobs.c.id == oldest, claimable)
+                .values(lease_holder=holder, lease_epoch=jobs.c.lease_epoch + 1, lease_expires_at=now + self.lease_ttl_s,
+                        takeovers=jobs.c.takeovers + case((jobs.c.lease_holder.is_(None), 0), else_=1),
+                        status="in_progress", started_at=func.coalesce(jobs.c.started_at, now))
+                .returning(*jobs.c))
+        with self.db.write() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return None
+        job = _job(row)
+        return Lease(job=job, holder=holder, epoch=job.lease_epoch, version=job.version)
+
+    def renew(self, holder: str) -> dict[str, int]:
+        """Extend every lease `holder` holds; returns {job id: epoch} of those it still holds."""
+        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE))
+                .values(lease_expires_at=db_now() + self.lease_ttl_s).returning(jobs.c.id, jobs.c.lease_epoch))
+        with self.db.write() as conn:
+            return {row.id: row.lease_epoch for row in conn.execute(stmt)}
+
+    def record(self, lease: Lease, event: dict[str, Any] | None = None, **changes: Any) -> Signals:
+        """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other
+        replicas raised. `LeaseLost` if another router holds the job now."""
+        values = {**changes, "lease_expires_at": db_now() + self.lease_ttl_s}
+        return self._fenced(lease, event, values)
+
+    def finish(self, lease: Lease, status: str, event: dict[str, Any], *, error: dict | None = None,
+               retention_s: float, progress: int | None = None, webhook: dict[str, Any] | None = None) -> Signals:
+        """End the held job with `status` and its final `event`, release the lease, start its retention
+        period and queue its webhook delivery (a ``webhook_deliveries`` row), all in one transaction."""
+        assert status in TERMINAL, status
+        now = time.time()
+        values = {"status": status, "error": error, "completed_at": now, "expires_at": now + retention_s,
+                  "lease_holder": None, "lease_expires_at": None, "checkpoint_step": None, "checkpoint_key": None,
+                  "abandon_at": None}
+        if progress is not None:
+            values["progress"] = progress
+        return self._fenced(lease, event, values, also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
+
+    def release(self, lease: Lease, event: dict[str, Any], **changes: Any) -> None:
+        """Apply `changes` and give the held job back (a router draining): another router may claim it
+        at once."""
+        self._fenced(lease, event, {**changes, "lease_holder": None, "lease_expires_at": None,
+                                    "lease_epoch": lease.epoch + 1})
+
+    def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], also=None) -> Signals:
+        if event is not None:
+            values["version"] = lease.version + 1
+        fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version)
+        with self.db.write() as conn:
+            row = conn.execute(update(jobs).where(*fence).values(**values).returning(*_SIGNALS)).first()
+            if row is None:
+                row = self._already_applied(conn, lease, event)
+            else:
+                if event is not None:
+                    self._insert_event(conn, lease.job_id, lease.version, event)
+                if also is not None:
+                    conn.execute(also)
+        if event is not None:
+            lease.version += 1
+        return _signals(row)
+
+    def _already_applied(self, conn, lease: Lease, event: dict[str, Any] | None):
+        """After a fenced write matched no row: the job's flags if this very write committed before (its
+        acknowledgement was lost and it is being retried), else `LeaseLost`."""
+        row = conn.execute(select(jobs.c.lease_epoch, jobs.c.version, *_SIGNALS).where(jobs.c.id == lease.job_id)).first()
+        if row is not None and event is not None and row.version == lease.version + 1 and \
+                row.lease_epoch in (lease.epoch, lease.epoch + 1):
+            return row
+        raise LeaseLost(f"job {lease.job_id}: lease epoch {lease.epoch} of {lease.holder} is no longer current")
+
+    @staticmethod
+    def _insert_event(conn, job_id: str, seq: int, event: dict[str, Any]) -> None:
+        data = {k: v for k, v in event.items() if k not in ("type", "seq")}
+        conn.execute(insert(job_events).values(job_id=job_id, seq=seq, type=event["type"], data=data,
+                                               created_at=time.time()))
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def expired(self, limit: int = 100) -> list[str]:
+        """Ids of ended jobs whose retention period is over, oldest first."""
+        query = (select(jobs.c.id).where(jobs.c.expires_at < db_now()).order_by(jobs.c.expires_at).limit(limit))
+        with self.db.read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def delete_expired(self, job_id: str) -> bool:
+        """Remove an expired job's row (after its files); False if it is gone or not expired."""
+        with self.db.write() as conn:
+            return bool(conn.execute(delete(jobs).where(jobs.c.id == job_id, jobs.c.expires_at < db_now())).rowcount)

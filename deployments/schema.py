@@ -1,0 +1,80 @@
+"""The job database's tables (SQLAlchemy Core). Alembic's migrations under `migrations/` create them;
+a test keeps the two in step.
+
+- ``jobs``: one row per video job: its request, status, lease (holder, epoch, expiry), checkpoint
+  pointer, flags set by other replicas (cancel, delete, a streaming client's deadline) and retention.
+- ``job_events``: the job's progress events, append-only, numbered 0, 1, ... per job.
+- ``webhook_deliveries``: the outbox of signed webhook calls, written in the transaction that ends a job.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, false
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False, server_default=""),  # who submitted it ("" without keys)
+    Column("created_at", Float, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("progress", Integer, nullable=False, server_default="0"),
+    Column("model", String(64), nullable=False),
+    Column("request", JSON, nullable=False),
+    Column("plan", JSON, nullable=False),
+    Column("inputs", JSON, nullable=False),
+    Column("error", JSON),
+    Column("extended_from", String(64)),
+    Column("webhook_url", Text),
+    Column("idempotency_key", String(255)),
+    Column("request_hash", String(64)),
+    Column("started_at", Float),
+    Column("completed_at", Float),
+    Column("expires_at", Float),
+    # events written so far = the seq of the next event; every fenced write also checks it
+    Column("version", Integer, nullable=False, server_default="0"),
+    Column("lease_holder", String(128)),
+    Column("lease_epoch", Integer, nullable=False, server_default="0"),
+    Column("lease_expires_at", Float),
+    Column("takeovers", Integer, nullable=False, server_default="0"),  # claims after a holder was lost
+    Column("checkpoint_step", Integer),  # steps done in the latents at checkpoint_key
+    Column("checkpoint_key", String(512)),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("delete_requested", Boolean, nullable=False, server_default=false()),
+    Column("abandon_at", Float),  # a streaming client's job is cancelled when no stream renews this
+)
+Index("ix_jobs_owner_created", jobs.c.owner, jobs.c.created_at, jobs.c.id)
+Index("ix_jobs_created", jobs.c.created_at, jobs.c.id)
+Index("ix_jobs_status_created", jobs.c.status, jobs.c.created_at)
+Index("ix_jobs_expires_at", jobs.c.expires_at)
+Index("ux_jobs_owner_idempotency_key", jobs.c.owner, jobs.c.idempotency_key, unique=True)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("type", String(32), nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the `webhook-id` header: the same on every retry
+    Column("job_id", String(64), nullable=False),
+    Column("event_type", String(32), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("payload", Text, nullable=False),  # the exact body that is signed and sent
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Float, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("locked_until", Float),
+    Column("delivered_at", Float),
+    Column("last_error", Text),
+)
+Index("ix_webhook_deliveries_due", webhook_deliveries.c.state, webhook_deliveries.c.next_attempt_at)
