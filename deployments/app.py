@@ -1,4 +1,4 @@
-"""The Serve application: TextEncoder, VAE and DiT deployments behind the Router.
+"""The Serve application: the Router (HTTP) and the Runner (jobs) over the TextEncoder, VAE and DiT.
 
 `serve run serve_config.yaml` (production, A6000 nodes) and `serve run serve_config.local.yaml`
 (the embedded tiny preset on CPU) both import `deployments.app:build_app` and pass it `args`.
@@ -12,9 +12,11 @@ from ray.serve import Application
 
 from .dit import DiT
 from .dit_group import DiTParallel
-from .router import Router
+from .router import ApiSettings, Router
+from .runner import Runner, RunnerSettings
 from .text_encoder import TextEncoder
 from .vae import VAE
+from .webhooks import WebhookSettings
 
 
 class AppArgs(BaseModel):
@@ -23,25 +25,29 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = "tiny"
-    store: str = "data"  # a folder, or s3://bucket/prefix
+    store: str = "data"  # blobs (inputs, results, checkpoints): a folder, or s3://bucket/prefix
+    # job records: sqlite:///path (one node) or postgresql+psycopg://user@host/db (password from PGPASSWORD)
+    database: str = "sqlite:///data/jobs.db"
+    retention_s: float = 7 * 86400  # an ended job's record and files are deleted this long after it ended
     vae_tiling: bool = False
     dit_options: dict = {}  # pusa_model.transformer.DiTOptions: compile, attention, fuse_qkv
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
     dit_parallel: DiTParallel = DiTParallel()
-    max_upload_bytes: int = 64 << 20
-    runner: dict = {}
+    api: ApiSettings = ApiSettings()
+    runner: RunnerSettings = RunnerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
 
 
 def build_app(args: dict) -> Application:
-    """Bind the four deployments for `args` (see `AppArgs`)."""
+    """Bind the deployments for `args` (see `AppArgs`)."""
     a = AppArgs.model_validate(args)
-    return Router.bind(
+    runner = Runner.bind(
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump()),
-        preset=a.preset,
-        store=a.store,
-        max_upload_bytes=a.max_upload_bytes,
-        runner=a.runner,
+        preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
+        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s,
     )
+    return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
+                       webhooks=a.webhooks.model_dump())

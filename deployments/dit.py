@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 
 import numpy as np
 from ray import serve
@@ -42,6 +43,8 @@ class DiT:
             spec = get_preset(preset)
             self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(options or {})))
         self.steps_run = 0
+        # One forward at a time, also when Serve cancels a call whose thread still computes.
+        self._compute = threading.Lock()
 
     @serve.multiplexed(max_num_models_per_replica=1)
     async def load_alpha(self, model_id: str) -> float:
@@ -54,8 +57,9 @@ class DiT:
         return alpha
 
     def _step(self, *args) -> np.ndarray:
-        out = run_step(self.stage, *args)
-        self.steps_run += 1
+        with self._compute:
+            out = run_step(self.stage, *args)
+            self.steps_run += 1
         return out
 
     async def step(

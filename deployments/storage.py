@@ -5,13 +5,23 @@ from __future__ import annotations
 import abc
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+# S3 error codes that mean "try again later" rather than "this request is wrong"
+_RETRYABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"})
+
+
+class StoreUnavailable(OSError):
+    """The store could not be reached, or answered with a server error: worth retrying later."""
 
 
 def check_key(key: str) -> str:
@@ -149,6 +159,20 @@ def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
+@contextmanager
+def _unavailable_as_such(uri: str) -> Iterator[None]:
+    """Raise connection failures and S3 server errors as `StoreUnavailable`."""
+    try:
+        yield
+    except (BotoConnectionError, HTTPClientError) as e:
+        raise StoreUnavailable(f"{uri}: {e}") from e
+    except ClientError as e:
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if status >= 500 or _error_code(e) in _RETRYABLE_CODES:
+            raise StoreUnavailable(f"{uri}: {e}") from e
+        raise
+
+
 class S3Store(Store):
     """Objects under `prefix` in an S3 bucket (any S3-compatible endpoint), created if missing."""
 
@@ -163,25 +187,29 @@ class S3Store(Store):
         self._ensure_bucket()
 
     def _ensure_bucket(self) -> None:
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-            return
-        except ClientError as e:
-            if _error_code(e) not in ("404", "NoSuchBucket", "NotFound"):
-                raise
-        region = self.client.meta.region_name
-        kwargs = {}
-        if region and region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        try:
-            self.client.create_bucket(Bucket=self.bucket, **kwargs)
-        except ClientError as e:
-            if _error_code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                raise
+        with self._reachable():
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+                return
+            except ClientError as e:
+                if _error_code(e) not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+            region = self.client.meta.region_name
+            kwargs = {}
+            if region and region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+            try:
+                self.client.create_bucket(Bucket=self.bucket, **kwargs)
+            except ClientError as e:
+                if _error_code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     @property
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _reachable(self):
+        return _unavailable_as_such(self.uri)
 
     def _object(self, key: str) -> str:
         check_key(key)
@@ -189,36 +217,41 @@ class S3Store(Store):
 
     def put(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
-        self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data, **extra)
+        with self._reachable():
+            self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data, **extra)
 
     def get(self, key: str) -> bytes:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
-        except ClientError as e:
-            if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
-                raise KeyError(key) from None
-            raise
-        with response["Body"] as body:
-            return body.read()
+        with self._reachable():
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+            except ClientError as e:
+                if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
+                    raise KeyError(key) from None
+                raise
+            with response["Body"] as body:
+                return body.read()
 
     def exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._object(key))
-            return True
-        except ClientError as e:
-            if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
-                return False
-            raise
+        with self._reachable():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+                return True
+            except ClientError as e:
+                if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
+                    return False
+                raise
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
+        with self._reachable():
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key))
 
     def _objects(self, prefix: str) -> list[str]:
         check_prefix(prefix)
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         names = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            names.extend(item["Key"] for item in page.get("Contents", []))
+        with self._reachable():
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                names.extend(item["Key"] for item in page.get("Contents", []))
         return names
 
     def list(self, prefix: str = "") -> list[str]:
@@ -227,9 +260,10 @@ class S3Store(Store):
 
     def delete_prefix(self, prefix: str) -> None:
         names = self._objects(prefix)
-        for start in range(0, len(names), 1000):
-            batch = [{"Key": name} for name in names[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        with self._reachable():
+            for start in range(0, len(names), 1000):
+                batch = [{"Key": name} for name in names[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def url(self, key: str, expires_s: int = 3600) -> str | None:
         return self.client.generate_presigned_url(

@@ -19,7 +19,7 @@ from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
 
 from .devices import pick_device
-from .jobs import JobStore
+from .job_files import JobFiles
 from .storage import open_store
 
 
@@ -36,11 +36,11 @@ class VAE:
         self.preset = preset
         spec = get_preset(preset)
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling)
-        self.jobs = JobStore(open_store(store))
+        self.files = JobFiles(open_store(store))
 
     def _encode(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
         plan = plan_from_job(request, seed, self.preset)
-        sources = {field: self.jobs.store.get(key) for field, key in inputs.items()}
+        sources = {field: self.files.store.get(key) for field, key in inputs.items()}
         return encode_conditioning(self.stage, plan, sources).numpy()
 
     async def encode_conditioning(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
@@ -53,7 +53,7 @@ class VAE:
             video, thumbnail = Path(tmp) / "video.mp4", Path(tmp) / "thumbnail.webp"
             media.write_mp4(frames, video, fps)
             media.write_thumbnail(frames, thumbnail)
-            return self.jobs.put_result(job_id, video.read_bytes(), thumbnail.read_bytes())
+            return self.files.put_result(job_id, video.read_bytes(), thumbnail.read_bytes())
 
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""

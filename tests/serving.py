@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,30 +27,38 @@ def free_port() -> int:
 
 
 def local_config(store: str, port: int, runner: dict | None = None, deployments: dict | None = None,
-                 args: dict | None = None) -> dict:
-    """serve_config.local.yaml with the store, port, runner settings, per-deployment options and extra
-    application args (e.g. ``max_upload_bytes``) given."""
+                 args: dict | None = None, api: dict | None = None, database: str | None = None) -> dict:
+    """serve_config.local.yaml with the store, port, runner and API settings, per-deployment options and
+    extra application args given. The job database defaults to a SQLite file beside a local store."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
     app["args"].update(copy.deepcopy(args or {}))
     app["args"]["store"] = store
+    app["args"]["database"] = database or default_database(store)
     app["args"]["runner"] = {**app["args"].get("runner", {}), **(runner or {})}
+    app["args"]["api"] = {**app["args"].get("api", {}), **(api or {})}
     for dep in app["deployments"]:
         dep.update(copy.deepcopy((deployments or {}).get(dep["name"], {})))
     return config
 
 
+def default_database(store: str) -> str:
+    """A SQLite file next to a local store's folder (in a fresh temporary folder for an S3 store)."""
+    folder = Path(tempfile.mkdtemp(prefix="pusa-db-")) if store.startswith("s3://") else Path(store).parent
+    return f"sqlite:///{folder / 'jobs.db'}"
+
+
 @contextmanager
 def running_service(store: str, runner: dict | None = None, deployments: dict | None = None,
                     start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None,
-                    num_gpus: int | None = None):
+                    num_gpus: int | None = None, api: dict | None = None, database: str | None = None):
     """Yield the base URL of the service deployed from the local profile; shut everything down after.
 
     `num_gpus` gives the local Ray that many logical GPUs (default: the GPUs Ray detects), e.g. for
     placement-group bundles of one GPU on a CPU-only machine."""
     port = free_port()
-    config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args))
+    config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args, api, database))
     # log_to_driver: replica logs stay in the session folder; failures surface in jobs
     ray.init(address="local", num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
              include_dashboard=False, log_to_driver=False)

@@ -1,11 +1,11 @@
 """Upload and queue limits of the video API, on the local profile deployed on a real local Ray with a small
-`max_upload_bytes` and room for one running and one queued job."""
+`max_upload_bytes`, one runner with room for one running job, and a queue of one."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
-from videoapi import image_bytes, wait_done
+from videoapi import image_bytes, wait_done, wait_status
 
 from serving import running_service
 
@@ -14,8 +14,9 @@ MAX_UPLOAD_BYTES = 200_000
 
 @pytest.fixture(scope="module")
 def limits_url(tmp_path_factory) -> str:
-    with running_service(str(tmp_path_factory.mktemp("store")), args={"max_upload_bytes": MAX_UPLOAD_BYTES},
-                         runner={"max_running_jobs": 1, "max_queued_jobs": 1}) as url:
+    with running_service(str(tmp_path_factory.mktemp("store") / "store"),
+                         api={"max_upload_bytes": MAX_UPLOAD_BYTES, "max_queued_jobs": 1},
+                         runner={"max_running_jobs": 1}) as url:
         yield url
 
 
@@ -47,7 +48,10 @@ def test_upload_over_limit_is_413(limits_url):
 
 def test_overload_is_429_and_accepted_jobs_complete(limits_url):
     before = {v["id"] for v in httpx.get(f"{limits_url}/v1/videos", params={"limit": 100}, timeout=30).json()["data"]}
-    accepted, refused = [], None
+    r = httpx.post(f"{limits_url}/v1/videos", json={"prompt": "running", "steps": 40, "seed": 9}, timeout=30)
+    assert r.status_code == 200, r.text
+    accepted, refused = [r.json()["id"]], None
+    assert wait_status(limits_url, accepted[0], lambda j: j["status"] != "queued")["status"] == "in_progress"
     for i in range(6):
         r = httpx.post(f"{limits_url}/v1/videos", json={"prompt": f"load {i}", "steps": 20, "seed": i}, timeout=30)
         if r.status_code == 429:
@@ -56,7 +60,7 @@ def test_overload_is_429_and_accepted_jobs_complete(limits_url):
         assert r.status_code == 200, r.text
         accepted.append(r.json()["id"])
     assert refused is not None, "no request was refused"
-    assert len(accepted) == 2, accepted
+    assert len(accepted) == 2, accepted  # one running, one queued
     assert int(refused.headers["Retry-After"]) > 0
     assert refused.json()["error"]["type"] == "rate_limit_exceeded"
     listed = {v["id"] for v in httpx.get(f"{limits_url}/v1/videos", params={"limit": 100}, timeout=30).json()["data"]}

@@ -1,160 +1,55 @@
-"""Faults on a real local Ray, over real HTTP: a DiT replica lost mid-job, cancellation, router
-restarts, and LoRA-alpha routing across DiT replicas.
+"""Faults on a real local Ray, over real HTTP, with the SQLite job database and a local store: a lost DiT,
+VAE or TextEncoder replica, a hung VAE, a runner killed mid-job (resumed from its checkpoint), cancellation,
+retention, and LoRA-alpha routing across DiT replicas.
 
-One service serves the whole module (starting one takes most of a minute here): two DiT replicas
-without autoscaling, fast health checks (so Serve replaces a killed replica within seconds) and a
-runner that heartbeats every 0.5 s, adopts jobs 3 s stale and gives up on a job after its router
-has been lost twice (`max_attempts: 1`).
+One service serves the whole module (starting one takes most of a minute here): two DiT replicas without
+autoscaling, fast health checks (so Serve replaces a killed or frozen replica within seconds), one runner
+whose leases expire 2 s after its last renewal, that gives up on a job whose runner was lost twice
+(`max_takeovers: 1`), and stage timeouts short enough to catch a frozen replica in seconds.
 """
 
 from __future__ import annotations
 
-import json
+import base64
 import time
+from pathlib import Path
 
-import httpx
 import pytest
-import ray
-from ray import serve
-from ray.exceptions import RayError
+from service_probe import ServiceProbe, steps_done
+from sqlalchemy import update
+from videoapi import image_bytes
 
-from deployments.jobs import TERMINAL, Job, JobStore
-from deployments.storage import open_store
-from serving import running_service
+from deployments.jobs import TERMINAL
+from deployments.schema import jobs
+from serving import default_database, running_service
 
-RUNNER = {"heartbeat_s": 0.5, "stale_after_s": 3.0, "max_attempts": 1}
+STAGES = {"retries": 4, "backoff_s": 0.5, "backoff_max_s": 2,
+          "text_encode": {"base_s": 5}, "vae_encode": {"base_s": 5, "per_megavoxel_s": 20},
+          "vae_decode": {"base_s": 5, "per_megavoxel_s": 20}, "dit_step": {"base_s": 20, "per_megavoxel_s": 10}}
+RUNNER = {"lease_ttl_s": 2.0, "renew_s": 0.5, "poll_s": 0.2, "max_takeovers": 1, "sweep_s": 0.5, "stages": STAGES}
+FAST_CHECKS = {"health_check_period_s": 1, "health_check_timeout_s": 3}
 DEPLOYMENTS = {
-    "DiT": {"autoscaling_config": None, "num_replicas": 2, "health_check_period_s": 1},
-    "Router": {"health_check_period_s": 1},
+    "DiT": {"autoscaling_config": None, "num_replicas": 2, **FAST_CHECKS},
+    "Router": FAST_CHECKS, "Runner": FAST_CHECKS, "VAE": FAST_CHECKS, "TextEncoder": FAST_CHECKS,
 }
+REPLICAS = {"DiT": 2, "Router": 1, "Runner": 1, "VAE": 1, "TextEncoder": 1}
 # One 1024x1024 frame: a DiT step of the tiny model takes ~0.3 s on a CPU core (attention over
 # 4096 tokens) while the VAE decodes in a few seconds; 64x64 steps take milliseconds.
 SLOW = {"prompt": "a cat", "size": "1024x1024", "frames": 1}
 FAST = {"prompt": "a cat", "size": "64x64", "frames": 17}
-DIT_PREFIX = "SERVE_REPLICA::pusa#DiT#"
-ROUTER_PREFIX = "SERVE_REPLICA::pusa#Router#"
-
-
-class Service:
-    """The running service: HTTP for the API, the store for job records, Ray for replicas."""
-
-    def __init__(self, url: str, store: str) -> None:
-        self.url = url
-        self.jobs = JobStore(open_store(store))
-        self.http = httpx.Client(base_url=url, timeout=30)
-
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    def submit(self, **fields) -> str:
-        response = self.http.post("/v1/videos", json=fields)
-        assert response.status_code == 200, response.text
-        return response.json()["id"]
-
-    def retrieve(self, job_id: str) -> dict:
-        response = self.http.get(f"/v1/videos/{job_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def content(self, job_id: str) -> bytes:
-        response = self.http.get(f"/v1/videos/{job_id}/content")
-        assert response.status_code == 200, response.text
-        assert response.headers["content-type"] == "video/mp4"
-        return response.content
-
-    def sse_events(self, job_id: str) -> list[dict]:
-        """The job's events through `GET /v1/videos/{id}/events` (the job has ended, so it closes)."""
-        text = self.http.get(f"/v1/videos/{job_id}/events", timeout=60).text
-        return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
-
-    # -- store ---------------------------------------------------------------------------------
-
-    def record(self, job_id: str) -> Job:
-        return self.jobs.get(job_id)
-
-    def wait_for(self, job_id: str, what, timeout: float, poll: float = 0.05) -> Job:
-        """Poll the job's record until `what(job)` holds; fail after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.record(job_id)
-            if what(job):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s; job is {job.status}: {job.events[-3:]}")
-            time.sleep(poll)
-
-    def wait_ended(self, job_id: str, timeout: float) -> Job:
-        """Wait for a terminal status (bounded: a job left in_progress fails the test)."""
-        return self.wait_for(job_id, lambda j: j.terminal, timeout, poll=0.2)
-
-    def run(self, timeout: float = 120, **fields) -> tuple[str, bytes]:
-        job_id = self.submit(**fields)
-        job = self.wait_ended(job_id, timeout)
-        assert job.status == "completed", job.error
-        return job_id, self.content(job_id)
-
-    # -- Ray -----------------------------------------------------------------------------------
-
-    def replicas(self, prefix: str) -> list[tuple[str, ray.actor.ActorHandle]]:
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-        return [(name, ray.get_actor(name, namespace="serve")) for name in names]
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        """Every deployment healthy with its replicas running (after a kill, the replacement too)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            app = serve.status().applications.get("pusa")
-            deps = app.deployments if app else {}
-            running = {name: dep.replica_states.get("RUNNING", 0) for name, dep in deps.items()}
-            healthy = bool(deps) and all(dep.status.value == "HEALTHY" for dep in deps.values())
-            if healthy and running.get("DiT") == 2 and running.get("Router") == 1 and \
-                    len(self.replicas(DIT_PREFIX)) == 2:
-                try:
-                    if self.http.get("/health", timeout=5).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            assert time.monotonic() < deadline, f"service not ready: {running}"
-            time.sleep(0.25)
-
-    def dit_stats(self) -> dict[int, dict]:
-        """`DiT.stats()` of every DiT replica, by pid (concurrent calls through the handle spread
-        over the replicas, as each takes one request at a time)."""
-        handle = serve.get_deployment_handle("DiT", app_name="pusa")
-        want = len(self.replicas(DIT_PREFIX))
-        stats: dict[int, dict] = {}
-        for _ in range(20):
-            for response in [handle.stats.remote() for _ in range(6)]:
-                try:
-                    s = response.result(timeout_s=30)
-                except RayError:  # a replica that just died
-                    continue
-                stats[s["pid"]] = s
-            if len(stats) >= want:
-                return stats
-        raise AssertionError(f"reached {len(stats)} of {want} DiT replicas")
-
-    def kill_busy_dit(self) -> str | None:
-        """Kill the DiT replica that is running a request now (None if none was)."""
-        for name, actor in self.replicas(DIT_PREFIX):
-            try:
-                busy = ray.get(actor.get_num_ongoing_requests.remote(), timeout=5)
-            except RayError:
-                continue
-            if busy:
-                ray.kill(actor, no_restart=False)
-                return name
-        return None
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("faults") / "store")
+    database = default_database(store)
     with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS) as url:
-        svc = Service(url, store)
+        probe = ServiceProbe(url, database, REPLICAS)
+        probe.store = Path(store)
         try:
-            yield svc
+            yield probe
         finally:
-            svc.http.close()
+            probe.close()
 
 
 @pytest.fixture
@@ -163,8 +58,8 @@ def svc(service):
     return service
 
 
-def steps_done(job: Job) -> int:
-    return sum(1 for e in job.events if e["type"] == "step")
+def retries(events: list[dict], stage: str) -> list[dict]:
+    return [e for e in events if e["type"] == "retry" and e["stage"] == stage]
 
 
 def test_dit_replica_lost_mid_job_costs_one_step(svc):
@@ -172,19 +67,19 @@ def test_dit_replica_lost_mid_job_costs_one_step(svc):
     _, expected = svc.run(**request)
 
     job_id = svc.submit(**request)
-    svc.wait_for(job_id, lambda j: steps_done(j) >= 3, timeout=60, poll=0.02)
+    svc.wait_steps(job_id, 3)
     killed = []
     while True:  # the step can end between finding its replica and killing it: then try again
-        name = svc.kill_busy_dit()
+        name = svc.kill_busy("DiT")
         if name:
             killed.append(name)
             try:
-                svc.wait_for(job_id, lambda j: any(e["type"] == "retry" for e in j.events), timeout=5)
+                svc.wait_for(job_id, lambda j, e: bool(retries(e, "dit")), timeout=5)
                 break
             except AssertionError:
                 pass
-        job = svc.record(job_id)
-        assert not job.terminal and steps_done(job) < 8 and len(killed) < 3, \
+        job, events = svc.record(job_id), svc.events(job_id)
+        assert not job.terminal and steps_done(events) < 8 and len(killed) < 3, \
             f"no retry after killing {killed}; job {job.status}: {job.error}"
         time.sleep(0.01)
     job = svc.wait_ended(job_id, timeout=120)
@@ -193,8 +88,7 @@ def test_dit_replica_lost_mid_job_costs_one_step(svc):
 
     events = svc.sse_events(job_id)
     types = [e["type"] for e in events]
-    assert "retry" in types, types
-    retry = next(e for e in events if e["type"] == "retry")
+    retry = retries(events, "dit")[0]
     assert retry["reason"] in ("ActorDiedError", "RayActorError", "ActorUnavailableError"), retry
     # only the step in flight was lost: every step reported once, in order, the job never restarted
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 11))
@@ -202,33 +96,74 @@ def test_dit_replica_lost_mid_job_costs_one_step(svc):
     assert svc.content(job_id) == expected  # same seed, same video, though a replica died mid-step
 
 
+def test_vae_replica_lost_mid_decode_is_retried(svc):
+    request = {**SLOW, "steps": 2, "seed": 12}
+    _, expected = svc.run(**request)
+    job_id = svc.submit(**request)
+    svc.wait_for(job_id, lambda j, e: e[-1]["type"] == "decoding" or j.terminal, timeout=60, poll=0.02)
+    deadline = time.monotonic() + 10
+    while svc.kill_busy("VAE") is None:  # the decode call has reached the replica
+        assert time.monotonic() < deadline and not svc.record(job_id).terminal, "the decode never ran"
+        time.sleep(0.01)
+    job = svc.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+    assert retries(svc.events(job_id), "vae")
+    assert svc.content(job_id) == expected
+
+
+def test_text_encoder_replica_lost_mid_call_is_retried(svc):
+    pids = svc.freeze("TextEncoder")  # the call reaches a replica that does not answer...
+    try:
+        job_id = svc.submit(**FAST, steps=2, seed=13)
+        svc.wait_for(job_id, lambda j, e: e[-1]["type"] == "encoding", timeout=30)
+        time.sleep(0.5)
+        svc.kill_all("TextEncoder")  # ... and dies
+    finally:
+        svc.thaw(pids)
+    job = svc.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+    assert retries(svc.events(job_id), "text_encoder")
+
+
+def test_hung_vae_times_out_and_the_job_ends_with_a_reason(svc):
+    pids = svc.freeze("VAE")  # a replica that never answers (Serve replaces it once its health check fails)
+    try:
+        job_id = svc.submit(**FAST, steps=2, seed=14)
+        job = svc.wait_ended(job_id, timeout=120)
+    finally:
+        svc.thaw(pids)
+    hung = retries(svc.events(job_id), "vae")
+    assert hung and "no answer within" in hung[0]["reason"], svc.events(job_id)
+    assert job.status == "completed" or (job.status == "failed" and job.error["code"] == "vae_unavailable"), job
+
+
 def test_cancel_frees_the_dit_within_a_step(svc):
     steps = 50
-    before = sum(s["steps_run"] for s in svc.dit_stats().values())
+    before = svc.dit_steps()
     job_id = svc.submit(**SLOW, steps=steps, seed=3)
-    svc.wait_for(job_id, lambda j: steps_done(j) >= 3, timeout=60)
+    svc.wait_steps(job_id, 3)
 
     t0 = time.monotonic()
     view = svc.http.post(f"/v1/videos/{job_id}/cancel").json()
-    # steps recorded when the cancel marker was already there (progress = 2 + 93 k / N)
+    # steps recorded when the cancel flag was already there (progress = 2 + 93 k / N)
     marked = max(k for k in range(steps + 1) if 2 + int(93 * k / steps) <= view["progress"])
     while (status := svc.retrieve(job_id)["status"]) not in TERMINAL and time.monotonic() - t0 < 30:
         time.sleep(0.02)
     latency = time.monotonic() - t0
     assert status == "cancelled"
 
-    job = svc.record(job_id)
-    step_times = [e["elapsed_s"] for e in job.events if e["type"] == "step"]
+    events = svc.events(job_id)
+    step_times = [e["elapsed_s"] for e in events if e["type"] == "step"]
     longest_step = max(b - a for a, b in zip(step_times, step_times[1:]))
     assert latency < longest_step + 1.0, (latency, longest_step)
-    cancelled = job.events[-1]
-    assert cancelled["type"] == "cancelled" and cancelled["step"] == steps_done(job) < steps
+    cancelled = events[-1]
+    assert cancelled["type"] == "cancelled" and cancelled["step"] == steps_done(events) < steps
     assert cancelled["step"] <= marked + 1, (cancelled, marked)  # at most the step in flight ran on
 
-    ran = sum(s["steps_run"] for s in svc.dit_stats().values()) - before
+    ran = svc.dit_steps() - before
     assert ran == cancelled["step"]  # the DiT ran exactly the steps the job reported ...
     time.sleep(max(1.0, 3 * longest_step))
-    assert sum(s["steps_run"] for s in svc.dit_stats().values()) - before == ran  # ... and then stopped
+    assert svc.dit_steps() - before == ran  # ... and then stopped
     assert svc.http.get(f"/v1/videos/{job_id}/content").status_code == 409
 
 
@@ -248,10 +183,10 @@ def test_lora_alpha_switches_refuse_from_the_base_weights(svc):
                 job = svc.wait_ended(job_id, timeout=120)
                 assert job.status == "completed", job.error
             videos.add(svc.content(ids[0]))
-            if {s["lora_alpha"] for s in svc.dit_stats().values()} == {alpha}:
+            if {s["lora_alpha"] for s in svc.stats("DiT").values()} == {alpha}:
                 assert len(videos) == 1  # whichever replica ran which step
                 return videos.pop()
-        raise AssertionError(f"DiT replicas hold {svc.dit_stats()} after jobs at alpha {alpha}")
+        raise AssertionError(f"DiT replicas hold {svc.stats('DiT')} after jobs at alpha {alpha}")
 
     first = fuse_everywhere(1.0)
     assert fuse_everywhere(2.0) != first  # every replica went 1.0 -> 2.0; the alpha matters
@@ -259,7 +194,7 @@ def test_lora_alpha_switches_refuse_from_the_base_weights(svc):
     _, again = svc.run(**request, lora_alpha=1.0)  # every step ran on a replica gone 2.0 -> 1.0
     assert again == first  # re-fused from the base weights: nothing accumulated
     # (until Serve learns which replica holds 1.0, a step may go to either and re-fuse there)
-    held = {s["lora_alpha"] for s in svc.dit_stats().values()}
+    held = {s["lora_alpha"] for s in svc.stats("DiT").values()}
     assert 1.0 in held and held <= {1.0, 2.0}, held
 
 
@@ -271,41 +206,53 @@ def test_concurrent_jobs_with_one_seed_make_one_video(svc):
     assert svc.content(ids[0]) == svc.content(ids[1])
 
 
-def test_router_restart_never_leaves_a_job_stuck(svc):
-    request = {**FAST, "steps": 40, "seed": 5}
+def test_runner_killed_mid_job_resumes_from_its_checkpoint(svc):
+    steps = 16
+    request = {**SLOW, "steps": steps, "seed": 5}
+    _, expected = svc.run(**request)
 
-    def kill_router() -> None:
-        routers = svc.replicas(ROUTER_PREFIX)
-        assert routers
-        for _, actor in routers:
-            ray.kill(actor, no_restart=False)
-
-    # lost once: adopted by the new router replica, run again from the start, completed
+    before = svc.dit_steps()
     job_id = svc.submit(**request)
-    svc.wait_for(job_id, lambda j: steps_done(j) >= 2, timeout=60)
-    kill_router()
+    svc.wait_steps(job_id, 4)
+    svc.kill_all("Runner")
     job = svc.wait_ended(job_id, timeout=90)
     assert job.status == "completed", job.error
-    assert job.attempts == 1
-    requeued = [e for e in job.events if e["type"] == "queued" and e.get("requeued")]
-    assert len(requeued) == 1, job.events
-    after = job.events[job.events.index(requeued[0]):]
-    assert [e["step"] for e in after if e["type"] == "step"] == list(range(1, 41))
-    svc.wait_ready()
-    assert svc.retrieve(job_id)["status"] == "completed"
-    assert [e["type"] for e in svc.sse_events(job_id)].count("queued") == 2
-    assert svc.content(job_id)
+    assert job.takeovers == 1
 
-    # lost twice (max_attempts 1): failed with router_lost, not in_progress forever
-    job_id = svc.submit(**request)
-    svc.wait_for(job_id, lambda j: steps_done(j) >= 2, timeout=60)
-    kill_router()
-    svc.wait_for(job_id, lambda j: any(e.get("requeued") for e in j.events), timeout=60, poll=0.02)
-    kill_router()
+    events = svc.events(job_id)
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    requeued = [e for e in events if e["type"] == "queued" and e.get("requeued")]
+    assert len(requeued) == 1 and requeued[0]["resume_step"] >= 4, requeued
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, steps + 1))  # each step once
+    assert steps <= svc.dit_steps() - before <= steps + 1  # at most the step in flight was computed twice
+    assert svc.content(job_id) == expected  # resumed from the exact latents: the same video
+
+
+def test_runner_lost_twice_fails_the_job(svc):
+    job_id = svc.submit(**SLOW, steps=40, seed=6)
+    svc.wait_steps(job_id, 2)
+    svc.kill_all("Runner")
+    svc.wait_for(job_id, lambda j, e: any(x.get("requeued") for x in e) or j.terminal, timeout=60, poll=0.02)
+    svc.kill_all("Runner")
     job = svc.wait_ended(job_id, timeout=90)
-    assert job.status == "failed"
-    assert job.error["code"] == "router_lost", job.error
-    assert job.events[-1]["type"] == "failed"
+    assert job.status == "failed" and job.error["code"] == "router_lost", job.error
+    assert svc.events(job_id)[-1]["type"] == "failed"
     svc.wait_ready()
     view = svc.retrieve(job_id)
     assert view["status"] == "failed" and view["error"]["code"] == "router_lost"
+
+
+def test_expired_jobs_lose_their_record_and_files(svc):
+    png = "data:image/png;base64," + base64.b64encode(image_bytes("PNG", size=(64, 64))).decode()
+    job_id, _ = svc.run(prompt="kept a while", task="i2v", images=[png], steps=2, frames=5)
+    view = svc.retrieve(job_id)
+    assert view["expires_at"] >= view["completed_at"] + 7 * 86400 - 1  # the default retention: a week
+    files = lambda: sorted(p.relative_to(svc.store).as_posix() for p in svc.store.rglob(f"*{job_id}*/*"))  # noqa: E731
+    assert files() == [f"inputs/{job_id}/images[0]", f"results/{job_id}/thumbnail.webp", f"results/{job_id}/video.mp4"]
+    with svc.db.write() as conn:  # as if the week had passed
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(expires_at=time.time() - 1))
+    deadline = time.monotonic() + 30
+    while svc.http.get(f"/v1/videos/{job_id}").status_code != 404:
+        assert time.monotonic() < deadline, "the expired job is still there"
+        time.sleep(0.2)
+    assert files() == [] and svc.events(job_id) == []

@@ -1,0 +1,239 @@
+"""One claimed job, run from its last checkpoint (or the start) until it ends, is released or its lease is lost.
+
+The life of a job under one lease: text encoding; conditioning encoding (only when starting from step 0;
+a resumed job starts from its checkpointed latents); one DiT call per denoising step, each followed by a
+checkpoint of the latents in the blob store (every ``checkpoint_every`` steps) and one fenced write of the
+step's event, progress and checkpoint pointer; VAE decode to the store; the final write. Every fenced
+write returns the flags other replicas raised, so a cancel lands after the step in flight. A draining
+runner releases the job after its current step; the next holder resumes from the checkpoint, and since
+the latents are saved exactly, its video is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pusa_model.errors import InvalidRequest
+from pusa_model.request import GenerationPlan
+from pusa_model.schedule import frame_timesteps
+
+from .db import is_transient
+from .job_files import JobFiles
+from .job_store import JobStore, Lease, LeaseLost, Signals
+from .stages import StageFailed, Stages
+from .storage import StoreUnavailable
+from .vae import plan_from_job
+from .webhooks import delivery
+
+logger = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
+
+
+@dataclass
+class RunContext:
+    """What every job run of one runner replica shares."""
+
+    jobs: JobStore
+    files: JobFiles
+    stages: Stages
+    preset: str
+    checkpoint_every: int
+    max_takeovers: int
+    retention_s: float
+    outage_s: float  # how long the database or the store may be unreachable before a run gives up
+    webhook_url: str | None  # the deployment's receiver, if any (a request's own URL wins)
+    draining: asyncio.Event
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return is_transient(exc) or isinstance(exc, StoreUnavailable)
+
+
+def progress_after(step: int, steps: int) -> int:
+    """The job's progress (0-100) once `step` of `steps` denoising steps are done."""
+    return 2 + int(93 * step / steps)
+
+
+class JobRun:
+    """Runs the job of `lease` for the runner whose context is `ctx`."""
+
+    def __init__(self, ctx: RunContext, lease: Lease) -> None:
+        self.ctx = ctx
+        self.lease = lease
+        self.let_go = False  # the job has ended or was released: its lease is gone on purpose
+        self._write: asyncio.Future | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.lease.job_id
+
+    async def run(self) -> None:
+        """Run to an end; never raises (what cannot be written stays claimable once the lease expires)."""
+        try:
+            await self._run()
+        except LeaseLost as exc:
+            logger.warning("job %s: %s; stopping", self.job_id, exc)
+        except asyncio.CancelledError:
+            if self.ctx.draining.is_set():
+                await asyncio.shield(self._release_after_cancel())
+            raise
+        except Exception as exc:
+            if _unavailable(exc):  # never fail a job for an outage: another router adopts it later
+                logger.error("job %s: store or database unavailable for %.0f s; leaving it to be adopted",
+                             self.job_id, self.ctx.outage_s)
+                return
+            await self._fail(exc)
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    async def _persist(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in a thread, retried with backoff while the database or the store is
+        unreachable (for up to ``outage_s``). One write at a time; a cancelled caller leaves it to finish."""
+        delay, deadline = 0.2, time.monotonic() + self.ctx.outage_s
+        while True:
+            self._write = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+            try:
+                return await asyncio.shield(self._write)
+            except Exception as exc:
+                if not _unavailable(exc) or time.monotonic() > deadline:
+                    raise
+                logger.warning("job %s: %s unavailable (%s); retrying in %.1f s", self.job_id,
+                               "store" if isinstance(exc, StoreUnavailable) else "database", type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    async def _record(self, event: dict | None = None, **changes: Any) -> Signals:
+        return await self._persist(self.ctx.jobs.record, self.lease, event, **changes)
+
+    async def _on_retry(self, stage: str, attempt: int, reason: str, step: int | None = None) -> None:
+        event = {"type": "retry", "stage": stage, "attempt": attempt, "reason": reason}
+        if step is not None:
+            event["step"] = step
+        await self._record(event)
+
+    # -- the job ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        ctx, job = self.ctx, self.lease.job
+        if job.cancel_requested:
+            return await self._end("cancelled", {"type": "cancelled", "step": job.checkpoint_step or 0})
+        if job.takeovers > ctx.max_takeovers:
+            error = {"code": "router_lost", "message": f"the router running this job was lost {job.takeovers} "
+                                                       "times; the job was given up"}
+            return await self._end("failed", {"type": "failed", "error": error}, error=error)
+        plan = plan_from_job(job.request, job.plan["seed"], ctx.preset)
+        start = job.checkpoint_step or 0
+        if self.lease.resumed:
+            await self._record({"type": "queued", "requeued": True, "resume_step": start})
+        if await self._stop(await self._record({"type": "encoding"}, progress=max(job.progress, 1)), start):
+            return
+        text = await ctx.stages.encode_text(plan, self._on_retry)
+        if start == 0:
+            clean = await ctx.stages.encode_conditioning(job.request, plan, job.inputs, self._on_retry)
+            latents = None
+        else:
+            clean, latents = None, await self._persist(ctx.files.get_checkpoint, job.checkpoint_key)
+        latents = await self._denoise(plan, start, latents, clean, text)
+        if latents is None:
+            return
+        await self._record({"type": "decoding"}, progress=96)
+        await ctx.stages.decode(job.id, plan, latents, self._on_retry)
+        url = await asyncio.to_thread(ctx.files.store.url, ctx.files.result_key(job.id, "video"))
+        await self._end("completed", {"type": "completed", "url": url or f"/v1/videos/{job.id}/content"},
+                        progress=100)
+
+    async def _denoise(self, plan: GenerationPlan, start: int, latents, clean, text) -> Any | None:
+        """Steps `start`.. of the plan; the final latents, or None when the job stopped or was released."""
+        ctx, job, steps = self.ctx, self.lease.job, plan.request.steps
+        checkpoint = job.checkpoint_key
+        loop_start = time.monotonic()
+        for k in range(start, steps):
+            async def on_retry(stage: str, attempt: int, reason: str, k: int = k) -> None:
+                await self._on_retry(stage, attempt, reason, step=k + 1)
+
+            latents = await ctx.stages.step(plan, latents, clean if k == 0 else None, k, text, on_retry)
+            done = k + 1
+            elapsed = time.monotonic() - loop_start
+            event = {"type": "step", "step": done, "total": steps,
+                     "timesteps": [round(t, 3) for t in frame_timesteps(plan.sigmas, plan.multipliers, k).tolist()],
+                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (done - start) * (steps - done), 3)}
+            changes: dict[str, Any] = {"progress": progress_after(done, steps)}
+            if done % ctx.checkpoint_every == 0 or done == steps:
+                key = await self._persist(ctx.files.put_checkpoint, job.id, self.lease.epoch, done, latents)
+                changes.update(checkpoint_step=done, checkpoint_key=key)
+            signals = await self._record(event, **changes)
+            if "checkpoint_key" in changes:
+                if checkpoint is not None:  # the pointer moved on: the old latents are garbage
+                    await self._persist(ctx.files.store.delete, checkpoint)
+                checkpoint = changes["checkpoint_key"]
+            if await self._stop(signals, done):
+                return None
+            if ctx.draining.is_set() and done < steps:
+                await self._release(done, latents)
+                return None
+        return latents
+
+    async def _stop(self, signals: Signals, step: int) -> bool:
+        """End the job as cancelled if a replica asked for it (or its streaming client left)."""
+        if not (signals.cancel or signals.abandoned):
+            return False
+        event = {"type": "cancelled", "step": step}
+        if signals.abandoned and not signals.cancel:
+            event["reason"] = "client_disconnected"
+        await self._end("cancelled", event)
+        return True
+
+    async def _release(self, done: int, latents) -> None:
+        """Checkpoint (if the last step was not) and give the job back for another runner to resume."""
+        ctx, job = self.ctx, self.lease.job
+        changes: dict[str, Any] = {}
+        if done % ctx.checkpoint_every:
+            key = await self._persist(ctx.files.put_checkpoint, job.id, self.lease.epoch, done, latents)
+            changes = {"checkpoint_step": done, "checkpoint_key": key}
+        await self._persist(ctx.jobs.release, self.lease, {"type": "released", "step": done}, **changes)
+        self.let_go = True
+        logger.info("job %s released after step %d (draining)", job.id, done)
+
+    async def _release_after_cancel(self) -> None:
+        """The run was cancelled mid-call while draining: let a write in flight land, then release the
+        job at its last recorded checkpoint."""
+        if self._write is not None:
+            await asyncio.wait([self._write])
+        try:
+            await self._persist(self.ctx.jobs.release, self.lease, {"type": "released"})
+            self.let_go = True
+        except Exception:  # LeaseLost or an outage: the lease expires and the job is adopted anyway
+            logger.exception("job %s: could not release", self.job_id)
+
+    async def _end(self, status: str, event: dict, *, error: dict | None = None, progress: int | None = None) -> None:
+        """The final write (with its webhook), then the checkpoints go; a deleted job goes entirely."""
+        ctx, job = self.ctx, self.lease.job
+        url = job.webhook_url or ctx.webhook_url
+        signals = await self._persist(ctx.jobs.finish, self.lease, status, event, error=error, progress=progress,
+                                      retention_s=ctx.retention_s, webhook=delivery(job.id, status, url) if url else None)
+        self.let_go = True
+        await self._persist(ctx.files.delete_checkpoints, job.id)
+        if signals.delete:
+            await self._persist(ctx.files.delete_all, job.id)
+            await self._persist(ctx.jobs.delete, job.id)
+
+    async def _fail(self, exc: Exception) -> None:
+        if isinstance(exc, StageFailed):
+            error = {"code": exc.code, "message": str(exc)}
+        elif isinstance(exc, InvalidRequest):
+            error = {"code": "invalid_request", "message": str(exc), "param": exc.field}
+        else:
+            logger.exception("job %s failed", self.job_id)
+            error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        try:
+            await self._end("failed", {"type": "failed", "error": error}, error=error)
+        except LeaseLost as lost:
+            logger.warning("job %s: %s; not recording the failure", self.job_id, lost)
+        except Exception:
+            logger.exception("job %s: could not record its failure", self.job_id)

@@ -1,0 +1,168 @@
+"""The OpenAI video API's shapes, mapped onto Pusa's: request bodies (JSON, multipart with uploads, the
+SDK's ``name[key]`` object fields, data URLs, ``size`` and ``seconds``) and errors.
+
+A `Submission` is one create or extend request read off the wire: its fields, its media bytes, and the
+job options that are not generation parameters (``webhook_url``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from pusa_model.errors import InvalidRequest
+from pusa_model.request import MAX_SIDE, SIZE_MULTIPLE
+
+MODEL_NAME = "pusa-v1"
+LIST_FIELDS = ("images", "positions", "multipliers")
+JOB_OPTIONS = ("webhook_url",)  # fields about the job rather than the video
+MAX_URL_LENGTH = 2048
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+    @classmethod
+    def invalid(cls, exc: InvalidRequest) -> "ApiError":
+        return cls(400, str(exc), param=exc.field)
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _decode_data_url(value: str, field: str) -> bytes:
+    """``data:<type>;base64,<payload>`` -> bytes."""
+    if not value.startswith("data:") or ";base64," not in value:
+        raise InvalidRequest(field, "expected an upload or a base64 data URL (data:<type>;base64,...)")
+    try:
+        return base64.b64decode(value.split(";base64,", 1)[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(field, "the data URL is not valid base64") from None
+
+
+def _as_list(field: str, values: list) -> list:
+    """Form values (repeated, or one comma-separated string) or a JSON list, as one list."""
+    if len(values) == 1 and isinstance(values[0], list):
+        return values[0]
+    if len(values) == 1 and isinstance(values[0], str) and field != "images":
+        return [v.strip() for v in values[0].split(",") if v.strip()]
+    return values
+
+
+def check_webhook_url(value: object) -> str:
+    """An absolute http(s) URL, or `InvalidRequest` naming ``webhook_url``."""
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) > MAX_URL_LENGTH:
+        raise InvalidRequest("webhook_url", f"expected an http:// or https:// URL of at most {MAX_URL_LENGTH} characters")
+    return value
+
+
+class Submission:
+    """A create/extend request split into generation parameters, media bytes and job options."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, list] = {}
+        self.media: dict[str, bytes] = {}
+        self.options: dict[str, object] = {}
+
+    @classmethod
+    async def read(cls, request: Request, max_upload_bytes: int) -> "Submission":
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_upload_bytes:
+            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {max_upload_bytes}",
+                           kind="request_too_large")
+        sub = cls()
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form(max_part_size=max_upload_bytes)
+            total = 0
+            for key, value in form.multi_items():
+                key = key.removesuffix("[]")
+                name, bracket, inner = key.partition("[")
+                if bracket and inner.endswith("]") and not isinstance(value, UploadFile):
+                    # an object field as OpenAI's SDK sends it: `video[id]=...`, `input_reference[image_url]=...`
+                    sub.fields.setdefault(name, []).append({inner[:-1]: value})
+                elif isinstance(value, UploadFile):
+                    data = await value.read()
+                    total += len(data)
+                    if total > max_upload_bytes:
+                        raise ApiError(413, f"uploads exceed the limit of {max_upload_bytes} bytes",
+                                       param=key, kind="request_too_large")
+                    sub.fields.setdefault(key, []).append(data)
+                else:
+                    sub.fields.setdefault(key, []).append(value)
+        else:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ApiError(400, "the body is neither JSON nor multipart/form-data") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the JSON body must be an object")
+            sub.fields = {k: [v] for k, v in body.items()}
+        for name in JOB_OPTIONS:
+            if name in sub.fields:
+                sub.options[name] = sub.fields.pop(name)[-1]
+        return sub
+
+    def _media(self, field: str, value, index: int | None = None) -> str:
+        """Keep an upload or data URL as media; return its field name for the request."""
+        name = field if index is None else f"{field}[{index}]"
+        if isinstance(value, dict) and "image_url" in value:  # OpenAI's image reference object
+            value = value["image_url"]
+        self.media[name] = value if isinstance(value, bytes) else _decode_data_url(str(value), name)
+        return name
+
+    def generation_data(self) -> dict:
+        """The fields as `GenerationRequest` data, media replaced by their field names."""
+        data: dict = {}
+        for key, values in self.fields.items():
+            data[key] = _as_list(key, values) if key in LIST_FIELDS else values[-1]
+        model = data.pop("model", MODEL_NAME)
+        if model != MODEL_NAME:
+            raise InvalidRequest("model", f"unknown model {model!r} (available: {MODEL_NAME})")
+        if "size" in data:
+            size = str(data.pop("size"))
+            try:
+                data["width"], data["height"] = (int(v) for v in size.lower().split("x"))
+            except ValueError:
+                raise InvalidRequest("size", "expected WIDTHxHEIGHT, e.g. 832x480") from None
+            for side in (data["width"], data["height"]):  # checked here so the error names `size`
+                if side % SIZE_MULTIPLE or not SIZE_MULTIPLE <= side <= MAX_SIDE:
+                    raise InvalidRequest("size", f"width and height must be multiples of {SIZE_MULTIPLE} "
+                                                 f"from {SIZE_MULTIPLE} to {MAX_SIDE}, got {size}")
+        if "seconds" in data:
+            try:
+                seconds = float(data.pop("seconds"))
+            except ValueError:
+                raise InvalidRequest("seconds", "expected a number of seconds") from None
+            if "frames" not in data:
+                fps = int(data.get("fps", 25))
+                data["frames"] = 4 * max(0, round(seconds * fps / 4)) + 1
+        reference = data.pop("input_reference", None)
+        if reference is not None:
+            data.setdefault("task", "i2v")
+            data["images"] = [reference]
+        if "images" in data:
+            data["images"] = [self._media("images", v, i) for i, v in enumerate(data["images"])]
+        if isinstance(data.get("video"), (bytes, str)) and not str(data.get("video", "")).startswith("video_"):
+            data["video"] = self._media("video", data["video"])
+        return data
+
+
+def request_fingerprint(request: dict, media: dict[str, bytes], options: dict) -> str:
+    """A hash of everything a job is made from (the validated request, its media, its options), to tell
+    a repeated request from a different one under the same ``Idempotency-Key``."""
+    digest = hashlib.sha256(json.dumps({"request": request, "options": options}, sort_keys=True, default=str).encode())
+    for name in sorted(media):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(media[name]).digest())
+    return digest.hexdigest()

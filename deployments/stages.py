@@ -1,0 +1,155 @@
+"""Calls from the runner to the TextEncoder, VAE and DiT deployments, each with a timeout and retries.
+
+A call that times out (a hung replica), whose replica dies, or that fails because the blob store is
+briefly unreachable is retried after a growing delay, a bounded number of times; Serve sends the retry to
+a healthy replica. A call that can never succeed (out of GPU memory, a bug) fails the job at once with a
+reason a user can act on. Timeouts grow with the request's size: ``base_s + per_megavoxel_s · W·H·frames
+/ 10⁶`` (times the number of guidance passes for a DiT step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from pydantic import BaseModel, ConfigDict
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+                                  RequestCancelledError)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from pusa_model.request import GenerationPlan
+
+from .dit import alpha_model_id
+from .storage import StoreUnavailable
+
+logger = logging.getLogger("ray.serve")
+
+# Failures of the replica rather than of the request: another replica may well succeed.
+RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
+             BackPressureError, TaskCancelledError, RequestCancelledError, StoreUnavailable)
+
+OnRetry = Callable[[str, int, str], Awaitable[None]]  # (stage, attempt, reason)
+
+
+class StageFailed(Exception):
+    """A stage call that cannot succeed, or that failed on every attempt; the job fails with `code`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StageTimeout(BaseModel):
+    """How long one call of a stage may take, by the request's size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float
+    per_megavoxel_s: float = 0.0
+
+    def seconds(self, megavoxels: float) -> float:
+        return self.base_s + self.per_megavoxel_s * megavoxels
+
+
+class StageSettings(BaseModel):
+    """Timeouts and retries of stage calls (app arg ``runner.stages``). The defaults leave room for an
+    RTX A6000 at 720p; a timeout only has to catch a replica that stopped answering."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = 4
+    backoff_s: float = 1.0  # delay before the first retry, doubled for each further one
+    backoff_max_s: float = 15.0
+    text_encode: StageTimeout = StageTimeout(base_s=120)
+    vae_encode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=4)
+    dit_step: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=8)  # per guidance pass
+    vae_decode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=8)
+
+
+def _unrecoverable(exc: BaseException, plan: GenerationPlan) -> StageFailed | None:
+    """The job-ending form of a stage error that a retry cannot fix, else None."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return StageFailed("out_of_memory", f"the GPU ran out of memory for {plan.width}x{plan.height} with "
+                                            f"{plan.frames} frames; try a smaller size or fewer frames")
+    return None
+
+
+class Stages:
+    """The three stage deployments, as the runner calls them for one job's plan."""
+
+    def __init__(self, text: DeploymentHandle, vae: DeploymentHandle, dit: DeploymentHandle,
+                 settings: StageSettings) -> None:
+        self.text, self.vae, self.dit = text, vae, dit
+        self.settings = settings
+
+    async def call(self, stage: str, make_call: Callable[[], DeploymentResponse], timeout_s: float,
+                   plan: GenerationPlan, on_retry: OnRetry) -> Any:
+        """`make_call()`'s result, retried as the module describes; `StageFailed` when it gives up."""
+        s = self.settings
+        delay = s.backoff_s
+        for attempt in range(1, s.retries + 2):
+            response = make_call()
+            try:
+                return await asyncio.wait_for(_result(response), timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                reason = f"no answer within {timeout_s:.0f} s"
+            except asyncio.CancelledError:  # the job stops (drain): withdraw the request too
+                response.cancel()
+                raise
+            except RETRYABLE as exc:
+                reason = type(exc).__name__ if not isinstance(exc, StoreUnavailable) else f"store unavailable: {exc}"
+            except Exception as exc:
+                failed = _unrecoverable(exc, plan)
+                if failed is None:
+                    raise
+                raise failed from exc
+            if attempt > s.retries:
+                raise StageFailed(f"{stage}_unavailable", f"{stage} failed {attempt} times; last: {reason}")
+            logger.warning("%s attempt %d failed (%s); retrying in %.1f s", stage, attempt, reason, delay)
+            await on_retry(stage, attempt, reason)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, s.backoff_max_s)
+        raise AssertionError("unreachable")
+
+    async def encode_text(self, plan: GenerationPlan, on_retry: OnRetry) -> ray.ObjectRef:
+        """The prompt's (and negative prompt's) embeddings, put in the object store once for every step."""
+        req = plan.request
+        negative = req.negative_prompt if req.guidance != 1.0 else None
+        embeddings = await self.call("text_encoder", lambda: self.text.encode.remote(req.prompt, negative),
+                                     self.settings.text_encode.seconds(0), plan, on_retry)
+        return ray.put(embeddings)
+
+    async def encode_conditioning(self, request: dict, plan: GenerationPlan, inputs: dict[str, str],
+                                  on_retry: OnRetry) -> np.ndarray:
+        return await self.call("vae", lambda: self.vae.encode_conditioning.remote(request, plan.seed, inputs),
+                               self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
+
+    async def step(self, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None, k: int,
+                   text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
+        """Step `k` on some DiT replica that holds the request's LoRA alpha (step 0 takes `clean`)."""
+        req = plan.request
+        dit = self.dit.options(multiplexed_model_id=alpha_model_id(req.lora_alpha))
+        sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
+        passes = 1 if req.guidance == 1.0 else 2
+        return await self.call(
+            "dit", lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance),
+            self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)
+
+    async def decode(self, job_id: str, plan: GenerationPlan, latents: np.ndarray, on_retry: OnRetry) -> dict:
+        return await self.call("vae", lambda: self.vae.decode_to_store.remote(job_id, latents, plan.request.fps),
+                               self.settings.vae_decode.seconds(_megavoxels(plan)), plan, on_retry)
+
+
+async def _result(response: DeploymentResponse) -> Any:
+    return await response
+
+
+def _megavoxels(plan: GenerationPlan) -> float:
+    return plan.width * plan.height * plan.frames / 1e6
