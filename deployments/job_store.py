@@ -48,8 +48,8 @@ class Lease:
 
     @property
     def resumed(self) -> bool:
-        """Whether the job ran before (under an earlier lease) rather than starting fresh."""
-        return self.job.version > 1
+        """Whether the job was held before (by a router that released or lost it) rather than fresh."""
+        return self.job.version > 1 or self.job.takeovers > 0
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class S3Server:
     process: subprocess.Popen
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
 
     def client(self, secret_key: str | None = None, config: Config | None = None):
         """A boto3 S3 client signing with this server's credentials (or another `secret_key`)."""
@@ -78,6 +79,13 @@ class S3Server:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start a stopped server again: same data, same ports (an outage, as clients see it)."""
+        with open(self.log_path, "ab") as log:
+            self.process = _spawn(self.command, log)
+        if not _wait_ready(self, time.monotonic() + timeout):
+            raise RuntimeError(f"SeaweedFS did not come back on {self.endpoint}:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Kill the server's process group and remove the unix sockets it left in /tmp."""
@@ -136,11 +144,16 @@ def _launch(tmp_dir: Path, attempt: int) -> S3Server:
     ]
     log_path = tmp_dir / f"weed-{attempt}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            cmd, cwd=data, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        process = _spawn(cmd, log)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    return S3Server(endpoint, ACCESS_KEY, SECRET_KEY, process, log_path, ports)
+    return S3Server(endpoint, ACCESS_KEY, SECRET_KEY, process, log_path, ports, cmd)
+
+
+def _spawn(cmd: list[str], log) -> subprocess.Popen:
+    """`weed mini` in its own process group (`stop` kills the group), in its data folder."""
+    data = next(arg.removeprefix("-dir=") for arg in cmd if arg.startswith("-dir="))
+    return subprocess.Popen(cmd, cwd=data, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _wait_ready(server: S3Server, deadline: float) -> bool:

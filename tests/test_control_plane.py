@@ -1,0 +1,300 @@
+"""The control plane on the cluster's parts: a real PostgreSQL job database and a real S3 store
+(SeaweedFS), two runner replicas, signed webhooks. Runners racing for orphaned jobs, PostgreSQL restarted
+and S3 stopped mid-job, webhooks to a receiver that fails, and a redeploy and a downscale of the runners
+while jobs run (they drain: each job is released after its step and resumed by another replica).
+
+One service serves the module; the redeploy and downscale tests change it, so they come last.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse
+
+import openai
+import pytest
+from ray.serve.schema import ServeDeploySchema
+from s3server import REGION, running_s3_server
+from service_probe import ServiceProbe, steps_done
+from serving import local_config, running_service
+from sqlalchemy import update
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from deployments.jobs import Job, job_created_at, new_job_id
+from deployments.launch import deploy
+from deployments.router import job_plan
+from deployments.schema import jobs as jobs_table
+from pusa_model.presets import get_preset
+from pusa_model.request import parse_request, plan_request
+
+SECRET = "whsec_" + "cHVzYS10ZXN0LXdlYmhvb2stc2VjcmV0LTAxMjM0NTY3"  # base64 of a test key
+BUCKET, PREFIX = "pusa-control", "jobs"
+RUNNER = {"lease_ttl_s": 6.0, "renew_s": 1.0, "poll_s": 0.2, "drain_wait_s": 20, "sweep_s": 1.0,
+          "stages": {"retries": 6, "backoff_s": 0.5, "backoff_max_s": 4}}
+DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 2}, "Runner": {"num_replicas": 2}}
+REPLICAS = {"DiT": 2, "Router": 1, "Runner": 2, "VAE": 1, "TextEncoder": 1}
+SLOW = {"prompt": "a cat", "size": "1024x1024", "frames": 1}  # DiT steps of ~0.3 s here
+FAST = {"prompt": "a cat", "size": "64x64", "frames": 17}
+
+
+class Receiver:
+    """A webhook receiver on loopback: answers 500 to the first `failures` deliveries of each message,
+    then 200; keeps every request it got."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    receiver.requests.append((self.path, dict(self.headers), body))
+                    tries = sum(1 for _, h, _ in receiver.requests if h["webhook-id"] == self.headers["webhook-id"])
+                self.send_response(500 if tries <= receiver.failures else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def received(self, job_id: str) -> list[tuple[str, dict[str, str], bytes]]:
+        with self.lock:
+            return [r for r in self.requests if json.loads(r[2])["data"]["id"] == job_id]
+
+    def wait(self, job_id: str, count: int, timeout: float = 30) -> list[tuple[str, dict[str, str], bytes]]:
+        deadline = time.monotonic() + timeout
+        while len(got := self.received(job_id)) < count:
+            assert time.monotonic() < deadline, f"{len(got)} of {count} deliveries for {job_id}"
+            time.sleep(0.05)
+        return got
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(failures=2)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def setup(s3, receiver, postgres_server, tmp_path_factory):
+    database = postgres_server.create_database()
+    env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+           "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION, "PUSA_WEBHOOK_SECRET": SECRET}
+    args = {"webhooks": {"url": f"{receiver.url}/all", "backoff_s": 0.2, "max_attempts": 5}}
+    store = f"s3://{BUCKET}/{PREFIX}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, env=env, args=args,
+                             database=database) as url:
+            probe = ServiceProbe(url, database, REPLICAS)
+            try:
+                yield probe, {"store": store, "database": database, "args": args, "port": urlparse(url).port}
+            finally:
+                probe.close()
+
+
+@pytest.fixture
+def svc(setup) -> ServiceProbe:
+    probe, _ = setup
+    probe.wait_ready()
+    return probe
+
+
+def stepped_once(events: list[dict], steps: int) -> bool:
+    """Events numbered 0.. without a gap, every step reported exactly once, in order."""
+    return [e["seq"] for e in events] == list(range(len(events))) and \
+        [e["step"] for e in events if e["type"] == "step"] == list(range(1, steps + 1))
+
+
+def orphaned_job(request: dict) -> Job:
+    """A job some runner claimed and lost before its first step: in progress, its lease long expired."""
+    plan = plan_request(parse_request(request), get_preset("tiny"))
+    job_id = new_job_id()
+    return Job(id=job_id, created_at=job_created_at(job_id), status="in_progress", request=plan.request.model_dump(),
+               plan=job_plan(plan), lease_holder="runner-gone", lease_epoch=1, lease_expires_at=0.0)
+
+
+def test_runners_racing_for_orphaned_jobs_run_each_exactly_once(svc):
+    steps, count = 6, 8
+    before = svc.dit_steps()
+    jobs = [orphaned_job({"prompt": "a cat", "width": 64, "height": 64, "frames": 17, "steps": steps, "seed": 100 + i})
+            for i in range(count)]
+    for job in jobs:  # both runners see them claimable at once
+        svc.jobs.create(job, {"type": "queued", "position": 1})
+    for job in jobs:
+        done = svc.wait_ended(job.id, timeout=120)
+        assert done.status == "completed", done.error
+        assert done.takeovers == 1  # taken from the lost holder once, by one runner
+        events = svc.events(job.id)
+        assert stepped_once(events, steps), events
+        assert sum(1 for e in events if e.get("requeued")) == 1
+    assert svc.dit_steps() - before == steps * count  # every step of every job ran exactly once
+
+
+def test_postgres_restart_mid_job(svc, postgres_server):
+    steps = 12
+    ids = [svc.submit(**SLOW, steps=steps, seed=200 + i) for i in range(2)]
+    svc.wait_steps(ids[0], 3)
+    postgres_server.stop()
+    time.sleep(3)
+    postgres_server.start()
+    for job_id in ids:
+        job = svc.wait_ended(job_id, timeout=120)
+        assert job.status == "completed", job.error
+        assert stepped_once(svc.events(job_id), steps)
+        assert svc.content(job_id)[4:8] == b"ftyp"
+
+
+def test_s3_outage_mid_job_and_while_the_video_is_written(svc, s3):
+    steps = 8
+    request = {**SLOW, "steps": steps, "seed": 300}
+    job_id = svc.submit(**request)
+    svc.wait_steps(job_id, 2)
+    s3.stop()  # checkpoints cannot be written for a while
+    time.sleep(4)
+    s3.restart()
+    job = svc.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+    assert stepped_once(svc.events(job_id), steps)
+    first = svc.content(job_id)
+
+    again = svc.submit(**request)
+    svc.wait_for(again, lambda j, e: e[-1]["type"] == "decoding" or j.terminal, timeout=60, poll=0.02)
+    s3.stop()  # the decoded video cannot be stored
+    time.sleep(4)
+    s3.restart()
+    job = svc.wait_ended(again, timeout=120)
+    assert job.status == "completed", job.error
+    assert any(e["type"] == "retry" and e["stage"] == "vae" and "store unavailable" in e["reason"]
+               for e in svc.events(again)), svc.events(again)
+    assert svc.content(again) == first
+
+
+def test_signed_webhooks_reach_a_receiver_that_fails_twice(svc, receiver):
+    job_id, _ = svc.run(**FAST, steps=2, seed=400)
+    deliveries = receiver.wait(job_id, 3)  # 500, 500, 200: at least once
+    assert [path for path, _, _ in deliveries] == ["/all"] * 3
+    assert len({headers["webhook-id"] for _, headers, _ in deliveries}) == 1  # one event, retried
+    _, headers, body = deliveries[-1]
+    event = Webhook(SECRET).verify(body, headers)
+    assert (event["type"], event["data"], event["object"]) == ("video.completed", {"id": job_id}, "event")
+    assert event["id"] == headers["webhook-id"]
+    client = openai.OpenAI(api_key="unused", webhook_secret=SECRET, base_url="http://127.0.0.1:9/v1")
+    client.webhooks.verify_signature(body, headers)  # the openai SDK's verifier accepts it too
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body.replace(job_id.encode(), new_job_id().encode()), headers)
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        client.webhooks.verify_signature(body + b" ", headers)
+
+    # a request's own webhook_url, and the other endings
+    response = svc.http.post("/v1/videos", json={**SLOW, "steps": 40, "seed": 401,
+                                                 "webhook_url": f"{receiver.url}/mine"})
+    assert response.status_code == 200, response.text
+    cancelled = response.json()["id"]
+    svc.wait_steps(cancelled, 1)
+    svc.http.post(f"/v1/videos/{cancelled}/cancel")
+    path, headers, body = receiver.wait(cancelled, 3)[-1]
+    assert path == "/mine" and Webhook(SECRET).verify(body, headers)["type"] == "video.cancelled"
+    bad = svc.http.post("/v1/videos", json={**FAST, "webhook_url": "ftp://example.com/hook"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "webhook_url"
+
+
+def test_idempotency_key_makes_one_job(svc):
+    body = {**FAST, "steps": 2, "seed": 500}
+    first = svc.http.post("/v1/videos", json=body, headers={"Idempotency-Key": "order-500"})
+    again = svc.http.post("/v1/videos", json=body, headers={"Idempotency-Key": "order-500"})
+    assert first.status_code == again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    other = svc.http.post("/v1/videos", json={**body, "seed": 501}, headers={"Idempotency-Key": "order-500"})
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+    assert svc.wait_ended(first.json()["id"], timeout=60).status == "completed"
+
+
+def test_expired_jobs_lose_their_record_and_s3_files(svc, s3):
+    job_id, _ = svc.run(**FAST, steps=2, seed=600)
+    objects = lambda: [o["Key"] for o in s3.client().list_objects_v2(  # noqa: E731
+        Bucket=BUCKET, Prefix=f"{PREFIX}/results/{job_id}/").get("Contents", [])]
+    assert len(objects()) == 2
+    with svc.db.write() as conn:  # as if its retention period had passed
+        conn.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(expires_at=time.time() - 1))
+    deadline = time.monotonic() + 30
+    while svc.http.get(f"/v1/videos/{job_id}").status_code != 404:
+        assert time.monotonic() < deadline, "the expired job is still there"
+        time.sleep(0.2)
+    assert objects() == [] and svc.events(job_id) == []
+
+
+def _redeploy(setup, change) -> float:
+    """Deploy the module's config changed by `change(app_config)`; returns when it runs (seconds taken)."""
+    probe, conf = setup
+    config = local_config(conf["store"], conf["port"], runner=RUNNER, deployments=DEPLOYMENTS, args=conf["args"],
+                          database=conf["database"])
+    change(config["applications"][0])
+    started = time.monotonic()
+    assert not deploy(ServeDeploySchema.model_validate(config), 180)
+    return time.monotonic() - started
+
+
+def _drained_jobs_complete(svc: ServiceProbe, ids: list[str], steps: int) -> None:
+    released = 0
+    for job_id in ids:
+        job = svc.wait_ended(job_id, timeout=180)
+        assert job.status == "completed", job.error
+        events = svc.events(job_id)
+        assert stepped_once(events, steps), events  # released between steps, resumed at the next one
+        assert job.takeovers == 0  # handed over, never lost
+        released += sum(1 for e in events if e["type"] == "released")
+    assert released >= 1
+
+
+def test_runner_redeploy_during_jobs_drains_them(setup, svc):
+    steps = 24
+    ids = [svc.submit(**SLOW, steps=steps, seed=700 + i) for i in range(3)]
+    svc.wait_steps(ids[-1], 2)
+
+    def new_version(app: dict) -> None:  # a changed runner setting: Serve replaces every runner replica
+        app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
+
+    _redeploy(setup, new_version)
+    _drained_jobs_complete(svc, ids, steps)
+
+
+def test_runner_downscale_during_jobs_drains_them(setup, svc):
+    steps = 24
+    ids = [svc.submit(**SLOW, steps=steps, seed=800 + i) for i in range(4)]
+    svc.wait_steps(ids[-1], 2)
+
+    def one_runner(app: dict) -> None:
+        app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
+        for dep in app["deployments"]:
+            if dep["name"] == "Runner":
+                dep["num_replicas"] = 1
+
+    _redeploy(setup, one_runner)
+    svc.replica_counts = {**REPLICAS, "Runner": 1}
+    _drained_jobs_complete(svc, ids, steps)
+    assert steps_done(svc.events(ids[0])) == steps
