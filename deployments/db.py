@@ -8,7 +8,9 @@ busy timeout instead of failing when a read lock would have to be upgraded.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -156,3 +159,28 @@ def open_database(url: str) -> Database:
     db = Database(url)
     migrate(db)
     return db
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pusa-db`: migrate the job database ahead of a deploy, or print its schema revision."""
+    parser = argparse.ArgumentParser(prog="pusa-db", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("command", choices=("upgrade", "current"))
+    parser.add_argument("url", help="sqlite:///path or postgresql+psycopg://user@host:port/db (password from PGPASSWORD)")
+    args = parser.parse_args(argv)
+    try:
+        db = Database(args.url)
+        try:
+            if args.command == "upgrade":
+                migrate(db)
+            with db.read() as conn:
+                print(MigrationContext.configure(conn).get_current_revision() or "(empty)")
+        finally:
+            db.dispose()
+    except Exception as exc:
+        print(f"pusa-db: error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

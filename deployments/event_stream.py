@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from .job_store import JobStore
-from .jobs import TERMINAL_EVENTS
+from .jobs import TERMINAL
 
 KEEPALIVE = ": keep-alive\n\n"
 
@@ -39,7 +39,7 @@ async def job_events(jobs: JobStore, job_id: str, after: int, *, poll_s: float, 
         for event in events:
             after = event["seq"]
             yield sse(event["type"], event, event["seq"])
-            if event["type"] in TERMINAL_EVENTS:
+            if event["type"] in TERMINAL:  # a job's last event has its final status as type
                 return
         if job.terminal:  # its final event was sent before `after`
             return
@@ -53,7 +53,8 @@ async def job_events(jobs: JobStore, job_id: str, after: int, *, poll_s: float, 
                 yield sse("queued", {"type": "queued", "position": position})
                 last_sent = now
         if job.abandon_at is not None and now - last_watch >= watch_every:
-            await asyncio.to_thread(jobs.keep_watching, job_id, grace_s)
+            # the client may leave right after a renewal: the deadline must still be grace_s after that
+            await asyncio.to_thread(jobs.keep_watching, job_id, grace_s + watch_every)
             last_watch = now
         if now - last_sent >= keepalive_s:
             yield KEEPALIVE

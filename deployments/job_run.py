@@ -124,8 +124,8 @@ class JobRun:
         if job.cancel_requested:
             return await self._end("cancelled", {"type": "cancelled", "step": job.checkpoint_step or 0})
         if job.takeovers > ctx.max_takeovers:
-            error = {"code": "router_lost", "message": f"the router running this job was lost {job.takeovers} "
-                                                       "times; the job was given up"}
+            error = {"code": "runner_lost",
+                     "message": f"the runner replica running this job was lost {job.takeovers} times; given up"}
             return await self._end("failed", {"type": "failed", "error": error}, error=error)
         plan = plan_from_job(job.request, job.plan["seed"], ctx.preset)
         start = job.checkpoint_step or 0

@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 ACTIVE: tuple[str, ...] = ("queued", "in_progress")
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-TERMINAL_EVENTS = TERMINAL  # a job's last event has its final status as type
 
 
 def new_job_id(created_at: float | None = None) -> str:

@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import json
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -23,6 +24,7 @@ MODEL_NAME = "pusa-v1"
 LIST_FIELDS = ("images", "positions", "multipliers")
 JOB_OPTIONS = ("webhook_url",)  # fields about the job rather than the video
 MAX_URL_LENGTH = 2048
+MAX_IDEMPOTENCY_KEY = 255  # the column's size
 
 
 class ApiError(Exception):
@@ -62,9 +64,23 @@ def _as_list(field: str, values: list) -> list:
 
 
 def check_webhook_url(value: object) -> str:
-    """An absolute http(s) URL, or `InvalidRequest` naming ``webhook_url``."""
-    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) > MAX_URL_LENGTH:
-        raise InvalidRequest("webhook_url", f"expected an http:// or https:// URL of at most {MAX_URL_LENGTH} characters")
+    """An absolute http(s) URL with a host, or `InvalidRequest` naming ``webhook_url``."""
+    problem = f"expected an http:// or https:// URL with a host, of at most {MAX_URL_LENGTH} characters"
+    if not isinstance(value, str) or len(value) > MAX_URL_LENGTH or not value.isprintable() or " " in value:
+        raise InvalidRequest("webhook_url", problem)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise InvalidRequest("webhook_url", problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest("webhook_url", problem)
+    return value
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """The ``Idempotency-Key`` header: 1 to 255 printable characters (or absent)."""
+    if value is not None and not (0 < len(value) <= MAX_IDEMPOTENCY_KEY and value.isprintable()):
+        raise InvalidRequest("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters")
     return value
 
 

@@ -27,7 +27,8 @@ from .event_stream import job_events, sse
 from .job_files import RESULT_FILES, JobFiles
 from .job_store import IdempotencyConflict, JobStore
 from .jobs import TERMINAL, Job, job_created_at, new_job_id
-from .openai_api import MODEL_NAME, ApiError, Submission, check_webhook_url, request_fingerprint
+from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
+                         request_fingerprint)
 from .storage import StoreUnavailable, open_store
 from .webhooks import WebhookSettings
 
@@ -111,7 +112,7 @@ class Router:
 
     def _options(self, sub: Submission) -> dict:
         options = {}
-        if "webhook_url" in sub.options:
+        if sub.options.get("webhook_url") is not None:
             options["webhook_url"] = check_webhook_url(sub.options["webhook_url"])
             if not self.webhooks_signed:
                 raise InvalidRequest("webhook_url", "this deployment has no webhook signing secret configured")
@@ -123,11 +124,11 @@ class Router:
         try:
             plan = plan_request(parse_request(data), self.preset)
             options = self._options(sub)
+            key = check_idempotency_key(request.headers.get("idempotency-key"))
             await self._check_media(plan, sub.media)
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from None
         spec = plan.request.model_dump()
-        key = request.headers.get("idempotency-key")
         fingerprint = request_fingerprint(spec, sub.media, {**options, "extended_from": extended_from}) if key else None
         if key:
             existing = await asyncio.to_thread(self.jobs.find_idempotent, "", key)

@@ -40,7 +40,7 @@ class RunnerSettings(BaseModel):
     poll_s: float = 0.5  # how often an idle replica looks for work (a new job also wakes one at once)
     lease_ttl_s: float = 30.0  # a job whose holder has not renewed for this long is adopted
     renew_s: float = 5.0
-    max_takeovers: int = 3  # a job adopted more often than this (its holders keep dying) fails router_lost
+    max_takeovers: int = 3  # a job adopted more often than this (its holders keep dying) fails runner_lost
     checkpoint_every: int = 1  # steps between checkpoints of the latents
     drain_wait_s: float = 30.0  # on shutdown, how long a job may finish its step before it is released
     outage_s: float = 600.0  # how long a job waits out an unreachable database or store
@@ -119,8 +119,8 @@ class Runner:
             if len(self.runs) < self.settings.max_running_jobs:
                 try:
                     lease = await asyncio.to_thread(self.jobs.claim, self.holder)
-                except Exception:
-                    logger.exception("claiming a job failed")
+                except Exception as exc:  # the database away: try again at the next poll
+                    logger.warning("claiming a job failed: %r", exc)
             if lease is not None:
                 run = JobRun(self.ctx, lease)
                 self.runs[lease.job_id] = (run, asyncio.create_task(self._run(run)))
@@ -145,8 +145,8 @@ class Runner:
             runs = list(self.runs.items())  # jobs claimed while renewing are not judged by this round
             try:
                 held = await asyncio.to_thread(self.jobs.renew, self.holder)
-            except Exception:
-                logger.exception("renewing leases failed")
+            except Exception as exc:
+                logger.warning("renewing leases failed: %r", exc)
                 continue
             for job_id, (run, task) in runs:
                 if held.get(job_id) != run.lease.epoch and not run.let_go and not task.done():

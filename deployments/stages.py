@@ -67,9 +67,9 @@ class StageSettings(BaseModel):
     backoff_s: float = 1.0  # delay before the first retry, doubled for each further one
     backoff_max_s: float = 15.0
     text_encode: StageTimeout = StageTimeout(base_s=120)
-    vae_encode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=4)
-    dit_step: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=8)  # per guidance pass
-    vae_decode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=8)
+    vae_encode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=2)
+    dit_step: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=3)  # per guidance pass
+    vae_decode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=2)
 
 
 def _unrecoverable(exc: BaseException, plan: GenerationPlan) -> StageFailed | None:

@@ -36,19 +36,19 @@ EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed", "cancel
 
 class WebhookSettings(BaseModel):
     """App arg ``webhooks``. The signing secret (``whsec_`` + base64, as Standard Webhooks and OpenAI
-    use) comes from the environment variable `secret_env`, never from the config file."""
+    use) comes from the environment variable `signing_key_env`, never from the config file."""
 
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = None  # receiver of every job's events, unless a request names its own
-    secret_env: str = "PUSA_WEBHOOK_SECRET"
+    signing_key_env: str = "PUSA_WEBHOOK_SECRET"
     max_attempts: int = 10
     backoff_s: float = 5.0  # before the second attempt; doubled for each further one
     backoff_max_s: float = 3600.0
     timeout_s: float = 10.0
 
     def secret(self) -> str | None:
-        return os.environ.get(self.secret_env) or None
+        return os.environ.get(self.signing_key_env) or None
 
 
 def delivery(job_id: str, status: str, url: str) -> dict[str, Any]:

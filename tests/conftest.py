@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny preset's checkpoint, built once per test session."""
+"""Shared fixtures: the tiny preset's checkpoint (built once per test session), a throwaway PostgreSQL
+server for the session, and an empty job database on SQLite or on that server."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import pytest
 # Every test process (and the subprocesses it starts) uses a private cache for built checkpoints.
 os.environ.setdefault("PUSA_CACHE_DIR", tempfile.mkdtemp(prefix="pusa-test-cache-"))
 
+from pgserver import PostgresServer, postgres_server_fixture  # noqa: E402
+
 from pusa_model.pipeline import model_folder  # noqa: E402
 from pusa_model.presets import get_preset  # noqa: E402
+
+postgres_server = postgres_server_fixture(scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +31,6 @@ def tiny_pipeline(tiny_folder):
     from pusa_model.pipeline import PusaPipeline
 
     return PusaPipeline.from_preset("tiny", device="cpu")
-
-
-from pgserver import PostgresServer, postgres_server_fixture  # noqa: E402
-
-postgres_server = postgres_server_fixture(scope="session")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

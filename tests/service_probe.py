@@ -13,10 +13,12 @@ import httpx
 import ray
 from ray import serve
 from ray.exceptions import RayError
+from sqlalchemy import update
 
 from deployments.db import Database
 from deployments.job_store import JobStore
 from deployments.jobs import Job
+from deployments.schema import jobs
 
 PREFIX = "SERVE_REPLICA::pusa#{}#"
 
@@ -91,6 +93,15 @@ class ServiceProbe:
     def wait_ended(self, job_id: str, timeout: float) -> Job:
         """Wait for a terminal status (bounded: a job left in_progress fails the test)."""
         return self.wait_for(job_id, lambda j, e: j.terminal, timeout, poll=0.2)
+
+    def expire(self, job_id: str, timeout: float = 30) -> None:
+        """Move the ended job's retention deadline into the past; wait until the sweep has deleted it."""
+        with self.db.write() as conn:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(expires_at=time.time() - 1))
+        deadline = time.monotonic() + timeout
+        while self.http.get(f"/v1/videos/{job_id}").status_code != 404:
+            assert time.monotonic() < deadline, "the expired job is still there"
+            time.sleep(0.2)
 
     def run(self, timeout: float = 120, **fields) -> tuple[str, bytes]:
         job_id = self.submit(**fields)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
 from ray.autoscaler._private.resource_demand_scheduler import ResourceDemandScheduler
@@ -39,7 +40,7 @@ PROD = ROOT / "serve_config.yaml"
 LOCAL = ROOT / "serve_config.local.yaml"
 CLUSTER = ROOT / "cluster.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
-STAGES = {"Router", "TextEncoder", "VAE", "DiT"}
+STAGES = {"Router", "Runner", "TextEncoder", "VAE", "DiT"}
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SECRET", "PASSWORD")
 
 
@@ -61,7 +62,7 @@ def prod() -> ServeDeploySchema:
 
 
 @pytest.mark.parametrize("path", [PROD, LOCAL], ids=["production", "local"])
-def test_serve_config_validates_and_builds_the_four_deployments(path):
+def test_serve_config_validates_and_builds_the_five_deployments(path):
     config = ServeDeploySchema.model_validate(load(path))
     (app,) = config.applications
     # What the Serve controller does with the config, short of starting replicas (no __init__ runs).
@@ -84,6 +85,10 @@ def test_production_app_and_proxies(prod):
     assert app.args["vae_tiling"] is True
     env = app.runtime_env["env_vars"]
     assert {"PUSA_MODEL_SOURCE", "PUSA_S3_ENDPOINT"} <= set(env)
+    # the jobs live in PostgreSQL; its password comes from the nodes' environment, not from the URL
+    database = make_url(app.args["database"])
+    assert database.get_backend_name() == "postgresql" and database.password is None
+    assert app.args["webhooks"]["signing_key_env"] not in env
 
 
 @pytest.mark.parametrize("path", [PROD, LOCAL, CLUSTER, DEPLOY_DOC], ids=lambda p: p.name)
@@ -106,9 +111,10 @@ def test_production_resources(prod):
         assert 0 < o["num_gpus"] < 1 and o["resources"]["A6000"] == o["num_gpus"]
     assert te["num_gpus"] + vae["num_gpus"] <= 1
     assert te["resources"]["A6000"] + vae["resources"]["A6000"] <= 1
-    # Router: CPU only, so the head (no GPU, no A6000) can hold it.
-    router = options(deps["Router"])
-    assert not router.get("num_gpus") and "A6000" not in (router.get("resources") or {})
+    # Router and Runner: CPU only, so the head (no GPU, no A6000) can hold them.
+    for name in ("Router", "Runner"):
+        cpu_only = options(deps[name])
+        assert not cpu_only.get("num_gpus") and "A6000" not in (cpu_only.get("resources") or {})
 
 
 def test_production_autoscaling_and_timeouts(prod):
@@ -118,24 +124,27 @@ def test_production_autoscaling_and_timeouts(prod):
         assert auto, f"{name} has no autoscaling_config"
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
         assert auto["downscale_delay_s"] >= auto["upscale_delay_s"]
-    assert "autoscaling_config" not in deps["Router"].model_fields_set
+    for name in ("Router", "Runner"):
+        assert "autoscaling_config" not in deps[name].model_fields_set
+        assert deps[name].num_replicas >= 2  # one lost replica never takes the API or the jobs down
     assert deps["DiT"].autoscaling_config["target_ongoing_requests"] == 1
     assert deps["DiT"].autoscaling_config["max_replicas"] >= 8
     assert deps["DiT"].max_ongoing_requests == 1
     assert deps["VAE"].max_ongoing_requests <= 2
     assert deps["TextEncoder"].max_ongoing_requests <= 8
     assert deps["Router"].max_ongoing_requests >= 200  # SSE streams are long-lived requests
-    # A 720p 50-step job takes ~1 h on an A6000: scale-down/redeploy must not cut it short.
-    for name in ("DiT", "Router"):
-        assert deps[name].graceful_shutdown_timeout_s >= 3600
+    # A stopped runner waits up to drain_wait_s for each job's step, then releases it: Serve must give it
+    # that long, plus its wait loop and the release; a DiT replica must outlast the step it runs.
+    (app,) = prod.applications
+    runner = app.args["runner"]
+    drain = runner["drain_wait_s"] + deps["Runner"].graceful_shutdown_wait_loop_s
+    assert deps["Runner"].graceful_shutdown_timeout_s >= drain + 10
+    assert deps["DiT"].graceful_shutdown_timeout_s >= runner["drain_wait_s"]
     # A DiT step takes tens of seconds at 720p; a health check must outlast one.
     for name in ("DiT", "VAE"):
         assert deps[name].health_check_timeout_s >= 120
     # The runners can keep every DiT replica busy at full scale, and no more.
-    (app,) = prod.applications
-    routers = deps["Router"].num_replicas
-    assert routers >= 2
-    assert routers * app.args["runner"]["max_running_jobs"] == deps["DiT"].autoscaling_config["max_replicas"]
+    assert deps["Runner"].num_replicas * runner["max_running_jobs"] == deps["DiT"].autoscaling_config["max_replicas"]
 
 
 def test_production_config_places_on_an_a6000_cluster_only(prod):

@@ -39,8 +39,8 @@ from deployments.launch import deploy, node_demands, unplaceable
 from deployments.vae import plan_from_job
 from pusa_model.media import load_video
 from pusa_model.schedule import flow_sigmas
-from serving import local_config, running_service
-from test_faults import Service
+from service_probe import ServiceProbe
+from serving import default_database, local_config, running_service
 
 try:
     from ray._common.utils import import_attr
@@ -53,7 +53,7 @@ PROD, TWO_GPU = ROOT / "serve_config.yaml", ROOT / "serve_config.2gpu.yaml"
 BUNDLES = {"placement_group_bundles": [{"CPU": 1, "GPU": 1}, {"CPU": 0.5, "GPU": 1}],
            "placement_group_strategy": "STRICT_PACK", "ray_actor_options": {"num_cpus": 0.5}}
 DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 1, "health_check_period_s": 1, **BUNDLES}}
-RUNNER = {"heartbeat_s": 0.5}
+RUNNER = {"poll_s": 0.2}
 CFG2, ULYSSES2 = {"cfg": 2, "ulysses": 1}, {"cfg": 1, "ulysses": 2}
 REQUEST = {"prompt": "a cat walks on the grass", "size": "64x64", "frames": 17, "guidance": 5.0, "seed": 7}
 SLOW, STEPS = {**REQUEST, "size": "1024x1024", "frames": 1}, 8
@@ -90,7 +90,7 @@ def test_two_gpu_profile_is_production_with_a_two_card_dit():
     config = ServeDeploySchema.model_validate(two)
     (app,) = config.applications
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
-    assert {d.name for d in build_app(built, name=app.name).deployments} == {"Router", "TextEncoder", "VAE", "DiT"}
+    assert {d.name for d in build_app(built, name=app.name).deployments} == {"Router", "Runner", "TextEncoder", "VAE", "DiT"}
     assert _without_the_dit_changes(two) == _without_the_dit_changes(prod)
 
     layout = AppArgs.model_validate(app.args).dit_parallel
@@ -104,10 +104,10 @@ def test_two_gpu_profile_is_production_with_a_two_card_dit():
     for i, bundle in enumerate(bundles):
         opts = worker_resources(bundle, {"CPU": 1.0} if i == 0 else {})
         assert opts == {"num_cpus": 1, "num_gpus": 1, "resources": {"A6000": 1}}, (i, opts)
-    # 8 two-card replicas: production's 16 cards; the routers can keep each one busy, and no more
+    # 8 two-card replicas: production's 16 cards; the runners can keep each one busy, and no more
     assert dit["autoscaling_config"]["max_replicas"] * 2 == _dit(prod)["autoscaling_config"]["max_replicas"]
-    routers = next(d for d in app.deployments if d.name == "Router").num_replicas
-    assert routers * app.args["runner"]["max_running_jobs"] == dit["autoscaling_config"]["max_replicas"]
+    runners = next(d for d in app.deployments if d.name == "Runner").num_replicas
+    assert runners * app.args["runner"]["max_running_jobs"] == dit["autoscaling_config"]["max_replicas"]
 
 
 def test_two_gpu_dit_needs_one_node_with_both_cards():
@@ -131,12 +131,12 @@ def group_service(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("dit-group") / "store")
     args = {"dit_parallel": CFG2}
     with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, args=args, num_gpus=2) as url:
-        svc = Service(url, store)
+        svc = ServiceProbe(url, default_database(store), {"DiT": 1, "Runner": 1})
         svc.store = store
         try:
             yield svc
         finally:
-            svc.http.close()
+            svc.close()
 
 
 def _dit_handle(alpha: float = 1.4):
@@ -158,7 +158,7 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _reference(tiny_pipeline, svc: Service, job_id: str, tmp_path: Path) -> bytes:
+def _reference(tiny_pipeline, svc: ServiceProbe, job_id: str, tmp_path: Path) -> bytes:
     """The job's video made by the in-process pipeline from the job's own request and seed."""
     job = svc.record(job_id)
     plan = plan_from_job(job.request, job.plan["seed"], "tiny")
@@ -216,7 +216,7 @@ def test_lost_worker_costs_one_step_and_the_group_is_rebuilt(group_service, tiny
     # 1024x1024, one frame: a pass takes ~0.3 s on a core, so the kill most likely lands mid-step, with
     # rank 0 inside a collective (gloo fails it; NCCL would hang it: the replica kills it either way)
     job_id = svc.submit(**SLOW, steps=STEPS)
-    svc.wait_for(job_id, lambda j: sum(e["type"] == "step" for e in j.events) >= 2, timeout=60, poll=0.02)
+    svc.wait_steps(job_id, 2)
     os.kill(before["workers"][1]["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     job = svc.wait_ended(job_id, timeout=150)

@@ -15,6 +15,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text, update
 
 from deployments.db import Database, migrate, open_database
+from deployments.db import main as db_main
 from deployments.job_store import IdempotencyConflict, JobStore, LeaseLost
 from deployments.jobs import Job, job_created_at, new_job_id
 from deployments.schema import job_events, jobs, metadata, webhook_deliveries
@@ -84,6 +85,16 @@ def test_replicas_starting_together_migrate_once(database_url: str) -> None:
     with db.read() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     db.dispose()
+
+
+def test_pusa_db_migrates_ahead_of_a_deploy(database_url: str, capsys: pytest.CaptureFixture) -> None:
+    assert db_main(["current", database_url]) == 0
+    assert capsys.readouterr().out.strip() == "(empty)"
+    assert db_main(["upgrade", database_url]) == 0
+    assert capsys.readouterr().out.strip() == "0001"
+    assert db_main(["current", "postgresql+psycopg://pusa@127.0.0.1:9/none"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pusa-db: error: ") and "Connection refused" in err and err.count("\n") == 1
 
 
 # -- submission and reads --------------------------------------------------------------------------
