@@ -10,30 +10,33 @@ One run starts the local profile (``serve_config.local.yaml``) on a fresh local 
      ``OMP_NUM_THREADS=1``), so the difference is the distribution, not the thread count;
    - ``service``: a job over HTTP (``POST /v1/videos``, then its SSE events); a step's time is the
      difference of consecutive ``step`` events' ``elapsed_s`` (the first step, which waits for the
-     encoders, is dropped). It covers the cancel check, the DiT handle call with the latents' round
-     trip, and the job record's save with the new event;
+     encoders, is dropped). It covers the DiT handle call with the latents' round trip, the step's
+     checkpoint in the store and the runner's one fenced write of the step to the job database;
    - ``worker``: the in-process loop inside a Ray actor placed like the DiT replicas, to tell the
      worker's environment (threads, scheduling beside the other replicas) from the distribution;
    - ``handle``: the same steps sent from this process straight to the DiT deployment through a
-     `DeploymentHandle` (no router), which splits the service's overhead into handle + latent hop and
-     router bookkeeping (the text embeddings go as one stored object, as the router passes the
-     TextEncoder's response).
+     `DeploymentHandle` (no router, no runner), which splits the service's overhead into handle + latent hop and
+     the runner's bookkeeping (the text embeddings go as one stored object, as the runner puts the
+     TextEncoder's result in the object store once per job).
 
    The runs of the three variants take turns, so drifting background load hits each alike.
    Overhead = median(service) - median(inprocess), over the steps of every run (first step of each
    run dropped in every variant). The issue's goal is at most 50 ms a step.
 
-2. **Where the overhead goes.** A DiT handle call that does no work (``DiT.stats``); one
-   ``JobStore.save`` of a finished job's record to the local store (the router awaits one after each
-   step); and the latent hop against size: each step's latents go to a DiT replica and come back to
-   the router (`deployments/runner.py`), so an echo actor (``num_cpus: 0``, like the replicas)
-   round-trips arrays of the latent shapes of 64x64x17, 256x256x33, 512x512x81 and 832x480x81 (the
-   real model's 480p clip); the hop is the round trip less the smallest one's.
+2. **Where the overhead goes.** A DiT handle call that does no work (``DiT.stats``), and the latent hop
+   against size: each step's latents go to a DiT replica and come back to the runner
+   (`deployments/job_run.py`), so an echo actor (``num_cpus: 0``, like the replicas) round-trips arrays
+   of the latent shapes of 64x64x17, 256x256x33, 512x512x81 and 832x480x81 (the real model's 480p
+   clip); the hop is the round trip less the smallest one's. (The job database's share of a step:
+   `bench/control_plane.py`.)
 
 3. **Load.** 1, 4 and 16 t2v jobs (4 steps, 64x64x17) submitted at once, each waited for on its SSE
    stream. Latency = the job record's ``completed_at`` - the client's clock just before its POST (same
    machine, same clock); throughput = jobs / (last completion - first submit). The DiT deployment
    autoscales as the local profile says (1-2 replicas) unless ``--dit-replicas`` fixes it.
+
+The job database is a SQLite file beside the store unless ``--database`` names another (e.g. a
+PostgreSQL URL).
 
 Usage::
 
@@ -64,11 +67,11 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
-from serving import local_config, running_service  # noqa: E402  (tests/serving.py: the local profile)
+from serving import default_database, local_config, running_service  # noqa: E402  (tests/serving.py)
 
+from deployments.db import Database  # noqa: E402
 from deployments.dit import alpha_model_id  # noqa: E402
-from deployments.jobs import JobStore  # noqa: E402
-from deployments.storage import open_store  # noqa: E402
+from deployments.job_store import JobStore  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402
 from pusa_model.sampler import initial_latents, initial_noise  # noqa: E402
@@ -177,11 +180,11 @@ def inprocess_runs(pipe: PusaPipeline, size, steps: int, runs: int, threads: int
 
 
 def handle_runs(pipe: PusaPipeline, size, steps: int, runs: int) -> list[list[float]]:
-    """Seconds of each DiT step sent from here straight to the DiT deployment (no router)."""
+    """Seconds of each DiT step sent from here straight to the DiT deployment (no runner)."""
     plan = plan_request(parse_request(request_body(size, steps, seed=1)), pipe.preset)
     req = plan.request
     prompt, negative = pipe.text.encode(req.prompt, req.negative_prompt)
-    # One object for the whole job, as the router passes the TextEncoder's response to every step.
+    # One object for the whole job, as the runner puts the text embeddings in the object store once.
     text = ray.put((prompt.numpy(), negative.numpy()))
     clean = np.zeros(plan.latent_shape, dtype=np.float32)
     sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
@@ -209,18 +212,6 @@ def noop_handle_times(calls: int) -> list[float]:
         t0 = time.perf_counter()
         dit.stats.remote().result()
         times.append(time.perf_counter() - t0)
-    return times
-
-
-def store_save_times(jobs: JobStore, job_id: str, calls: int) -> list[float]:
-    """Seconds of `JobStore.save` of a running job's record (what the router awaits after each step)."""
-    job = jobs.get(job_id).model_copy(update={"id": job_id + "bench", "status": "in_progress"})
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        jobs.save(job)
-        times.append(time.perf_counter() - t0)
-    jobs.delete(job.id)
     return times
 
 
@@ -306,7 +297,7 @@ def load_level(url: str, jobs: JobStore, concurrency: int, steps: int) -> dict:
         record = jobs.get(job_id)
         latencies.append(record.completed_at - submitted)
         completions.append(record.completed_at)
-        queued.append(record.started_at - submitted)  # POST + time in the router's queue
+        queued.append(record.started_at - submitted)  # POST + time until a runner claimed it
         running.append(record.completed_at - record.started_at)  # encode, steps, decode, MP4, store
         denoise.append([e["elapsed_s"] for e in events if e["type"] == "step"][-1])  # encoders' wait + steps
     first_submit = min(s for s, _, _ in results)
@@ -348,11 +339,6 @@ def markdown(result: dict) -> str:
     if result.get("noop_handle"):
         lines += ["", f"A DiT handle call that does no work (`DiT.stats`): median {result['noop_handle']['median_ms']:.1f} ms "
                   f"(p25 {result['noop_handle']['p25_ms']:.1f}, p75 {result['noop_handle']['p75_ms']:.1f})."]
-    if result.get("store_save"):
-        save = result["store_save"]
-        lines += ["", f"Saving a job record with {save['events']} events to the local store (`JobStore.save`: record "
-                  f"and active marker, each written and fsynced): median {save['median_ms']:.1f} ms "
-                  f"(p25 {save['p25_ms']:.1f}, p75 {save['p75_ms']:.1f})."]
     if not result["hop"]:
         return "\n".join(lines)
     lines += ["", "Latent round trip to a `num_cpus: 0` actor (median ms over calls):", "",
@@ -386,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-repeats", type=int, default=3, help="rounds of each load level")
     parser.add_argument("--dit-replicas", type=int, help="fix the DiT replicas (default: the profile's autoscaling)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: overhead, hop, load")
+    parser.add_argument("--database", help="job database URL (default: a SQLite file beside the store)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -408,12 +395,15 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"steps": args.steps, "large_steps": args.large_steps, "runs": args.runs, "load_steps": args.load_steps,
                    "load_repeats": args.load_repeats, "dit_replicas": dit_desc, "guidance": 5.0,
                    "runner": profile["args"].get("runner")},
-        "overhead": [], "noop_handle": None, "store_save": None, "hop": [], "load": [],
+        "overhead": [], "noop_handle": None, "hop": [], "load": [],
     }
     pipe = PusaPipeline.from_preset("tiny", device="cpu")
     with tempfile.TemporaryDirectory(prefix="pusa-bench-") as tmp:
         store = str(Path(tmp) / "store")
-        with running_service(store, deployments=deployments, start_timeout_s=240) as url:
+        database = args.database or default_database(store)
+        result["config"]["database"] = Database(database).dialect
+        jobs = JobStore(Database(database))
+        with running_service(store, deployments=deployments, start_timeout_s=240, database=database) as url:
             print(f"service up at {url} after {time.monotonic() - started:.0f} s", flush=True)
             echo = Echo.remote()
             threads = ray.get(echo.threads.remote())
@@ -456,16 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             if "hop" not in skip:
                 noop = noop_handle_times(args.hop_calls)
                 result["noop_handle"] = {**summary(noop), "samples_ms": ms(noop)}
-                jobs = JobStore(open_store(store))
-                with httpx.Client() as client:
-                    _, job_id, events = run_job(client, url, request_body(OVERHEAD_SIZES[0], args.steps, seed=7))
-                saves = store_save_times(jobs, job_id, args.hop_calls)
-                result["store_save"] = {**summary(saves), "events": len(events), "samples_ms": ms(saves)}
                 result["hop"] = hop_times(echo, args.hop_calls)
                 print(f"hop done ({time.monotonic() - started:.0f} s)", flush=True)
 
             if "load" not in skip:
-                jobs = JobStore(open_store(store))
                 for concurrency in (int(c) for c in args.load_levels.split(",")):
                     rounds = [load_level(url, jobs, concurrency, args.load_steps) for _ in range(args.load_repeats)]
                     latencies = [v for r in rounds for v in r["latencies_s"]]
