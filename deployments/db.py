@@ -40,7 +40,7 @@ T = TypeVar("T")
 class db_now(FunctionElement):
     """The database server's clock, in seconds since the epoch.
 
-    Leases compare against this one clock, so routers on machines whose clocks drift apart still agree
+    Leases compare against this one clock, so runners on machines whose clocks drift apart still agree
     on when a lease has expired."""
 
     type = Float()

@@ -4,7 +4,7 @@
     results/{job}/video.mp4, thumbnail.webp
     checkpoints/{job}/e{epoch}-s{step}.npy   latents after `step` steps, written under lease `epoch`
 
-Checkpoint keys carry the lease epoch, so a router that lost its lease never overwrites the checkpoint the
+Checkpoint keys carry the lease epoch, so a runner that lost its lease never overwrites the checkpoint the
 new holder resumes from; the job row points at the one that counts.
 """
 

@@ -84,7 +84,7 @@ class JobRun:
                 await asyncio.shield(self._release_after_cancel())
             raise
         except Exception as exc:
-            if _unavailable(exc):  # never fail a job for an outage: another router adopts it later
+            if _unavailable(exc):  # never fail a job for an outage: another runner adopts it later
                 logger.error("job %s: store or database unavailable for %.0f s; leaving it to be adopted",
                              self.job_id, self.ctx.outage_s)
                 return

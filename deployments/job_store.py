@@ -1,6 +1,6 @@
 """Jobs, their events and leases in the job database.
 
-A job is run by the router that holds its lease. `claim` takes the oldest job that is queued, released,
+A job is run by the runner that holds its lease. `claim` takes the oldest job that is queued, released,
 or whose holder stopped renewing its lease, in one compare-and-set statement (PostgreSQL skips rows other
 claimers have locked) and bumps the lease's epoch. Every write a holder makes afterwards is fenced by
 that epoch and by the job's event count (`version`): a holder that lost its lease can never overwrite
@@ -25,7 +25,7 @@ Order = Literal["asc", "desc"]
 
 
 class LeaseLost(Exception):
-    """This router no longer holds the job: another one claimed it."""
+    """This runner no longer holds the job: another one claimed it."""
 
 
 class IdempotencyConflict(Exception):
@@ -34,7 +34,7 @@ class IdempotencyConflict(Exception):
 
 @dataclass
 class Lease:
-    """A router's hold on a job: the job as claimed, the epoch that fences writes, and the seq of the
+    """A runner's hold on a job: the job as claimed, the epoch that fences writes, and the seq of the
     next event (kept up to date by the store's fenced writes)."""
 
     job: Job
@@ -48,7 +48,7 @@ class Lease:
 
     @property
     def resumed(self) -> bool:
-        """Whether the job was held before (by a router that released or lost it) rather than fresh."""
+        """Whether the job was held before (by a runner that released or lost it) rather than fresh."""
         return self.job.version > 1 or self.job.takeovers > 0
 
 
@@ -167,7 +167,7 @@ class JobStore:
             return [_event(row) for row in conn.execute(_events_after(job_id, seq))]
 
     def queued_count(self) -> int:
-        """Jobs waiting for a router (the queue's length)."""
+        """Jobs waiting for a runner (the queue's length)."""
         with self.db.read() as conn:
             return conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status == "queued")).scalar_one()
 
@@ -261,7 +261,7 @@ class JobStore:
 
     def record(self, lease: Lease, event: dict[str, Any] | None = None, **changes: Any) -> Signals:
         """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other
-        replicas raised. `LeaseLost` if another router holds the job now."""
+        replicas raised. `LeaseLost` if another runner holds the job now."""
         values = {**changes, "lease_expires_at": db_now() + self.lease_ttl_s}
         return self._fenced(lease, event, values)
 
@@ -279,7 +279,7 @@ class JobStore:
         return self._fenced(lease, event, values, also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
 
     def release(self, lease: Lease, event: dict[str, Any], **changes: Any) -> None:
-        """Apply `changes` and give the held job back (a router draining): another router may claim it
+        """Apply `changes` and give the held job back (a runner draining): another runner may claim it
         at once."""
         self._fenced(lease, event, {**changes, "lease_holder": None, "lease_expires_at": None,
                                     "lease_epoch": lease.epoch + 1})

@@ -1,6 +1,6 @@
 """VAE deployment: encode a job's conditioning media, decode its latents into MP4 + thumbnail.
 
-Media bytes come from and go to the shared store, so they never pass through the router.
+Media bytes come from and go to the shared store, so they never pass through the router or the runner.
 """
 
 from __future__ import annotations
