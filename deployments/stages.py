@@ -23,6 +23,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
                                   RequestCancelledError)
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from pusa_model.errors import InvalidRequest
 from pusa_model.request import GenerationPlan
 
 from .dit import alpha_model_id
@@ -34,7 +35,7 @@ logger = logging.getLogger("ray.serve")
 RETRYABLE = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
              BackPressureError, TaskCancelledError, RequestCancelledError, StoreUnavailable)
 
-OnRetry = Callable[[str, int, str], Awaitable[None]]  # (stage, attempt, reason)
+OnRetry = Callable[[str, int, str, str], Awaitable[None]]  # (stage, attempt, cause, reason)
 
 
 class StageFailed(Exception):
@@ -72,9 +73,13 @@ class StageSettings(BaseModel):
     vae_decode: StageTimeout = StageTimeout(base_s=120, per_megavoxel_s=2)
 
 
-def _unrecoverable(exc: BaseException, plan: GenerationPlan) -> StageFailed | None:
-    """The job-ending form of a stage error that a retry cannot fix, else None."""
-    if isinstance(exc, torch.OutOfMemoryError):
+def _unrecoverable(exc: BaseException, plan: GenerationPlan) -> Exception | None:
+    """The job-ending form of a stage error that a retry cannot fix (the replica's own exception when it
+    names a field of the request), else None."""
+    cause = getattr(exc, "cause", None) or exc  # a replica's exception arrives as a RayTaskError
+    if isinstance(cause, InvalidRequest):
+        return cause
+    if isinstance(cause, torch.OutOfMemoryError):
         return StageFailed("out_of_memory", f"the GPU ran out of memory for {plan.width}x{plan.height} with "
                                             f"{plan.frames} frames; try a smaller size or fewer frames")
     return None
@@ -99,12 +104,14 @@ class Stages:
                 return await asyncio.wait_for(_result(response), timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
-                reason = f"no answer within {timeout_s:.0f} s"
+                cause, reason = "timeout", f"no answer within {timeout_s:.0f} s"
             except asyncio.CancelledError:  # the job stops (drain): withdraw the request too
                 response.cancel()
                 raise
+            except StoreUnavailable as exc:
+                cause, reason = "store_unavailable", f"store unavailable: {exc}"
             except RETRYABLE as exc:
-                reason = type(exc).__name__ if not isinstance(exc, StoreUnavailable) else f"store unavailable: {exc}"
+                cause = reason = type(exc).__name__
             except Exception as exc:
                 failed = _unrecoverable(exc, plan)
                 if failed is None:
@@ -113,33 +120,35 @@ class Stages:
             if attempt > s.retries:
                 raise StageFailed(f"{stage}_unavailable", f"{stage} failed {attempt} times; last: {reason}")
             logger.warning("%s attempt %d failed (%s); retrying in %.1f s", stage, attempt, reason, delay)
-            await on_retry(stage, attempt, reason)
+            await on_retry(stage, attempt, cause, reason)
             await asyncio.sleep(delay)
             delay = min(2 * delay, s.backoff_max_s)
         raise AssertionError("unreachable")
 
-    async def encode_text(self, plan: GenerationPlan, on_retry: OnRetry) -> ray.ObjectRef:
+    async def encode_text(self, job_id: str, plan: GenerationPlan, on_retry: OnRetry) -> ray.ObjectRef:
         """The prompt's (and negative prompt's) embeddings, put in the object store once for every step."""
         req = plan.request
         negative = req.negative_prompt if req.guidance != 1.0 else None
-        embeddings = await self.call("text_encoder", lambda: self.text.encode.remote(req.prompt, negative),
+        embeddings = await self.call("text_encoder", lambda: self.text.encode.remote(req.prompt, negative, job_id),
                                      self.settings.text_encode.seconds(0), plan, on_retry)
         return ray.put(embeddings)
 
-    async def encode_conditioning(self, request: dict, plan: GenerationPlan, inputs: dict[str, str],
+    async def encode_conditioning(self, job_id: str, request: dict, plan: GenerationPlan, inputs: dict[str, str],
                                   on_retry: OnRetry) -> np.ndarray:
-        return await self.call("vae", lambda: self.vae.encode_conditioning.remote(request, plan.seed, inputs),
-                               self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
+        return await self.call(
+            "vae", lambda: self.vae.encode_conditioning.remote(request, plan.seed, inputs, job_id),
+            self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
 
-    async def step(self, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None, k: int,
-                   text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
+    async def step(self, job_id: str, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None,
+                   k: int, text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
         """Step `k` on some DiT replica that holds the request's LoRA alpha (step 0 takes `clean`)."""
         req = plan.request
         dit = self.dit.options(multiplexed_model_id=alpha_model_id(req.lora_alpha))
         sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
         passes = 1 if req.guidance == 1.0 else 2
         return await self.call(
-            "dit", lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance),
+            "dit",
+            lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance, job_id),
             self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)
 
     async def decode(self, job_id: str, plan: GenerationPlan, latents: np.ndarray, on_retry: OnRetry) -> dict:

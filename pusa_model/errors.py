@@ -11,6 +11,9 @@ class InvalidRequest(ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self):  # picklable, so that it crosses process boundaries (Ray) whole
+        return type(self), (self.field, self.reason)
+
 
 class ConfigError(ValueError):
     """The deployment is misconfigured: an unknown preset, a missing model source."""
