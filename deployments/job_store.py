@@ -243,6 +243,7 @@ class JobStore:
         stmt = (update(jobs).where(jobs.c.id == oldest, claimable)
                 .values(lease_holder=holder, lease_epoch=jobs.c.lease_epoch + 1, lease_expires_at=now + self.lease_ttl_s,
                         takeovers=jobs.c.takeovers + case((jobs.c.lease_holder.is_(None), 0), else_=1),
+                        adopted=jobs.c.lease_holder.is_not(None),  # SET reads the row as it was
                         status="in_progress", started_at=func.coalesce(jobs.c.started_at, now))
                 .returning(*jobs.c))
         with self.db.write() as conn:

@@ -56,6 +56,7 @@ class Job(BaseModel):
     lease_epoch: int = 0
     lease_expires_at: float | None = None
     takeovers: int = 0
+    adopted: bool = False
     checkpoint_step: int | None = None
     checkpoint_key: str | None = None
     cancel_requested: bool = False

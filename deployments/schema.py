@@ -39,6 +39,7 @@ jobs = Table(
     Column("lease_epoch", Integer, nullable=False, server_default="0"),
     Column("lease_expires_at", Float),
     Column("takeovers", Integer, nullable=False, server_default="0"),  # claims after a holder was lost
+    Column("adopted", Boolean, nullable=False, server_default=false()),  # the current lease was such a claim
     Column("checkpoint_step", Integer),  # steps done in the latents at checkpoint_key
     Column("checkpoint_key", String(512)),
     Column("cancel_requested", Boolean, nullable=False, server_default=false()),

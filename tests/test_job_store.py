@@ -3,6 +3,7 @@ claims, fenced writes, flags from other replicas, idempotency and retention."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -10,11 +11,12 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text, update
 
-from deployments.db import Database, migrate, open_database
+from deployments.db import Database, alembic_config, migrate, open_database
 from deployments.db import main as db_main
 from deployments.job_store import IdempotencyConflict, JobStore, LeaseLost
 from deployments.jobs import Job, job_created_at, new_job_id
@@ -22,6 +24,7 @@ from deployments.schema import job_events, jobs, metadata, webhook_deliveries
 from deployments.webhooks import delivery
 
 T0 = 1_760_000_000.0
+HEAD = "0002"  # the latest schema revision
 
 
 @pytest.fixture
@@ -59,10 +62,27 @@ def expire_leases(db: Database) -> None:
 def test_migrations_build_the_declared_schema_once(db: Database) -> None:
     with db.read() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == HEAD
     migrate(db)  # again: nothing to do
     with db.read() as conn:
         assert conn.execute(select(func.count()).select_from(jobs)).scalar_one() == 0
+
+
+def test_upgrade_keeps_the_jobs_of_an_older_schema(database_url: str) -> None:
+    db = Database(database_url)
+    with db.write() as conn:
+        config = alembic_config(db)
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    old = make_job()
+    with db.write() as conn:  # a row as revision 0001 wrote it
+        conn.execute(text("INSERT INTO jobs (id, owner, created_at, status, model, request, plan, inputs) "
+                          "VALUES (:id, '', :created_at, 'queued', 'pusa-v1', '{}', :plan, '{}')"),
+                     {"id": old.id, "created_at": old.created_at, "plan": json.dumps(old.plan)})
+    migrate(db)
+    store = JobStore(db)
+    assert store.get(old.id).adopted is False and store.claim("r1").job_id == old.id
+    db.dispose()
 
 
 def test_replicas_starting_together_migrate_once(database_url: str) -> None:
@@ -91,7 +111,7 @@ def test_pusa_db_migrates_ahead_of_a_deploy(database_url: str, capsys: pytest.Ca
     assert db_main(["current", database_url]) == 0
     assert capsys.readouterr().out.strip() == "(empty)"
     assert db_main(["upgrade", database_url]) == 0
-    assert capsys.readouterr().out.strip() == "0001"
+    assert capsys.readouterr().out.strip() == HEAD
     assert db_main(["current", "postgresql+psycopg://pusa@127.0.0.1:9/none"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("pusa-db: error: ") and "Connection refused" in err and err.count("\n") == 1
@@ -214,7 +234,7 @@ def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced_out(store: Job
     assert store.claim("r1") is None  # never re-claims its own job
     new = store.claim("r2")
     assert (new.job_id, new.epoch, new.job.takeovers, new.version) == (job.id, 2, 1, 2)
-    assert new.resumed
+    assert new.resumed and new.job.adopted and not old.job.adopted
     with pytest.raises(LeaseLost):
         store.record(old, {"type": "step", "step": 1}, progress=50)
     with pytest.raises(LeaseLost):
@@ -243,6 +263,7 @@ def test_release_lets_another_router_resume_at_once(store: JobStore) -> None:
     store.release(lease, {"type": "released", "step": 1})
     resumed = store.claim("r2")
     assert (resumed.job_id, resumed.epoch, resumed.job.takeovers) == (job.id, 3, 0)  # a release is no takeover
+    assert resumed.resumed and not resumed.job.adopted
     assert (resumed.job.checkpoint_step, resumed.job.checkpoint_key) == (1, "checkpoints/x/e1-s1.npy")
     with pytest.raises(LeaseLost):
         store.record(lease, {"type": "step", "step": 2})
