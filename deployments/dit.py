@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import numpy as np
+import torch
 from ray import serve
 
 from pusa_model.pipeline import load_dit_stage, model_folder
@@ -22,6 +24,7 @@ from pusa_model.transformer import DiTOptions
 
 from .devices import pick_device
 from .dit_group import DiTGroup, DiTParallel, run_step
+from .observability import gpu_kind, job_logging, metrics, timed
 
 
 def alpha_model_id(alpha: float) -> str:
@@ -38,28 +41,40 @@ class DiT:
         parallel: dict | None = None,
     ) -> None:
         layout = DiTParallel.model_validate(parallel or {})
+        dit_options = DiTOptions(**(options or {}))
         self.group = DiTGroup(preset, options or {}, layout) if layout.size > 1 else None
         if self.group is None:
             spec = get_preset(preset)
-            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(options or {})))
+            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), dit_options)
         self.steps_run = 0
         # One forward at a time, also when Serve cancels a call whose thread still computes.
         self._compute = threading.Lock()
+        self.tags = {"preset": preset, "gpu": gpu_kind()}
+        self._compiled = str(bool(dit_options.compile)).lower()
 
     @serve.multiplexed(max_num_models_per_replica=1)
     async def load_alpha(self, model_id: str) -> float:
         """Fuse the LoRA at the alpha named by `model_id` (always from the base weights)."""
         alpha = float(model_id.removeprefix("alpha="))
-        if self.group is not None:
-            await self.group.set_lora_alpha(alpha)
-        else:
-            await asyncio.to_thread(self.stage.set_lora_alpha, alpha)
+        with timed(metrics().lora_fuse, **self.tags):
+            if self.group is not None:
+                await self.group.set_lora_alpha(alpha)
+            else:
+                await asyncio.to_thread(self.stage.set_lora_alpha, alpha)
         return alpha
 
     def _step(self, *args) -> np.ndarray:
+        """`run_step` on this replica's stage; at a job's last step (the step before the schedule's final
+        sigma) also its peak GPU memory."""
+        on_gpu = torch.cuda.is_available()
         with self._compute:
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
             out = run_step(self.stage, *args)
             self.steps_run += 1
+            step, sigmas = args[3], args[4]
+            if on_gpu and step == len(sigmas) - 2:
+                metrics().memory_peak.observe(torch.cuda.max_memory_allocated(), tags=self.tags)
         return out
 
     async def step(
@@ -72,18 +87,27 @@ class DiT:
         multipliers: list[float],
         text: tuple[np.ndarray, np.ndarray | None],
         guidance: float,
+        job_id: str | None = None,
     ) -> np.ndarray:
         """Step `step` of a job: returns the next latents. At step 0 pass `latents=None` and the
         clean conditioning latents; later steps pass the previous step's latents."""
-        model_id = serve.get_multiplexed_model_id()
-        if model_id:
-            await self.load_alpha(model_id)
-        args = (latents, clean, seed, step, sigmas, multipliers, text, guidance)
-        if self.group is None:
-            return await asyncio.to_thread(self._step, *args)
-        out = await self.group.step(*args)
-        self.steps_run += 1
-        return out
+        with job_logging(job_id):
+            model_id = serve.get_multiplexed_model_id()
+            if model_id:
+                await self.load_alpha(model_id)
+            args = (latents, clean, seed, step, sigmas, multipliers, text, guidance)
+            first = self.steps_run == 0
+            started = time.perf_counter()
+            if self.group is None:
+                out = await asyncio.to_thread(self._step, *args)
+            else:
+                out = await self.group.step(*args)
+                self.steps_run += 1
+            seconds = time.perf_counter() - started
+            metrics().stage.observe(seconds, tags={"stage": "dit_step", "deployment": "DiT", **self.tags})
+            if first:
+                metrics().first_step.observe(seconds, tags={**self.tags, "compiled": self._compiled})
+            return out
 
     async def stats(self) -> dict:
         """This replica's pid, steps run and fused alpha (for operators and tests); with a group also its

@@ -25,6 +25,7 @@ from pusa_model.schedule import frame_timesteps
 from .db import is_transient
 from .job_files import JobFiles
 from .job_store import JobStore, Lease, LeaseLost, Signals
+from .observability import bind_job, log_job_event, metrics, timed
 from .stages import StageFailed, Stages
 from .storage import StoreUnavailable
 from .vae import plan_from_job
@@ -75,6 +76,7 @@ class JobRun:
 
     async def run(self) -> None:
         """Run to an end; never raises (what cannot be written stays claimable once the lease expires)."""
+        bind_job(self.job_id)
         try:
             await self._run()
         except LeaseLost as exc:
@@ -111,16 +113,28 @@ class JobRun:
     async def _record(self, event: dict | None = None, **changes: Any) -> Signals:
         return await self._persist(self.ctx.jobs.record, self.lease, event, **changes)
 
-    async def _on_retry(self, stage: str, attempt: int, reason: str, step: int | None = None) -> None:
+    async def _on_retry(self, stage: str, attempt: int, cause: str, reason: str, step: int | None = None) -> None:
         event = {"type": "retry", "stage": stage, "attempt": attempt, "reason": reason}
         if step is not None:
             event["step"] = step
+        metrics().stage_retries.inc(tags={"stage": stage, "cause": cause})
+        log_job_event("retry", self.job_id, stage=stage, attempt=attempt, cause=cause, reason=reason, step=step)
         await self._record(event)
+
+    @property
+    def _tags(self) -> dict[str, str]:
+        return {"task": str(self.lease.job.request.get("task")), "preset": self.ctx.preset}
 
     # -- the job ---------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         ctx, job = self.ctx, self.lease.job
+        log_job_event("claimed", job.id, holder=self.lease.holder, epoch=self.lease.epoch, adopted=job.adopted,
+                      resume_step=job.checkpoint_step or 0)
+        if job.adopted:
+            metrics().takeovers.inc()
+        elif not self.lease.resumed:
+            metrics().queue_wait.observe(max(0.0, time.time() - job.created_at), tags=self._tags)
         if job.cancel_requested:
             return await self._end("cancelled", {"type": "cancelled", "step": job.checkpoint_step or 0})
         if job.takeovers > ctx.max_takeovers:
@@ -133,9 +147,9 @@ class JobRun:
             await self._record({"type": "queued", "requeued": True, "resume_step": start})
         if await self._stop(await self._record({"type": "encoding"}, progress=max(job.progress, 1)), start):
             return
-        text = await ctx.stages.encode_text(plan, self._on_retry)
+        text = await ctx.stages.encode_text(job.id, plan, self._on_retry)
         if start == 0:
-            clean = await ctx.stages.encode_conditioning(job.request, plan, job.inputs, self._on_retry)
+            clean = await ctx.stages.encode_conditioning(job.id, job.request, plan, job.inputs, self._on_retry)
             latents = None
         else:
             clean, latents = None, await self._persist(ctx.files.get_checkpoint, job.checkpoint_key)
@@ -154,10 +168,13 @@ class JobRun:
         checkpoint = job.checkpoint_key
         loop_start = time.monotonic()
         for k in range(start, steps):
-            async def on_retry(stage: str, attempt: int, reason: str, k: int = k) -> None:
-                await self._on_retry(stage, attempt, reason, step=k + 1)
+            async def on_retry(stage: str, attempt: int, cause: str, reason: str, k: int = k) -> None:
+                await self._on_retry(stage, attempt, cause, reason, step=k + 1)
 
-            latents = await ctx.stages.step(plan, latents, clean if k == 0 else None, k, text, on_retry)
+            step_started = time.monotonic()
+            latents = await ctx.stages.step(job.id, plan, latents, clean if k == 0 else None, k, text, on_retry)
+            step_s = time.monotonic() - step_started
+            metrics().step.observe(step_s, tags=self._tags)
             done = k + 1
             elapsed = time.monotonic() - loop_start
             event = {"type": "step", "step": done, "total": steps,
@@ -165,9 +182,10 @@ class JobRun:
                      "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (done - start) * (steps - done), 3)}
             changes: dict[str, Any] = {"progress": progress_after(done, steps)}
             if done % ctx.checkpoint_every == 0 or done == steps:
-                key = await self._persist(ctx.files.put_checkpoint, job.id, self.lease.epoch, done, latents)
-                changes.update(checkpoint_step=done, checkpoint_key=key)
+                changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
             signals = await self._record(event, **changes)
+            log_job_event("step", job.id, step=done, total=steps, seconds=round(step_s, 4),
+                          elapsed_s=event["elapsed_s"], checkpoint="checkpoint_key" in changes)
             if "checkpoint_key" in changes:
                 if checkpoint is not None:  # the pointer moved on: the old latents are garbage
                     await self._persist(ctx.files.store.delete, checkpoint)
@@ -194,11 +212,17 @@ class JobRun:
         ctx, job = self.ctx, self.lease.job
         changes: dict[str, Any] = {}
         if done % ctx.checkpoint_every:
-            key = await self._persist(ctx.files.put_checkpoint, job.id, self.lease.epoch, done, latents)
-            changes = {"checkpoint_step": done, "checkpoint_key": key}
+            changes = {"checkpoint_step": done, "checkpoint_key": await self._checkpoint(done, latents)}
         await self._persist(ctx.jobs.release, self.lease, {"type": "released", "step": done}, **changes)
         self.let_go = True
-        logger.info("job %s released after step %d (draining)", job.id, done)
+        metrics().releases.inc()
+        log_job_event("released", job.id, step=done)
+
+    async def _checkpoint(self, done: int, latents) -> str:
+        """Write the latents after `done` steps to the blob store; returns their key."""
+        files = self.ctx.files
+        with timed(metrics().checkpoint, store=files.store.uri.split(":", 1)[0]):
+            return await self._persist(files.put_checkpoint, self.job_id, self.lease.epoch, done, latents)
 
     async def _release_after_cancel(self) -> None:
         """The run was cancelled mid-call while draining: let a write in flight land, then release the
@@ -208,6 +232,8 @@ class JobRun:
         try:
             await self._persist(self.ctx.jobs.release, self.lease, {"type": "released"})
             self.let_go = True
+            metrics().releases.inc()
+            log_job_event("released", self.job_id, step=None)
         except Exception:  # LeaseLost or an outage: the lease expires and the job is adopted anyway
             logger.exception("job %s: could not release", self.job_id)
 
@@ -218,6 +244,10 @@ class JobRun:
         signals = await self._persist(ctx.jobs.finish, self.lease, status, event, error=error, progress=progress,
                                       retention_s=ctx.retention_s, webhook=delivery(job.id, status, url) if url else None)
         self.let_go = True
+        reason = (error or {}).get("code") or event.get("reason") or ""
+        metrics().jobs_finished.inc(tags={**self._tags, "status": status, "reason": reason})
+        log_job_event("finished", job.id, status=status, reason=reason,
+                      seconds=round(time.time() - (job.started_at or job.created_at), 3))
         await self._persist(ctx.files.delete_checkpoints, job.id)
         if signals.delete:
             await self._persist(ctx.files.delete_all, job.id)

@@ -27,6 +27,7 @@ from .event_stream import job_events, sse
 from .job_files import RESULT_FILES, JobFiles
 from .job_store import IdempotencyConflict, JobStore
 from .jobs import TERMINAL, Job, job_created_at, new_job_id
+from .observability import log_job_event, metrics
 from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
                          request_fingerprint)
 from .storage import StoreUnavailable, open_store
@@ -39,6 +40,7 @@ app = FastAPI(title="Pusa video generation", version="1")
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    metrics().requests_rejected.inc(tags={"code": str(exc.status), "type": exc.kind})
     return exc.response()
 
 
@@ -47,8 +49,8 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
 @app.exception_handler(StoreUnavailable)
 async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
     logger.warning("request failed: %s unavailable: %s", "store" if isinstance(exc, StoreUnavailable) else "database", exc)
-    return ApiError(503, "the job database or store is briefly unavailable; retry", kind="service_unavailable",
-                    headers={"Retry-After": "5"}).response()
+    return await _api_error(_, ApiError(503, "the job database or store is briefly unavailable; retry",
+                                        kind="service_unavailable", headers={"Retry-After": "5"}))
 
 
 class ApiSettings(BaseModel):
@@ -151,6 +153,9 @@ class Router:
         if stored is None or stored.id != job_id:  # a concurrent request with the same key won
             await asyncio.to_thread(self.files.delete_all, job_id)
             return self._same_request(stored or await asyncio.to_thread(self.jobs.find_idempotent, "", key), fingerprint)
+        metrics().jobs_accepted.inc(tags={"task": spec["task"], "preset": self.preset.name})
+        log_job_event("accepted", job_id, task=spec["task"], size=f"{plan.width}x{plan.height}", frames=plan.frames,
+                      steps=plan.request.steps, queued=queued + 1)
         self._wake_a_runner()
         return stored
 

@@ -24,6 +24,7 @@ from .db import open_database
 from .job_files import JobFiles
 from .job_run import JobRun, RunContext
 from .job_store import JobStore
+from .observability import metrics
 from .stages import StageSettings, Stages
 from .storage import open_store
 from .webhooks import WebhookSender, WebhookSettings
@@ -89,10 +90,14 @@ class Runner:
                 "draining": self.draining.is_set()}
 
     async def check_health(self) -> None:
-        """Unhealthy once one of the replica's loops has died: Serve then replaces the replica."""
+        """Unhealthy once one of the replica's loops has stopped (unless it is draining): Serve then
+        replaces the replica, and its jobs are adopted from their checkpoints."""
+        if self.draining.is_set():
+            return
         for task in self._loops:
-            if task.done() and not task.cancelled():
-                raise RuntimeError(f"runner loop {task.get_name()} stopped: {task.exception()!r}")
+            if task.done():
+                why = "cancelled" if task.cancelled() else repr(task.exception())
+                raise RuntimeError(f"runner loop {task.get_name()} stopped ({why})")
 
     async def __del__(self) -> None:
         """Drain (Serve calls this when it stops the replica): stop claiming, let every job finish its
@@ -124,6 +129,7 @@ class Runner:
             if lease is not None:
                 run = JobRun(self.ctx, lease)
                 self.runs[lease.job_id] = (run, asyncio.create_task(self._run(run)))
+                self._report_running()
                 continue
             self._wake.clear()
             try:
@@ -136,15 +142,21 @@ class Runner:
             await run.run()
         finally:
             self.runs.pop(run.job_id, None)
+            self._report_running()
             self._wake.set()
 
+    def _report_running(self) -> None:
+        metrics().jobs_running.set(len(self.runs), tags={"replica": self.holder})
+
     async def _renew(self) -> None:
-        """Renew this replica's leases; stop the runs whose lease another replica took over."""
+        """Renew this replica's leases; stop the runs whose lease another replica took over. Also
+        report the queue's depth."""
         while True:
             await asyncio.sleep(self.settings.renew_s)
             runs = list(self.runs.items())  # jobs claimed while renewing are not judged by this round
             try:
                 held = await asyncio.to_thread(self.jobs.renew, self.holder)
+                metrics().queue_depth.set(await asyncio.to_thread(self.jobs.queued_count))
             except Exception as exc:
                 logger.warning("renewing leases failed: %r", exc)
                 continue

@@ -11,6 +11,7 @@ from pusa_model.pipeline import load_text_stage, model_folder
 from pusa_model.presets import get_preset
 
 from .devices import pick_device
+from .observability import gpu_kind, job_logging, metrics, timed
 
 
 @serve.deployment(name="TextEncoder")
@@ -20,8 +21,11 @@ class TextEncoder:
     def __init__(self, preset: str = "tiny", device: str | None = None) -> None:
         spec = get_preset(preset)
         self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
+        self.tags = {"stage": "text_encode", "deployment": "TextEncoder", "preset": preset, "gpu": gpu_kind()}
 
-    async def encode(self, prompt: str, negative_prompt: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    async def encode(self, prompt: str, negative_prompt: str | None,
+                     job_id: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Embeddings ``(1, 512, text_dim)`` of the prompt and, when given, the negative prompt."""
-        positive, negative = await asyncio.to_thread(self.stage.encode, prompt, negative_prompt)
+        with job_logging(job_id), timed(metrics().stage, **self.tags):
+            positive, negative = await asyncio.to_thread(self.stage.encode, prompt, negative_prompt)
         return positive.numpy(), None if negative is None else negative.numpy()

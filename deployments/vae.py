@@ -20,6 +20,7 @@ from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
 
 from .devices import pick_device
 from .job_files import JobFiles
+from .observability import gpu_kind, job_logging, metrics, timed
 from .storage import open_store
 
 
@@ -37,19 +38,23 @@ class VAE:
         spec = get_preset(preset)
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling)
         self.files = JobFiles(open_store(store))
+        self.tags = {"deployment": "VAE", "preset": preset, "gpu": gpu_kind()}
 
     def _encode(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
         plan = plan_from_job(request, seed, self.preset)
         sources = {field: self.files.store.get(key) for field, key in inputs.items()}
         return encode_conditioning(self.stage, plan, sources).numpy()
 
-    async def encode_conditioning(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
+    async def encode_conditioning(self, request: dict, seed: int, inputs: dict[str, str],
+                                  job_id: str | None = None) -> np.ndarray:
         """Clean latents ``(1, 16, F, h, w)`` with the job's images or clip at their latent indices."""
-        return await asyncio.to_thread(self._encode, request, seed, inputs)
+        with job_logging(job_id), timed(metrics().stage, stage="conditioning_encode", **self.tags):
+            return await asyncio.to_thread(self._encode, request, seed, inputs)
 
     def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
-        frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
-        with tempfile.TemporaryDirectory() as tmp:
+        with timed(metrics().stage, stage="decode", **self.tags):
+            frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+        with timed(metrics().stage, stage="write", **self.tags), tempfile.TemporaryDirectory() as tmp:
             video, thumbnail = Path(tmp) / "video.mp4", Path(tmp) / "thumbnail.webp"
             media.write_mp4(frames, video, fps)
             media.write_thumbnail(frames, thumbnail)
@@ -57,4 +62,5 @@ class VAE:
 
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""
-        return await asyncio.to_thread(self._decode, job_id, latents, fps)
+        with job_logging(job_id):
+            return await asyncio.to_thread(self._decode, job_id, latents, fps)

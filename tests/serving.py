@@ -52,16 +52,20 @@ def default_database(store: str) -> str:
 @contextmanager
 def running_service(store: str, runner: dict | None = None, deployments: dict | None = None,
                     start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None,
-                    num_gpus: int | None = None, api: dict | None = None, database: str | None = None):
+                    num_gpus: int | None = None, api: dict | None = None, database: str | None = None,
+                    metrics_port: int | None = None):
     """Yield the base URL of the service deployed from the local profile; shut everything down after.
 
     `num_gpus` gives the local Ray that many logical GPUs (default: the GPUs Ray detects), e.g. for
-    placement-group bundles of one GPU on a CPU-only machine."""
+    placement-group bundles of one GPU on a CPU-only machine. `metrics_port`: where Ray's metrics
+    agent serves Prometheus metrics (reported every second)."""
     port = free_port()
     config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args, api, database))
+    metrics = {} if metrics_port is None else {
+        "_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
     # log_to_driver: replica logs stay in the session folder; failures surface in jobs
     ray.init(address="local", num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
-             include_dashboard=False, log_to_driver=False)
+             include_dashboard=False, log_to_driver=False, **metrics)
     try:
         problems = deploy(config, start_timeout_s)
         assert not problems, problems

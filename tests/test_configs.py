@@ -229,6 +229,7 @@ def test_worker_start_command_advertises_a6000_per_card(cluster, tmp_path):
     assert params["address"] == "192.0.2.10:6379"
     assert json.loads(params["resources"]) == {"A6000": 2}
     assert params["num_gpus"] == 2
+    assert params["metrics_export_port"] == 8080  # where Prometheus scrapes every node (docs/deploy.md)
 
 
 def test_head_start_command_has_no_gpus(cluster, tmp_path):
@@ -238,6 +239,7 @@ def test_head_start_command_has_no_gpus(cluster, tmp_path):
     assert params["num_gpus"] == 0
     assert "A6000" not in (params["resources"] or "")
     assert params["autoscaling_config"] and params["port"] == 6379
+    assert params["metrics_export_port"] == 8080
 
 
 class _Provider:
