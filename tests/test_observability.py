@@ -16,7 +16,6 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 from service_probe import ServiceProbe, steps_done
-from videoapi import image_bytes
 
 from deployments.job_files import JobFiles
 from deployments.jobs import Job, job_created_at, new_job_id
