@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pusa_model.errors import InvalidRequest
 from pusa_model.request import GenerationPlan
@@ -31,6 +31,9 @@ from .storage import StoreUnavailable
 from .vae import plan_from_job
 from .webhooks import delivery
 
+if TYPE_CHECKING:
+    from .runner import RunnerSettings
+
 logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
@@ -43,11 +46,9 @@ class RunContext:
     jobs: JobStore
     files: JobFiles
     stages: Stages
+    settings: RunnerSettings  # checkpoint_every, max_takeovers, outage_s, ...
     preset: str
-    checkpoint_every: int
-    max_takeovers: int
     retention_s: float
-    outage_s: float  # how long the database or the store may be unreachable before a run gives up
     webhook_url: str | None  # the deployment's receiver, if any (a request's own URL wins)
     draining: asyncio.Event
 
@@ -88,7 +89,7 @@ class JobRun:
         except Exception as exc:
             if _unavailable(exc):  # never fail a job for an outage: another runner adopts it later
                 logger.error("job %s: store or database unavailable for %.0f s; leaving it to be adopted",
-                             self.job_id, self.ctx.outage_s)
+                             self.job_id, self.ctx.settings.outage_s)
                 return
             await self._fail(exc)
 
@@ -97,7 +98,7 @@ class JobRun:
     async def _persist(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` in a thread, retried with backoff while the database or the store is
         unreachable (for up to ``outage_s``). One write at a time; a cancelled caller leaves it to finish."""
-        delay, deadline = 0.2, time.monotonic() + self.ctx.outage_s
+        delay, deadline = 0.2, time.monotonic() + self.ctx.settings.outage_s
         while True:
             self._write = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
             try:
@@ -137,7 +138,7 @@ class JobRun:
             metrics().queue_wait.observe(max(0.0, time.time() - job.created_at), tags=self._tags)
         if job.cancel_requested:
             return await self._end("cancelled", {"type": "cancelled", "step": job.checkpoint_step or 0})
-        if job.takeovers > ctx.max_takeovers:
+        if job.takeovers > ctx.settings.max_takeovers:
             error = {"code": "runner_lost",
                      "message": f"the runner replica running this job was lost {job.takeovers} times; given up"}
             return await self._end("failed", {"type": "failed", "error": error}, error=error)
@@ -181,7 +182,7 @@ class JobRun:
                      "timesteps": [round(t, 3) for t in frame_timesteps(plan.sigmas, plan.multipliers, k).tolist()],
                      "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (done - start) * (steps - done), 3)}
             changes: dict[str, Any] = {"progress": progress_after(done, steps)}
-            if done % ctx.checkpoint_every == 0 or done == steps:
+            if done % ctx.settings.checkpoint_every == 0 or done == steps:
                 changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
             signals = await self._record(event, **changes)
             log_job_event("step", job.id, step=done, total=steps, seconds=round(step_s, 4),
@@ -211,7 +212,7 @@ class JobRun:
         """Checkpoint (if the last step was not) and give the job back for another runner to resume."""
         ctx, job = self.ctx, self.lease.job
         changes: dict[str, Any] = {}
-        if done % ctx.checkpoint_every:
+        if done % ctx.settings.checkpoint_every:
             changes = {"checkpoint_step": done, "checkpoint_key": await self._checkpoint(done, latents)}
         await self._persist(ctx.jobs.release, self.lease, {"type": "released", "step": done}, **changes)
         self.let_go = True

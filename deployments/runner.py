@@ -69,9 +69,8 @@ class Runner:
         self.webhooks = WebhookSender(db, hooks, secret) if secret else None
         self.draining = asyncio.Event()
         self.ctx = RunContext(
-            jobs=self.jobs, files=files, stages=Stages(text_encoder, vae, dit, s.stages), preset=preset,
-            checkpoint_every=s.checkpoint_every, max_takeovers=s.max_takeovers, retention_s=retention_s,
-            outage_s=s.outage_s, webhook_url=hooks.url if secret else None, draining=self.draining,
+            jobs=self.jobs, files=files, stages=Stages(text_encoder, vae, dit, s.stages), settings=s, preset=preset,
+            retention_s=retention_s, webhook_url=hooks.url if secret else None, draining=self.draining,
         )
         self.runs: dict[str, tuple[JobRun, asyncio.Task]] = {}
         self._wake = asyncio.Event()
