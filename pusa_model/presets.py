@@ -71,7 +71,7 @@ def get_preset(name: str) -> Preset:
     if name == "tiny":
         return Preset(
             name="tiny",
-            source=str(default_cache_dir() / "tiny"),
+            source=str(default_cache_dir() / TINY_BUILD),
             width=64,
             height=64,
             frames=17,
@@ -86,6 +86,7 @@ def get_preset(name: str) -> Preset:
 
 
 PRESET_NAMES = ("tiny", "pusa-v1")
+TINY_BUILD = "tiny-2"  # the cache folder of the tiny checkpoint; a new name when its configs change
 
 
 def tiny_transformer_config() -> dict:
@@ -102,7 +103,7 @@ def tiny_transformer_config() -> dict:
         num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
+        rope_max_seq_len=128,  # positions per axis: 2 × 8 × 128 = 2048 pixels, above MAX_SIDE
     )
 
 

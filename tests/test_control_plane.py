@@ -256,36 +256,59 @@ def _redeploy(setup, change) -> float:
     return time.monotonic() - started
 
 
-def _drained_jobs_complete(svc: ServiceProbe, ids: list[str], steps: int) -> None:
-    released = 0
+# Jobs far longer than any redeploy (DiT steps of ~2 s here): each is still running when its runner stops.
+LONG = {"prompt": "a cat", "size": "1920x1920", "frames": 5, "steps": 50}
+
+
+def _steps_since_release(events: list[dict]) -> int:
+    released = [e["seq"] for e in events if e["type"] == "released"]
+    return sum(1 for e in events if e["type"] == "step" and released and e["seq"] > released[-1])
+
+
+def _drained_jobs_resume(svc: ServiceProbe, ids: list[str], stopped: int) -> None:
+    """The `stopped` jobs of the runners Serve stopped were released after a whole step and resumed by
+    another runner at the next step; the others ran on undisturbed. Jobs are cancelled once that is seen
+    (the undisturbed ones first, making room); each ends with every step reported exactly once and no
+    lease ever lost."""
+    was_released = lambda job_id: any(e["type"] == "released" for e in svc.events(job_id))  # noqa: E731
+    deadline = time.monotonic() + 60
+    while len(released := [j for j in ids if was_released(j)]) < stopped:
+        assert time.monotonic() < deadline, [(svc.record(j).status, svc.events(j)[-2:]) for j in ids]
+        time.sleep(0.1)
+    assert len(released) == stopped
+    for job_id in set(ids) - set(released):
+        svc.http.post(f"/v1/videos/{job_id}/cancel")
+    resuming, deadline = set(released), time.monotonic() + 180
+    while resuming:
+        for job_id in [j for j in resuming if _steps_since_release(svc.events(j)) >= 2]:
+            svc.http.post(f"/v1/videos/{job_id}/cancel")
+            resuming.discard(job_id)
+        assert time.monotonic() < deadline, f"not resumed: {resuming}"
+        time.sleep(0.1)
     for job_id in ids:
-        job = svc.wait_ended(job_id, timeout=180)
-        assert job.status == "completed", job.error
+        job = svc.wait_ended(job_id, timeout=60)
+        assert job.status == "cancelled" and job.takeovers == 0, job
         events = svc.events(job_id)
-        assert stepped_once(events, steps), events  # released between steps, resumed at the next one
-        assert job.takeovers == 0  # handed over, never lost
-        released += sum(1 for e in events if e["type"] == "released")
-    assert released >= 1
+        assert stepped_once(events, steps_done(events)), events
 
 
 def test_runner_redeploy_during_jobs_drains_them(setup, svc):
-    steps = 24
-    ids = [svc.submit(**SLOW, steps=steps, seed=700 + i) for i in range(3)]
+    ids = [svc.submit(**LONG, seed=700 + i) for i in range(3)]
     svc.wait_steps(ids[-1], 2)
 
     def new_version(app: dict) -> None:  # a changed runner setting: Serve replaces every runner replica
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
 
     _redeploy(setup, new_version)
-    _drained_jobs_complete(svc, ids, steps)
+    _drained_jobs_resume(svc, ids, stopped=3)  # every runner was replaced
 
 
 def test_runner_downscale_during_jobs_drains_them(setup, svc):
-    steps = 24
-    ids = [svc.submit(**SLOW, steps=steps, seed=800 + i) for i in range(4)]
-    svc.wait_steps(ids[-1], 2)
+    ids = [svc.submit(**LONG, seed=800 + i) for i in range(4)]
+    for job_id in ids:  # two jobs on each runner, whichever one the downscale stops
+        svc.wait_steps(job_id, 2)
 
-    def one_runner(app: dict) -> None:
+    def one_runner(app: dict) -> None:  # the same version (as redeployed above), one replica fewer
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
         for dep in app["deployments"]:
             if dep["name"] == "Runner":
@@ -293,5 +316,4 @@ def test_runner_downscale_during_jobs_drains_them(setup, svc):
 
     _redeploy(setup, one_runner)
     svc.replica_counts = {**REPLICAS, "Runner": 1}
-    _drained_jobs_complete(svc, ids, steps)
-    assert steps_done(svc.events(ids[0])) == steps
+    _drained_jobs_resume(svc, ids, stopped=2)
