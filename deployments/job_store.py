@@ -17,9 +17,10 @@ from typing import Any, Literal
 from sqlalchemy import and_, case, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
+from . import quotas
 from .db import Database, db_now
 from .jobs import ACTIVE, TERMINAL, Job, job_created_at
-from .schema import job_events, jobs, webhook_deliveries
+from .schema import job_events, jobs, usage, webhook_deliveries
 
 Order = Literal["asc", "desc"]
 
@@ -91,16 +92,21 @@ class JobStore:
 
     # -- submission ------------------------------------------------------------------------------
 
-    def create(self, job: Job, event: dict[str, Any], abandon_after_s: float | None = None) -> Job:
+    def create(self, job: Job, event: dict[str, Any], abandon_after_s: float | None = None,
+               charge: quotas.Charge | None = None) -> Job:
         """Insert a new job with `event` as its event 0; with `abandon_after_s`, the job is cancelled that
         long after no client streams it any more (`keep_watching`). With an idempotency key the same
-        owner used before: the existing job if its request hash matches, else `IdempotencyConflict`."""
+        owner used before: the existing job if its request hash matches, else `IdempotencyConflict`.
+        With a `charge`, the owner's quotas are checked and the charge recorded in the same transaction
+        (`quotas.QuotaExceeded` when over one)."""
         row = job.model_dump(exclude={"version"}) | {"version": 1}
         values = dict(row)
         if abandon_after_s is not None:
             values["abandon_at"] = db_now() + abandon_after_s
         try:
             with self.db.write() as conn:
+                if charge is not None:
+                    quotas.record(conn, charge, job.id)
                 conn.execute(insert(jobs).values(**values))
                 self._insert_event(conn, job.id, 0, event)
         except IntegrityError:
@@ -111,6 +117,12 @@ class JobStore:
                 raise IdempotencyConflict(job.idempotency_key) from None
             return existing
         return Job.model_validate(row)
+
+    def check_quotas(self, charge: quotas.Charge) -> None:
+        """`quotas.QuotaExceeded` if a job of this charge would be refused now (a cheap early check; the
+        binding one is in `create`)."""
+        with self.db.read() as conn:
+            quotas.check(conn, charge)
 
     def find_idempotent(self, owner: str, key: str) -> Job | None:
         """The job `owner` created with idempotency key `key`, if any (deleted ones included)."""
@@ -324,6 +336,11 @@ class JobStore:
         query = (select(jobs.c.id).where(jobs.c.expires_at < db_now()).order_by(jobs.c.expires_at).limit(limit))
         with self.db.read() as conn:
             return list(conn.execute(query).scalars())
+
+    def prune_usage(self) -> int:
+        """Forget charges older than any quota's window; returns how many."""
+        with self.db.write() as conn:
+            return conn.execute(delete(usage).where(usage.c.created_at < time.time() - quotas.DAY_S)).rowcount
 
     def delete_expired(self, job_id: str) -> bool:
         """Remove an expired job's row (after its files); False if it is gone or not expired."""

@@ -165,12 +165,14 @@ class Runner:
                     task.cancel()
 
     async def _sweep(self) -> None:
-        """Delete jobs past their retention period: files first, then the row (and its events)."""
+        """Delete jobs past their retention period (files first, then the row and its events) and quota
+        charges past every quota's window."""
         while True:
             try:
                 for job_id in await asyncio.to_thread(self.jobs.expired):
                     await asyncio.to_thread(self.ctx.files.delete_all, job_id)
                     await asyncio.to_thread(self.jobs.delete_expired, job_id)
+                await asyncio.to_thread(self.jobs.prune_usage)
                 if self.webhooks is not None:
                     await asyncio.to_thread(self.webhooks.forget_settled, self.retention_s)
             except Exception:

@@ -5,6 +5,9 @@ a test keeps the two in step.
   pointer, flags set by other replicas (cancel, delete, a streaming client's deadline) and retention.
 - ``job_events``: the job's progress events, append-only, numbered 0, 1, ... per job.
 - ``webhook_deliveries``: the outbox of signed webhook calls, written in the transaction that ends a job.
+- ``api_keys``: API keys (only their SHA-256), each with a role and optional quotas of its own.
+- ``usage``: what each key was charged per accepted job (its cost estimate), kept a day for its quotas;
+  deleting a job does not remove its charge.
 """
 
 from __future__ import annotations
@@ -79,3 +82,28 @@ webhook_deliveries = Table(
     Column("last_error", Text),
 )
 Index("ix_webhook_deliveries_due", webhook_deliveries.c.state, webhook_deliveries.c.next_attempt_at)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),  # the owner of its jobs
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),  # user | admin
+    Column("secret_hash", String(64), nullable=False, unique=True),  # sha256 hex of the key
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float),
+    # quotas of this key; NULL: the deployment's default
+    Column("max_concurrent_jobs", Integer),
+    Column("jobs_per_minute", Integer),
+    Column("gpu_seconds_per_day", Float),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("gpu_seconds", Float, nullable=False),
+)
+Index("ix_usage_owner_created", usage.c.owner, usage.c.created_at)

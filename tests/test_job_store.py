@@ -16,15 +16,17 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text, update
 
+from deployments.api_keys import KeyStore, Quotas
 from deployments.db import Database, alembic_config, migrate, open_database
 from deployments.db import main as db_main
 from deployments.job_store import IdempotencyConflict, JobStore, LeaseLost
 from deployments.jobs import Job, job_created_at, new_job_id
-from deployments.schema import job_events, jobs, metadata, webhook_deliveries
+from deployments.quotas import Charge, QuotaExceeded
+from deployments.schema import api_keys, job_events, jobs, metadata, usage, webhook_deliveries
 from deployments.webhooks import delivery
 
 T0 = 1_760_000_000.0
-HEAD = "0002"  # the latest schema revision
+HEAD = "0003"  # the latest schema revision
 
 
 @pytest.fixture
@@ -362,3 +364,57 @@ def test_retention_lists_and_deletes_expired_jobs(store: JobStore, db: Database)
         assert conn.execute(select(func.count()).select_from(job_events)
                             .where(job_events.c.job_id == old.id)).scalar_one() == 0
     assert store.expired() == [] and store.get(running.id).status == "in_progress"
+
+
+# -- keys and quotas -------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_of_one_key_never_overshoot_its_quotas(store: JobStore, db: Database) -> None:
+    limits = Quotas(jobs_per_minute=3, gpu_seconds_per_day=100.0)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def submit(i: int) -> None:
+        charge = Charge(owner="key_a", gpu_seconds=20.0, quotas=limits, at=time.time(), busy_retry_s=30)
+        try:
+            store.create(make_job(owner="key_a"), {"type": "queued", "position": 1}, charge=charge)
+            outcome = "accepted"
+        except QuotaExceeded as exc:
+            outcome = exc.quota
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert Counter(outcomes) == {"accepted": 3, "jobs_per_minute": 5}  # checked and charged under one lock
+    with db.read() as conn:
+        assert conn.execute(select(func.sum(usage.c.gpu_seconds)).where(usage.c.owner == "key_a")).scalar_one() == 60
+    other = Charge(owner="key_b", gpu_seconds=20.0, quotas=limits, at=time.time(), busy_retry_s=30)
+    store.check_quotas(other)  # another key's charges are its own
+
+    day = Charge(owner="key_a", gpu_seconds=50.0, quotas=Quotas(gpu_seconds_per_day=100.0), at=time.time(),
+                 busy_retry_s=30)
+    with pytest.raises(QuotaExceeded) as refused:  # 60 used + 50 > 100: room once the first 20 leave the window
+        store.check_quotas(day)
+    assert refused.value.quota == "gpu_seconds_per_day" and 86390 <= refused.value.retry_after_s <= 86400
+    with db.write() as conn:  # a day later
+        conn.execute(update(usage).values(created_at=usage.c.created_at - 86401))
+    assert store.prune_usage() == 3
+    store.check_quotas(day)
+
+
+def test_keys_are_stored_hashed_and_revoked_at_once(db: Database) -> None:
+    keys = KeyStore(db)
+    key, secret = keys.create("alice", "admin", Quotas(max_concurrent_jobs=2))
+    assert keys.authenticate(secret) == key and key.role == "admin" and key.quotas.max_concurrent_jobs == 2
+    with db.read() as conn:
+        stored = conn.execute(select(api_keys)).one()._mapping
+    assert secret not in json.dumps({k: v for k, v in stored.items()}, default=str)
+    assert keys.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+    assert keys.authenticate("not-a-key") is None
+    assert keys.revoke(key.id) and not keys.revoke(key.id)
+    assert keys.authenticate(secret) is None
+    assert [k.revoked_at is not None for k in keys.list()] == [True]
