@@ -18,6 +18,7 @@ import collections
 import io
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidRequest
 
@@ -33,6 +35,21 @@ Source = str | Path | bytes
 
 # ffmpeg log lines that say what went wrong, e.g. "[in#0 @ 0x55d0] moov atom not found".
 _FFMPEG_PROBLEM = re.compile(r"not found|invalid|error|partial|corrupt|unsupported|no such|matches no", re.I)
+
+
+class MediaLimits(BaseModel):
+    """What decoding one input may cost: pixels per image or frame (decompression bombs), a video's
+    frames and duration (checked from its header, then while decoding) and the wall time to decode it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_frames: int = Field(default=2000, ge=1)
+    max_seconds: float = Field(default=300.0, gt=0, allow_inf_nan=False)
+    timeout_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+
+
+DEFAULT_LIMITS = MediaLimits()
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -59,14 +76,26 @@ def _check_source(source: Source, field: str, kind: str) -> None:
         raise InvalidRequest(field, f"cannot read {kind}: file is empty: {path}")
 
 
-def load_image(source: Source, width: int, height: int, field: str = "image") -> torch.Tensor:
-    """Read an image file or upload and return it fitted to (3, height, width), float32 in [-1, 1]."""
+def _check_pixels(width: int, height: int, limits: MediaLimits, field: str, kind: str) -> None:
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(field, f"{kind} of {width}x{height} exceeds the limit of {limits.max_pixels} pixels")
+
+
+def load_image(source: Source, width: int, height: int, field: str = "image",
+               limits: MediaLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Read an image file or upload and return it fitted to (3, height, width), float32 in [-1, 1].
+    Its size is checked against `limits` from the header, before any pixel is decoded."""
     _check_source(source, field, "image")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            _check_pixels(*image.size, limits, field, "an image")
             image.load()
             rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except InvalidRequest:
+        raise
+    except Image.DecompressionBombError:  # Pillow's own, larger limit, checked as it opens the file
+        raise InvalidRequest(field, f"the image exceeds the limit of {limits.max_pixels} pixels") from None
+    except (OSError, ValueError) as exc:
         raise InvalidRequest(field, f"cannot read image: {exc}") from exc
     return _to_tensor(np.asarray(_fit(rgb, width, height)))
 
@@ -91,23 +120,44 @@ def _ffmpeg_problem(exc: Exception) -> str:
     return (problems or lines or [type(exc).__name__])[0]
 
 
+def _bounded(frames: Iterator[bytes], shape: tuple[int, int, int], limits: MediaLimits,
+             field: str) -> Iterator[np.ndarray]:
+    """The decoded frames as arrays, failing past `limits.max_frames` frames or `limits.timeout_s`."""
+    deadline = time.monotonic() + limits.timeout_s
+    for count, frame in enumerate(frames, 1):
+        if count > limits.max_frames:
+            raise InvalidRequest(field, f"the video has more than {limits.max_frames} frames")
+        if time.monotonic() > deadline:
+            raise InvalidRequest(field, f"the video took longer than {limits.timeout_s:g} s to decode")
+        yield np.frombuffer(frame, dtype=np.uint8).reshape(shape)
+
+
 @contextmanager
-def _read_video(source: Source, field: str, limit: int | None) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
+def _read_video(source: Source, field: str, limit: int | None,
+                limits: MediaLimits = DEFAULT_LIMITS) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
     """Open a video with ffmpeg: yield its metadata and an iterator over at most `limit` frames.
 
     Frames are uint8 (H, W, 3), in decoding order, one per decoded frame (no frame-rate conversion);
-    ffmpeg stops after `limit` frames (None: all). Any decoding failure becomes InvalidRequest(field, ...).
+    ffmpeg stops after `limit` frames (None: all, up to one past `limits.max_frames`). The frame size,
+    the frame count and the duration (read from the container without decoding) are checked against
+    `limits` before any frame is decoded. Any decoding failure becomes InvalidRequest(field, ...).
     """
     _check_source(source, field, "video")
-    params = ["-map", "0:v:0", "-fps_mode", "passthrough"]
-    if limit is not None:
-        params += ["-frames:v", str(limit)]
+    params = ["-map", "0:v:0", "-fps_mode", "passthrough", "-frames:v", str(limit or limits.max_frames + 1)]
     with _as_path(source) as path:
         reader = imageio_ffmpeg.read_frames(path, output_params=params)
         try:
             meta = next(reader)
             width, height = meta["size"]
-            yield meta, (np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3) for frame in reader)
+            _check_pixels(width, height, limits, field, "a video frame")
+            frames, seconds = imageio_ffmpeg.count_frames_and_secs(path)  # from the container: nothing decoded
+            if seconds > limits.max_seconds:
+                raise InvalidRequest(field, f"the video lasts {seconds:g} s; the limit is {limits.max_seconds:g} s")
+            if frames > limits.max_frames:
+                raise InvalidRequest(field, f"the video has {frames} frames; the limit is {limits.max_frames}")
+            yield meta, _bounded(reader, (height, width, 3), limits, field)
+        except InvalidRequest:
+            raise
         except (OSError, RuntimeError, ValueError, IndexError) as exc:
             raise InvalidRequest(field, f"cannot read video: {_ffmpeg_problem(exc)}") from exc
         finally:
@@ -115,14 +165,15 @@ def _read_video(source: Source, field: str, limit: int | None) -> Iterator[tuple
 
 
 def load_video(
-    source: Source, width: int, height: int, num_frames: int, field: str = "video", from_end: bool = False
+    source: Source, width: int, height: int, num_frames: int, field: str = "video", from_end: bool = False,
+    limits: MediaLimits = DEFAULT_LIMITS,
 ) -> torch.Tensor:
     """Read the first (or, with `from_end`, the last) `num_frames` frames of a video file or upload,
-    each fitted to height x width.
+    each fitted to height x width, within `limits`.
 
     Returns float32 (3, num_frames, height, width) in [-1, 1].
     """
-    with _read_video(source, field, None if from_end else num_frames) as (_, frames):
+    with _read_video(source, field, None if from_end else num_frames, limits) as (_, frames):
         kept = collections.deque(frames, maxlen=num_frames) if from_end else frames
         fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in kept]
     if len(fitted) < num_frames:

@@ -48,7 +48,7 @@ MAX_FRAMES = 241
 class GenerationRequest(BaseModel):
     """One video to generate. Sizes left out take the preset's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     task: Task = "t2v"
     prompt: str = Field(min_length=1, max_length=4000)
