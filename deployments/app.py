@@ -12,7 +12,8 @@ from ray.serve import Application
 
 from .dit import DiT
 from .dit_group import DiTParallel
-from .router import ApiSettings, Router
+from .admission import ApiSettings
+from .router import Router
 from .runner import Runner, RunnerSettings
 from .text_encoder import TextEncoder
 from .vae import VAE

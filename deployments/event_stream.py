@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from .job_store import JobStore
 from .jobs import TERMINAL
@@ -27,8 +27,9 @@ def sse(event: str, data: dict, event_id: int | None = None) -> str:
 
 
 async def job_events(jobs: JobStore, job_id: str, after: int, *, poll_s: float, keepalive_s: float,
-                     grace_s: float) -> AsyncIterator[str]:
-    """SSE frames of the job's events after seq `after`, until its final event (or it is deleted)."""
+                     grace_s: float, present: Callable[[dict], dict] = lambda event: event) -> AsyncIterator[str]:
+    """SSE frames of the job's events after seq `after` (each as `present` shows it), until its final
+    event (or it is deleted)."""
     now = time.monotonic()
     last_sent, last_watch, last_position = now, float("-inf"), None
     watch_every = min(keepalive_s, grace_s / 3)
@@ -38,7 +39,7 @@ async def job_events(jobs: JobStore, job_id: str, after: int, *, poll_s: float, 
             return
         for event in events:
             after = event["seq"]
-            yield sse(event["type"], event, event["seq"])
+            yield sse(event["type"], present(event), event["seq"])
             if event["type"] in TERMINAL:  # a job's last event has its final status as type
                 return
         if job.terminal:  # its final event was sent before `after`

@@ -159,9 +159,7 @@ class JobRun:
             return
         await self._record({"type": "decoding"}, progress=96)
         await ctx.stages.decode(job.id, plan, latents, self._on_retry)
-        url = await asyncio.to_thread(ctx.files.store.url, ctx.files.result_key(job.id, "video"))
-        await self._end("completed", {"type": "completed", "url": url or f"/v1/videos/{job.id}/content"},
-                        progress=100)
+        await self._end("completed", {"type": "completed", "url": f"/v1/videos/{job.id}/content"}, progress=100)
 
     async def _denoise(self, plan: GenerationPlan, start: int, latents, clean, text) -> Any | None:
         """Steps `start`.. of the plan; the final latents, or None when the job stopped or was released."""

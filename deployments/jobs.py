@@ -94,6 +94,7 @@ class Job(BaseModel):
                 "frames": plan["frames"],
                 "fps": plan["fps"],
                 "queue_position": queue_position,
+                "cost_gpu_s": plan.get("cost_gpu_s"),  # the estimate the job was admitted and charged with
                 "extended_from": self.extended_from,
             },
         }

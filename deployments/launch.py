@@ -19,6 +19,8 @@ from ray.serve._private import api as serve_api
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
+from .admission import check_exposure
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
 
 
@@ -129,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(args.config.read_text()))
+    host = config.http_options.host
+    for app in config.applications:
+        auth = ((app.args or {}).get("api") or {}).get("auth", "keys")
+        try:
+            check_exposure(auth, host)
+        except ValueError as exc:
+            print(f"pusa-serve: refusing to start {app.name}: {exc}", file=sys.stderr)
+            return 1
+        if auth == "none":
+            print(f"pusa-serve: {app.name} runs without API keys: it listens on {host} (loopback) only",
+                  file=sys.stderr)
     ray.init(address=args.address, namespace="serve")
     problems = deploy(config, args.start_timeout)
     if problems:

@@ -11,14 +11,18 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from urllib.parse import urlsplit
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.types import Message, Receive
 
 from pusa_model.errors import InvalidRequest
-from pusa_model.request import MAX_SIDE, SIZE_MULTIPLE
+from pusa_model.request import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
 
 MODEL_NAME = "pusa-v1"
 LIST_FIELDS = ("images", "positions", "multipliers")
@@ -31,16 +35,17 @@ class ApiError(Exception):
     """An HTTP error in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+        self.code = status if code is None else code
 
     @classmethod
     def invalid(cls, exc: InvalidRequest) -> "ApiError":
         return cls(400, str(exc), param=exc.field)
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -52,6 +57,19 @@ def _decode_data_url(value: str, field: str) -> bytes:
         return base64.b64decode(value.split(";base64,", 1)[1], validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(field, "the data URL is not valid base64") from None
+
+
+def _number(value: object, field: str) -> float:
+    """A finite number (or its decimal string) as float, else `InvalidRequest` naming `field`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(field, "expected a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(field, "expected a number") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(field, "expected a finite number")
+    return number
 
 
 def _as_list(field: str, values: list) -> list:
@@ -84,6 +102,27 @@ def check_idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def body_limit(max_upload_bytes: int) -> int:
+    """The largest request body: the media limit in base64 (data URLs) plus 1 MiB of other fields."""
+    return max_upload_bytes * 4 // 3 + (1 << 20)
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises 413 once more than `limit` body bytes have arrived."""
+    received = 0
+
+    async def counted() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise ApiError(413, f"the request body exceeds the limit of {limit} bytes", kind="request_too_large")
+        return message
+
+    return counted
+
+
 class Submission:
     """A create/extend request split into generation parameters, media bytes and job options."""
 
@@ -94,13 +133,20 @@ class Submission:
 
     @classmethod
     async def read(cls, request: Request, max_upload_bytes: int) -> "Submission":
-        length = int(request.headers.get("content-length") or 0)
-        if length > max_upload_bytes:
-            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {max_upload_bytes}",
+        """Read and split the body: JSON or multipart, counted while it arrives (chunked bodies too) and
+        refused with 413 past `max_upload_bytes` of media (`body_limit` bytes of body)."""
+        limit = body_limit(max_upload_bytes)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise ApiError(413, f"a request body may have at most {limit} bytes, this one says {length}",
                            kind="request_too_large")
+        request = Request(request.scope, _counted(request.receive, limit))
         sub = cls()
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form(max_part_size=max_upload_bytes)
+            try:
+                form = await request.form(max_part_size=limit)
+            except (HTTPException, MultiPartException) as exc:  # Starlette's word on a malformed body
+                raise ApiError(400, f"the multipart body is malformed: {getattr(exc, 'detail', exc)}") from None
             total = 0
             for key, value in form.multi_items():
                 key = key.removesuffix("[]")
@@ -119,8 +165,8 @@ class Submission:
                     sub.fields.setdefault(key, []).append(value)
         else:
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
                 raise ApiError(400, "the body is neither JSON nor multipart/form-data") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the JSON body must be an object")
@@ -157,13 +203,16 @@ class Submission:
                     raise InvalidRequest("size", f"width and height must be multiples of {SIZE_MULTIPLE} "
                                                  f"from {SIZE_MULTIPLE} to {MAX_SIDE}, got {size}")
         if "seconds" in data:
-            try:
-                seconds = float(data.pop("seconds"))
-            except ValueError:
-                raise InvalidRequest("seconds", "expected a number of seconds") from None
+            seconds = _number(data.pop("seconds"), "seconds")
+            if not 0 < seconds <= 60:
+                raise InvalidRequest("seconds", f"expected a duration from 0 to 60 seconds, got {seconds:g}")
             if "frames" not in data:
-                fps = int(data.get("fps", 25))
-                data["frames"] = 4 * max(0, round(seconds * fps / 4)) + 1
+                fps = data.get("fps", 25)
+                if not isinstance(fps, (int, str)) or not str(fps).isdigit() or not 1 <= int(fps) <= 60:
+                    raise InvalidRequest("fps", "expected a whole number of frames per second from 1 to 60")
+                data["frames"] = 4 * max(0, round(seconds * int(fps) / 4)) + 1
+                if data["frames"] > MAX_FRAMES:
+                    raise InvalidRequest("seconds", f"at {fps} fps a video may last {MAX_FRAMES / int(fps):.2f} s at most")
         reference = data.pop("input_reference", None)
         if reference is not None:
             data.setdefault("task", "i2v")

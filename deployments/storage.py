@@ -174,17 +174,25 @@ def _unavailable_as_such(uri: str) -> Iterator[None]:
 
 
 class S3Store(Store):
-    """Objects under `prefix` in an S3 bucket (any S3-compatible endpoint), created if missing."""
+    """Objects under `prefix` in an S3 bucket (any S3-compatible endpoint), created if missing.
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None):
+    Presigned URLs are signed for `public_endpoint` (the address clients reach the store at, e.g. behind
+    a load balancer) when given, else for the endpoint the service uses."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 public_endpoint: str | None = None):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        config = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint_url else None)
         # A fresh session looks credentials up again; the default session caches them for the process.
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
+        session = boto3.session.Session()
+        self.client = self._client(session, endpoint_url, region)
+        self.signer = self._client(session, public_endpoint, region) if public_endpoint else self.client
         self._ensure_bucket()
+
+    @staticmethod
+    def _client(session: boto3.session.Session, endpoint_url: str | None, region: str | None):
+        config = Config(signature_version="s3v4", s3={"addressing_style": "path"} if endpoint_url else None)
+        return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
     def _ensure_bucket(self) -> None:
         with self._reachable():
@@ -266,7 +274,7 @@ class S3Store(Store):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def url(self, key: str, expires_s: int = 3600) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.signer.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=expires_s
         )
 
@@ -274,15 +282,16 @@ class S3Store(Store):
 def open_store(uri: str) -> Store:
     """`s3://bucket/prefix` -> `S3Store`; `file:///abs/path` or a plain path -> `LocalStore` (created).
 
-    The S3 endpoint is ``PUSA_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``, else boto3's default;
-    credentials and region come from boto3's usual chain.
+    The S3 endpoint is ``PUSA_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``, else boto3's default; presigned
+    URLs use ``PUSA_S3_PUBLIC_ENDPOINT`` when set; credentials and region come from boto3's usual chain.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"store URI {uri!r} names no bucket")
         endpoint = os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint)
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint,
+                       public_endpoint=os.environ.get("PUSA_S3_PUBLIC_ENDPOINT"))
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"store URI {uri!r} names a remote host")

@@ -7,19 +7,24 @@ per the Standard Webhooks spec (``webhook-id``, ``webhook-timestamp``, ``webhook
 the headers `standardwebhooks` and `openai`'s ``client.webhooks.unwrap()`` verify) and on any failure
 tries again after a doubling delay, until ``max_attempts``. The id stays the same across attempts, so a
 receiver can drop duplicates. The body has OpenAI's event shape:
-``{"id", "object": "event", "type", "created_at", "data": {"id": <video id>}}``.
+``{"id", "object": "event", "type", "created_at", "data": {"id": <video id>}}``. A request's own
+``webhook_url`` must resolve to public addresses, when it is accepted and again before each attempt, so
+nobody can make the cluster call its own private services or a cloud's metadata endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 import time
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +39,22 @@ logger = logging.getLogger("ray.serve")
 EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed", "cancelled": "video.cancelled"}
 
 
+def receiver_problem(url: str) -> str | None:
+    """Why `url` may not receive a request's webhooks: its host does not resolve, or resolves to an
+    address that is not public (loopback, private, link-local such as cloud metadata, reserved)."""
+    parts = urlsplit(url)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                                   proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError, ValueError):
+        return f"cannot resolve {parts.hostname}"
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            return f"{parts.hostname} resolves to {address}, which is not a public address"
+    return None
+
+
 class WebhookSettings(BaseModel):
     """App arg ``webhooks``. The signing secret (``whsec_`` + base64, as Standard Webhooks and OpenAI
     use) comes from the environment variable `signing_key_env`, never from the config file."""
@@ -46,6 +67,9 @@ class WebhookSettings(BaseModel):
     backoff_s: float = 5.0  # before the second attempt; doubled for each further one
     backoff_max_s: float = 3600.0
     timeout_s: float = 10.0
+    # A request's own webhook_url may resolve to loopback, private or link-local addresses (tests, a
+    # trusted network); the config's `url` always may.
+    allow_private_receivers: bool = False
 
     def secret(self) -> str | None:
         return os.environ.get(self.signing_key_env) or None
@@ -107,10 +131,13 @@ class WebhookSender:
         """Send every delivery that is due now; returns how many were attempted."""
         sent = 0
         while (row := await asyncio.to_thread(self._claim)) is not None:
+            screened = row.url != self.settings.url and not self.settings.allow_private_receivers
+            error = await asyncio.to_thread(receiver_problem, row.url) if screened else None  # resolved anew
             try:
-                response = await client.post(row.url, content=row.payload, timeout=self.settings.timeout_s,
-                                             headers=signed_headers(self.secret, row.id, row.payload))
-                error = None if response.is_success else f"HTTP {response.status_code}"
+                if error is None:
+                    response = await client.post(row.url, content=row.payload, timeout=self.settings.timeout_s,
+                                                 headers=signed_headers(self.secret, row.id, row.payload))
+                    error = None if response.is_success else f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             if error:

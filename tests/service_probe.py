@@ -111,7 +111,8 @@ class ServiceProbe:
 
     # -- Ray -----------------------------------------------------------------------------------
 
-    def replicas(self, deployment: str) -> list[tuple[str, ray.actor.ActorHandle]]:
+    @staticmethod
+    def replicas(deployment: str) -> list[tuple[str, ray.actor.ActorHandle]]:
         prefix = PREFIX.format(deployment)
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
         return [(name, ray.get_actor(name, namespace="serve")) for name in names]

@@ -21,9 +21,14 @@ SLOW = {"size": "1024x1024", "frames": 1}  # DiT steps of ~0.3 s on a CPU core (
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory) -> str:
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store") / "store"
+
+
+@pytest.fixture(scope="module")
+def url(store) -> str:
     api = {"stream_grace_s": GRACE_S, "keepalive_s": KEEPALIVE_S}
-    with running_service(str(tmp_path_factory.mktemp("store") / "store"), api=api) as url:
+    with running_service(str(store), api=api) as url:
         yield url
 
 
@@ -368,7 +373,7 @@ def test_cancel_running_job(url):
     _check_cancelled(url, job["id"], _steps_so_far(url, job["id"]), sent)
 
 
-def test_delete_running_job(url, tmp_path):
+def test_delete_running_job(url, store):
     """Deleting a running job hides it at once, cancels it, and removes its files once it stops."""
     job = _running_job(url)
     r = httpx.delete(f"{url}/v1/videos/{job['id']}", timeout=30)
@@ -377,7 +382,6 @@ def test_delete_running_job(url, tmp_path):
     for path in ("", "/content", "/events"):
         assert httpx.get(f"{url}/v1/videos/{job['id']}{path}", timeout=30).status_code == 404
     assert httpx.delete(f"{url}/v1/videos/{job['id']}", timeout=30).status_code == 404
-    store = Path(httpx.get(f"{url}/health", timeout=10).json()["store"].removeprefix("file://"))
     deadline = time.monotonic() + 30
     while any(store.glob(f"*/{job['id']}")) and time.monotonic() < deadline:
         time.sleep(0.1)

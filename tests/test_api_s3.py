@@ -4,6 +4,7 @@ job's URL is a presigned S3 URL."""
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlparse
 
 import httpx
@@ -39,9 +40,18 @@ def s3_env(s3, tmp_path_factory):
         yield env
 
 
+URL_TTL_S = 5
+
+
+def public_endpoint(s3) -> str:
+    """The same server under another name, as clients outside the cluster would reach it."""
+    return s3.endpoint.replace("127.0.0.1", "localhost")
+
+
 @pytest.fixture(scope="module")
-def url(s3_env):
-    with running_service(f"s3://{BUCKET}/{PREFIX}", env=s3_env) as url:
+def url(s3_env, s3):
+    env = {**s3_env, "PUSA_S3_PUBLIC_ENDPOINT": public_endpoint(s3)}
+    with running_service(f"s3://{BUCKET}/{PREFIX}", env=env, api={"result_url_ttl_s": URL_TTL_S}) as url:
         yield url
 
 
@@ -56,10 +66,6 @@ def keys(s3, job_id: str) -> set[str]:
     return found
 
 
-def test_health_names_the_s3_store(url):
-    assert httpx.get(f"{url}/health", timeout=30).json()["store"] == f"s3://{BUCKET}/{PREFIX}"
-
-
 def test_job_on_s3_completes_with_presigned_url(url, s3, tmp_path):
     r = httpx.post(f"{url}/v1/videos", json={"prompt": "a cat", "steps": 2, "seed": 1}, timeout=30)
     assert r.status_code == 200, r.text
@@ -70,16 +76,24 @@ def test_job_on_s3_completes_with_presigned_url(url, s3, tmp_path):
 
     completed = job_events(url, job["id"])[-1]
     assert completed["type"] == "completed"
-    presigned = urlparse(completed["url"])
-    assert f"{presigned.scheme}://{presigned.netloc}" == s3.endpoint
-    assert presigned.path == f"/{BUCKET}/{PREFIX}/results/{job['id']}/video.mp4"
-    assert "X-Amz-Signature=" in presigned.query and "X-Amz-Expires=" in presigned.query
+    urls = done["pusa"]["urls"]
+    assert urls["expires_in"] == URL_TTL_S
+    for link, key in ((completed["url"], "video.mp4"), (urls["video"], "video.mp4"), (urls["thumbnail"], "thumbnail.webp")):
+        presigned = urlparse(link)
+        assert f"{presigned.scheme}://{presigned.netloc}" == public_endpoint(s3)  # not the service's own endpoint
+        assert presigned.path == f"/{BUCKET}/{PREFIX}/results/{job['id']}/{key}"
+        assert "X-Amz-Signature=" in presigned.query and f"X-Amz-Expires={URL_TTL_S}" in presigned.query
     direct = httpx.get(completed["url"], timeout=30)  # no credentials: the signature is the authorization
     assert direct.status_code == 200, direct.text
     assert direct.content == httpx.get(f"{url}/v1/videos/{job['id']}/content", timeout=30).content
     assert direct.content[4:8] == b"ftyp"
+    assert httpx.get(urls["thumbnail"], timeout=30).content[8:12] == b"WEBP"
     unsigned = httpx.get(completed["url"].split("?")[0], timeout=30)
     assert unsigned.status_code in (401, 403)
+    time.sleep(URL_TTL_S + 1.5)
+    assert httpx.get(urls["video"], timeout=30).status_code == 403  # expired, checked by the S3 server
+    fresh = httpx.get(f"{url}/v1/videos/{job['id']}", timeout=30).json()["pusa"]["urls"]["video"]
+    assert httpx.get(fresh, timeout=30).status_code == 200  # each view signs anew
 
     # the results; the step checkpoints are gone once the job is done
     assert keys(s3, job["id"]) == {f"results/{job['id']}/video.mp4", f"results/{job['id']}/thumbnail.webp"}

@@ -28,7 +28,12 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app
 from ray.serve.schema import ServeDeploySchema
 
+from deployments.admission import check_exposure
+from deployments.app import AppArgs
+from deployments.cost import estimate_gpu_seconds
 from deployments.launch import actor_options as options, replica_demand, unplaceable
+from pusa_model.presets import Preset
+from pusa_model.request import parse_request, plan_request
 
 try:
     from ray._common.utils import import_attr
@@ -326,3 +331,42 @@ def test_kuberay_example_scales_a6000_pods(rayservice, prod):
     worker = dict(node_type["resources"])
     launch = _nodes_to_launch(config, group["groupName"], worker, [dit])
     assert launch == {group["groupName"]: 1}
+
+
+# -- who can reach what --------------------------------------------------------------------------------
+
+
+def test_head_dashboard_listens_on_loopback(cluster, tmp_path):
+    (command,) = [c for c in cluster["head_start_ray_commands"] if " start " in c]
+    assert _ray_start_params(_run_start_command(command, tmp_path, []))["dashboard_host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("path, auth", [(PROD, "keys"), (ROOT / "serve_config.2gpu.yaml", "keys"), (LOCAL, "none")])
+def test_only_loopback_profiles_run_without_keys(path, auth):
+    config = load(path)
+    api = AppArgs.model_validate(config["applications"][0]["args"]).api
+    assert api.auth == auth
+    check_exposure(api.auth, config["http_options"]["host"])  # each shipped profile passes the start-up rule
+
+
+def test_pusa_serve_refuses_a_public_address_without_keys(tmp_path):
+    config = load(LOCAL)
+    config["http_options"]["host"] = "0.0.0.0"
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "deployments.launch", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "pusa-serve: refusing to start pusa: api.auth is 'none' but the HTTP proxy listens on 0.0.0.0: turn keys "
+        "on (api.auth: keys) or listen on 127.0.0.1"]
+
+
+def test_production_cost_limit_admits_a_720p_clip_and_refuses_the_largest_request(prod):
+    api = AppArgs.model_validate(load(PROD)["applications"][0]["args"]).api
+    preset = Preset(name="pusa-v1", source="unused")
+    cost = lambda **r: estimate_gpu_seconds(plan_request(parse_request({"prompt": "p", **r}), preset),  # noqa: E731
+                                            api.cost.table)
+    assert cost(width=1280, height=720, frames=81, steps=50) <= api.cost.max_gpu_seconds
+    assert cost(width=1920, height=1920, frames=241, steps=50) > 10 * api.cost.max_gpu_seconds
+    assert cost(width=832, height=480, frames=81, steps=10) <= api.quotas.gpu_seconds_per_day / 20

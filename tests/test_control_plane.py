@@ -102,7 +102,8 @@ def setup(s3, receiver, postgres_server, tmp_path_factory):
     database = postgres_server.create_database()
     env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
            "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION, "PUSA_WEBHOOK_SECRET": SECRET}
-    args = {"webhooks": {"url": f"{receiver.url}/all", "backoff_s": 0.2, "max_attempts": 5}}
+    args = {"webhooks": {"url": f"{receiver.url}/all", "backoff_s": 0.2, "max_attempts": 5,
+                         "allow_private_receivers": True}}  # the receiver is on loopback
     store = f"s3://{BUCKET}/{PREFIX}"
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():

@@ -24,7 +24,8 @@ def make_job(created_at: float = T0, *, size: tuple[int, int] = (832, 480), fram
         id=job_id,
         created_at=job_created_at(job_id),
         request={"task": "t2v", "prompt": "a cat on the grass", "steps": 10},
-        plan={"width": size[0], "height": size[1], "frames": frames, "fps": fps, "seed": 7, "steps": 10},
+        plan={"width": size[0], "height": size[1], "frames": frames, "fps": fps, "seed": 7, "steps": 10,
+              "cost_gpu_s": 412.5},
         **fields,
     )
 
@@ -50,7 +51,7 @@ def test_to_openai_completed(frames: int, fps: int, seconds: str) -> None:
     assert (video.size, video.model) == ("1280x720", "pusa-v1")
     assert video.prompt == "a cat on the grass" and video.error is None and video.object == "video"
     assert data["pusa"] == {"task": "t2v", "seed": 7, "steps": 10, "frames": frames, "fps": fps,
-                            "queue_position": None, "extended_from": "video_0"}
+                            "queue_position": None, "extended_from": "video_0", "cost_gpu_s": 412.5}
     json.dumps(data)
 
 
