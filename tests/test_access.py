@@ -11,9 +11,12 @@ import time
 import httpx
 import openai
 import pytest
+import ray
 from sqlalchemy import update
+from service_probe import ServiceProbe
 from videoapi import mp4_bytes, sse
 
+from deployments.admission import check_exposure, proxy_host
 from deployments.api_keys import KeyStore, Quotas
 from deployments.cost import CALIBRATIONS, estimate_gpu_seconds
 from deployments.db import open_database
@@ -231,3 +234,14 @@ def test_public_receivers_pass_the_screen():
     assert receiver_problem("https://93.184.216.34/hook") is None  # a literal public address: no lookup
     assert receiver_problem("http://[2606:2800:220:1:248:1893:25c8:1946]:8080/") is None
     assert "100.64.0.1" in receiver_problem("http://100.64.0.1/")  # carrier-grade NAT is not public either
+
+
+def test_the_router_sees_the_address_its_proxy_listens_on(service):
+    """What the Router's start-up rule (keys off only on loopback) is applied to: Serve's real bind."""
+    (_, router), *_ = ServiceProbe.replicas("Router")
+    assert ray.get(router.__ray_call__.remote(lambda self: proxy_host()), timeout=30) == "127.0.0.1"
+    check_exposure("none", "127.0.0.1")
+    for host in ("0.0.0.0", "::", "10.0.0.5", "pusa.example.com"):
+        with pytest.raises(ValueError, match=f"listens on {host}"):
+            check_exposure("none", host)
+    check_exposure("keys", "0.0.0.0")
