@@ -6,8 +6,6 @@ Media bytes come from and go to the shared store, so they never pass through the
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,11 +52,8 @@ class VAE:
     def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         with timed(metrics().stage, stage="decode", **self.tags):
             frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
-        with timed(metrics().stage, stage="write", **self.tags), tempfile.TemporaryDirectory() as tmp:
-            video, thumbnail = Path(tmp) / "video.mp4", Path(tmp) / "thumbnail.webp"
-            media.write_mp4(frames, video, fps)
-            media.write_thumbnail(frames, thumbnail)
-            return self.files.put_result(job_id, video.read_bytes(), thumbnail.read_bytes())
+        with timed(metrics().stage, stage="write", **self.tags):
+            return self.files.put_result(job_id, *media.video_files(frames, fps))
 
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""

@@ -1,7 +1,9 @@
-"""`pusa`: generate a video in this process (no Ray), or print a request's plan.
+"""`pusa`: generate a video in this process (no Ray), or print a request's plan; `pusa batch` runs a
+manifest on Ray (`pusa_batch`).
 
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
+    pusa batch requests.jsonl --output out/
 """
 
 from __future__ import annotations
@@ -126,6 +128,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:  # Ray Data's batch path, outside this Ray-free package
+        from pusa_batch.cli import main as batch_main
+
+        return batch_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _generate(args)

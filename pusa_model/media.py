@@ -218,6 +218,15 @@ def write_thumbnail(frames: np.ndarray, path: str | Path) -> None:
     Image.fromarray(frames[len(frames) // 2]).save(path, format="WEBP", quality=90)
 
 
+def video_files(frames: np.ndarray, fps: int) -> tuple[bytes, bytes]:
+    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`write_mp4`) and WebP thumbnail."""
+    with tempfile.TemporaryDirectory(prefix="pusa-video-") as folder:
+        video, thumbnail = Path(folder) / "video.mp4", Path(folder) / "thumbnail.webp"
+        write_mp4(frames, video, fps)
+        write_thumbnail(frames, thumbnail)
+        return video.read_bytes(), thumbnail.read_bytes()
+
+
 def probe_video(path: str | Path) -> dict:
     """Width, height, frame count, fps and codec name (e.g. "h264") of a video file.
 

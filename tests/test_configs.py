@@ -32,6 +32,7 @@ from deployments.admission import check_exposure
 from deployments.app import AppArgs
 from deployments.cost import estimate_gpu_seconds
 from deployments.launch import actor_options as options, replica_demand, unplaceable
+from pusa_batch.run import BatchSettings
 from pusa_model.presets import Preset
 from pusa_model.request import parse_request, plan_request
 
@@ -370,3 +371,11 @@ def test_production_cost_limit_admits_a_720p_clip_and_refuses_the_largest_reques
     assert cost(width=1280, height=720, frames=81, steps=50) <= api.cost.max_gpu_seconds
     assert cost(width=1920, height=1920, frames=241, steps=50) > 10 * api.cost.max_gpu_seconds
     assert cost(width=832, height=480, frames=81, steps=10) <= api.quotas.gpu_seconds_per_day / 20
+
+
+def test_batch_config_places_every_stage_on_a6000_cards():
+    settings = BatchSettings.load(ROOT / "batch_config.yaml")
+    assert settings.preset == "pusa-v1"
+    for stage in (settings.conditioning, settings.text, settings.dit, settings.decode):
+        assert stage.num_gpus > 0 and stage.resources == {"A6000": stage.num_gpus}
+    assert settings.dit.num_gpus == 1  # one whole card per DiT actor, as a DiT replica

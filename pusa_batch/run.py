@@ -1,0 +1,149 @@
+"""Running a batch: the manifest's rows through the Ray Data stages, progress on the console and in
+``status.json``, the output and error manifests at the end.
+
+Stages run as actor pools sized and placed by `BatchSettings` (on a cluster: A6000 resources, as the
+Serve profile). Execution streams: rows flow through the stages as they are ready and Ray Data holds
+back what a slower stage has not taken yet, so memory stays bounded whatever the manifest's length.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from .outputs import CUSTOM_ID, BatchOutputs
+from .sources import parent, read_manifest
+from .stages import Conditioning, Decoding, Denoising, TextEncoding, failed, prepare, record_of
+
+STATUS_EVERY_S = 2.0
+
+
+class StageResources(BaseModel):
+    """One stage's actor pool: how many actors and what each holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = {}
+
+    def ray_remote_args(self) -> dict:
+        # a lost actor is replaced and its rows are retried on the new one
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources,
+                "max_restarts": -1, "max_task_retries": -1}
+
+
+class BatchSettings(BaseModel):
+    """`pusa batch --config`: the preset and every stage's pool (defaults: the tiny preset on the CPU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "tiny"
+    device: str | None = None  # None: each actor's GPU when it has one
+    dit_options: dict = {}
+    text_batch_size: int = Field(default=8, ge=1)
+    conditioning: StageResources = StageResources()
+    text: StageResources = StageResources()
+    dit: StageResources = StageResources()
+    decode: StageResources = StageResources()
+
+    @classmethod
+    def load(cls, path: Path | None) -> "BatchSettings":
+        return cls.model_validate(yaml.safe_load(path.read_text()) or {}) if path else cls()
+
+
+def _alpha(row: dict) -> float:
+    try:
+        return float(row.get("lora_alpha", 1.4))
+    except (TypeError, ValueError):
+        return 1.4
+
+
+def _checked_ids(rows: list[dict]) -> tuple[list[str | None], dict[int, dict]]:
+    """Each row's custom_id, and the records of rows the driver fails at once (no or a repeated id)."""
+    ids, errors, seen = [], {}, {}
+    for n, row in enumerate(rows):
+        custom_id = row.get("custom_id")
+        if custom_id is None:
+            errors[n] = failed(None, "custom_id", f"row {n + 1} has no custom_id")
+        elif not CUSTOM_ID.match(str(custom_id)):
+            errors[n] = failed(str(custom_id), "custom_id", "expected 1 to 128 letters, digits, '.', '_' or '-', "
+                                                            "starting with a letter or digit")
+        elif str(custom_id) in seen:
+            errors[n] = failed(str(custom_id), "custom_id", f"row {n + 1} repeats the custom_id of row {seen[str(custom_id)] + 1}")
+        else:
+            seen[str(custom_id)] = n
+        ids.append(None if custom_id is None else str(custom_id))
+    return ids, errors
+
+
+def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: str | None) -> ray.data.Dataset:
+    """The pipeline over `rows`: prepare (CPU) → conditioning (VAE) → text → denoising (DiT) → decode and
+    store (VAE)."""
+    preset, device = settings.preset, settings.device
+    context = ray.data.DataContext.get_current()  # one row per block: a row is a video's worth of work, and
+    context.target_max_block_size = context.target_min_block_size = 1  # each streams on as soon as it is done
+    items = [{"custom_id": row["custom_id"], "row": json.dumps(row, default=str)} for row in rows]
+    ds = ray.data.from_items(items).map(prepare, fn_kwargs={"preset": preset, "base": base})
+    stages = [
+        (Conditioning, {"preset": preset, "device": device}, settings.conditioning, 1),
+        (TextEncoding, {"preset": preset, "device": device}, settings.text, settings.text_batch_size),
+        (Denoising, {"preset": preset, "device": device, "dit_options": settings.dit_options}, settings.dit, 1),
+        (Decoding, {"preset": preset, "output": output, "device": device}, settings.decode, 1),
+    ]
+    for stage, kwargs, pool, batch_size in stages:
+        ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=pool.concurrency), **pool.ray_remote_args())
+    return ds
+
+
+def run_batch(manifest: str, output: str, settings: BatchSettings, progress: bool = True,
+              on_record: Callable[[dict], None] | None = None) -> dict:
+    """Generate every row of `manifest` not already complete under `output`; returns the summary."""
+    started = time.monotonic()
+    rows = read_manifest(manifest)
+    outputs = BatchOutputs(output)
+    ids, driver_errors = _checked_ids(rows)
+    complete = {cid for cid, record in outputs.records().items() if record["status"] == "completed"}
+    pending = sorted((dict(row, custom_id=cid) for n, (row, cid) in enumerate(zip(rows, ids))
+                      if n not in driver_errors and cid not in complete), key=_alpha)
+    counts = {"total": len(rows), "skipped": len(rows) - len(pending) - len(driver_errors), "pending": len(pending),
+              "completed": 0, "failed": 0}
+
+    def status(state: str) -> dict:
+        elapsed = time.monotonic() - started
+        done = counts["completed"] + counts["failed"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (counts["pending"] - done) / rate if rate > 0 else None
+        return {"state": state, **counts, "rows_per_s": round(rate, 4), "eta_s": None if eta is None else round(eta, 1),
+                "elapsed_s": round(elapsed, 1), "updated_at": time.time()}
+
+    outputs.write_status(status("running"))
+    last_status = time.monotonic()
+    with tqdm(total=len(pending), unit="row", disable=not progress, desc="pusa batch") as bar:
+        if pending:
+            for row in build_dataset(pending, output, settings, parent(manifest)).iter_rows():
+                record = record_of(row)
+                counts["completed" if record["status"] == "completed" else "failed"] += 1
+                bar.update(1)
+                bar.set_postfix(failed=counts["failed"])
+                if on_record is not None:
+                    on_record(record)
+                if time.monotonic() - last_status >= STATUS_EVERY_S:
+                    outputs.write_status(status("running"))
+                    last_status = time.monotonic()
+    records = outputs.records()
+    ordered = [driver_errors.get(n) or records.get(cid) for n, cid in enumerate(ids)]
+    completed, failures = outputs.write_manifests([r for r in ordered if r is not None])
+    summary = {**status("done"), "completed_total": completed, "failed_total": failures,
+               "output": f"{outputs.uri}/output.jsonl", "errors": f"{outputs.uri}/errors.jsonl"}
+    outputs.write_status(summary)
+    return summary

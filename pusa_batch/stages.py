@@ -1,0 +1,205 @@
+"""The batch pipeline's stages, as Ray Data map functions over rows ``{"custom_id", "payload"}``.
+
+A payload is a pickled dict that grows as the row moves on: its request and seed (`prepare`), the clean
+conditioning latents (`Conditioning`), the prompt embeddings (`TextEncoding`), the final latents
+(`Denoising`) and at last its record (`Decoding`). A row that failed carries ``error`` instead and
+passes every later stage untouched. Each stage runs the service's own code: `Submission` and
+`plan_request` for the request, `encode_conditioning`, `run_step` for every DiT step, `video_files`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from deployments.devices import pick_device
+from deployments.dit_group import run_step
+from deployments.openai_api import Submission
+from deployments.vae import plan_from_job
+from pusa_model import media
+from pusa_model.errors import InvalidRequest
+from pusa_model.pipeline import encode_conditioning, load_dit_stage, load_text_stage, load_vae_stage, model_folder
+from pusa_model.presets import get_preset
+from pusa_model.request import parse_request, plan_request
+from pusa_model.transformer import DiTOptions
+
+from .outputs import BatchOutputs
+from .sources import media_bytes
+
+MEDIA_FIELDS = ("images", "input_reference", "video")
+NOT_FOR_BATCH = ("webhook_url", "stream")
+
+
+def pack(payload: dict) -> bytes:
+    return pickle.dumps(payload, protocol=5)
+
+
+def unpack(row: dict) -> dict:
+    return pickle.loads(row["payload"])
+
+
+def failed(custom_id: str, field: str | None, message: str) -> dict:
+    return {"custom_id": custom_id, "status": "failed", "error": {"param": field, "message": message}}
+
+
+def prepare(row: dict, preset: str, base: str | None) -> dict:
+    """A manifest row (``{"custom_id", "row": <its JSON>}``) as the HTTP API would read it: checked,
+    planned (its seed fixed), media read."""
+    custom_id = row["custom_id"]
+    fields = json.loads(row["row"])
+    fields.pop("custom_id", None)
+    started = time.perf_counter()
+    try:
+        if "_unreadable" in fields:
+            raise InvalidRequest(None, fields["_unreadable"])
+        for name in NOT_FOR_BATCH:
+            if name in fields:
+                raise InvalidRequest(name, "not a batch field")
+        sub = Submission()
+        for name, value in fields.items():
+            if name in MEDIA_FIELDS:
+                values = value if isinstance(value, list) else [value]
+                value = [media_bytes(v, f"{name}[{i}]" if name == "images" else name, base)
+                         for i, v in enumerate(values)]
+                if name != "images":
+                    value = value[0]
+            sub.fields[name] = [value]
+        plan = plan_request(parse_request(sub.generation_data()), get_preset(preset))
+    except InvalidRequest as exc:
+        return {"custom_id": custom_id, "payload": pack(failed(custom_id, exc.field, str(exc)))}
+    payload = {"custom_id": custom_id, "request": plan.request.model_dump(), "seed": plan.seed, "media": sub.media,
+               "timings_s": {"prepare": round(time.perf_counter() - started, 4)}}
+    return {"custom_id": custom_id, "payload": pack(payload)}
+
+
+class _Stage:
+    """A map function over batches of rows that runs `process` on each row that has not failed; an
+    `InvalidRequest` from it fails only that row."""
+
+    name = ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"custom_id": [], "payload": []}
+        for custom_id, raw in zip(batch["custom_id"], batch["payload"]):
+            payload = pickle.loads(raw)
+            if "error" not in payload:
+                started = time.perf_counter()
+                try:
+                    payload = self.process(payload)
+                except InvalidRequest as exc:
+                    payload = failed(str(custom_id), exc.field, str(exc))
+                else:
+                    payload["timings_s"][self.name] = round(time.perf_counter() - started, 4)
+            out["custom_id"].append(str(custom_id))
+            out["payload"].append(pack(payload))
+        return out
+
+    def process(self, payload: dict) -> dict:
+        raise NotImplementedError
+
+
+class Conditioning(_Stage):
+    """VAE-encodes a row's images or clip into clean latents (zeros for t2v)."""
+
+    name = "conditioning"
+
+    def __init__(self, preset: str, device: str | None = None) -> None:
+        spec = get_preset(preset)
+        self.preset = preset
+        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
+
+    def process(self, payload: dict) -> dict:
+        plan = plan_from_job(payload["request"], payload["seed"], self.preset)
+        payload["clean"] = encode_conditioning(self.stage, plan, payload.pop("media")).numpy()  # media limits apply
+        return payload
+
+
+class TextEncoding(_Stage):
+    """Prompt embeddings; a batch's repeated prompts (and the common negative prompt) are encoded once."""
+
+    name = "text"
+
+    def __init__(self, preset: str, device: str | None = None, cache_size: int = 64) -> None:
+        spec = get_preset(preset)
+        self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
+        self.cache: OrderedDict[tuple[str, str | None], tuple] = OrderedDict()
+        self.cache_size = cache_size
+
+    def process(self, payload: dict) -> dict:
+        request = payload["request"]
+        key = (request["prompt"], request["negative_prompt"] if request["guidance"] != 1.0 else None)
+        if key not in self.cache:
+            positive, negative = self.stage.encode(*key)
+            self.cache[key] = (positive.numpy(), None if negative is None else negative.numpy())
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        payload["text"] = self.cache[key]
+        return payload
+
+
+class Denoising(_Stage):
+    """Every DiT step of a row, one row at a time; the LoRA is re-fused only when a row's alpha differs
+    from the last one's (the driver orders rows by alpha)."""
+
+    name = "denoise"
+
+    def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None) -> None:
+        spec = get_preset(preset)
+        self.preset = preset
+        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(dit_options or {})))
+        self.refuses = 0
+
+    def process(self, payload: dict) -> dict:
+        plan = plan_from_job(payload["request"], payload["seed"], self.preset)
+        req = plan.request
+        if self.stage.lora_alpha != req.lora_alpha:
+            self.stage.set_lora_alpha(req.lora_alpha)
+            self.refuses += 1
+        sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
+        latents, clean, text = None, payload.pop("clean"), payload.pop("text")
+        for k in range(req.steps):
+            latents = run_step(self.stage, latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
+                               req.guidance)
+        payload["latents"] = latents
+        return payload
+
+
+class Decoding(_Stage):
+    """Decodes a row's latents, stores its MP4 and thumbnail, then its record (which makes it complete)."""
+
+    name = "decode"
+
+    def __init__(self, preset: str, output: str, device: str | None = None) -> None:
+        spec = get_preset(preset)
+        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
+        self.outputs = BatchOutputs(output)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        """The rows' records (failed rows' too, stored as well), as JSON."""
+        out = super().__call__(batch)
+        records = []
+        for raw in out["payload"]:
+            payload = pickle.loads(raw)
+            record = payload if "error" in payload else payload["record"]
+            self.outputs.write_record(record)
+            records.append(record)
+        return {"custom_id": out["custom_id"], "record": [pickle.dumps(r) for r in records]}
+
+    def process(self, payload: dict) -> dict:
+        request = payload["request"]
+        frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(payload.pop("latents"))))
+        uris = self.outputs.write_result(payload["custom_id"], *media.video_files(frames, request["fps"]))
+        payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris, "seed": payload["seed"],
+                             "timings_s": payload["timings_s"], "error": None}
+        return payload
+
+
+def record_of(row: dict[str, Any]) -> dict:
+    return pickle.loads(row["record"])

@@ -1,0 +1,196 @@
+"""`pusa batch` on Ray Data (tiny preset, CPU, a real local Ray, a real S3 server): a mixed manifest of
+every task with media from S3 and data URLs and bad rows, end to end to `s3://`; byte-identity with the
+HTTP API; resume after the batch is killed mid-run; a DiT actor killed mid-batch."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from s3server import REGION, running_s3_server
+from videoapi import image_bytes, mp4_bytes, wait_done
+
+from pusa_batch.run import BatchSettings, run_batch
+from pusa_batch.sources import read_manifest
+from serving import running_service
+
+BUCKET = "pusa-batch"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(s3, tmp_path_factory):
+    """The HTTP service (for byte-identity) on the same local Ray the batches run on."""
+    env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
+           "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env) as url:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            yield url
+
+
+def put(s3, key: str, data: bytes) -> str:
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=data)
+    return f"s3://{BUCKET}/{key}"
+
+
+def get(s3, key: str) -> bytes:
+    return s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def keys(s3, prefix: str) -> list[str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_mixed_manifest_of_every_task_to_s3(service, s3):
+    s3.client().create_bucket(Bucket=BUCKET)
+    start = put(s3, "media/start.png", image_bytes("PNG", seed=1))
+    clip = put(s3, "media/clip.mp4", mp4_bytes(frames=17, seed=2))
+    rows = [
+        {"custom_id": "t2v-1", "prompt": "a cat", "steps": 2, "seed": 1},
+        {"custom_id": "i2v-1", "prompt": "pan", "input_reference": start, "steps": 2, "seed": 2, "lora_alpha": 1.0},
+        {"custom_id": "kf-1", "task": "multi_frame", "prompt": "day to night", "steps": 2, "seed": 3,
+         "images": [data_url(image_bytes("PNG", seed=4)), data_url(image_bytes("JPEG", seed=5), "image/jpeg")],
+         "positions": [0, 4], "multipliers": [0.2, 0.5]},
+        {"custom_id": "v2v-1", "task": "v2v", "prompt": "on", "video": clip, "positions": [0, 1], "steps": 2,
+         "seed": 6, "size": "64x64", "seconds": 0.6},
+        {"custom_id": "no-prompt", "steps": 2},
+        {"custom_id": "missing-media", "prompt": "p", "input_reference": f"s3://{BUCKET}/media/none.png"},
+        {"custom_id": "bad-steps", "prompt": "p", "steps": 99},
+        {"custom_id": "bad id!", "prompt": "p"},
+        {"custom_id": "t2v-1", "prompt": "again"},
+        {"prompt": "no id"},
+    ]
+    manifest = put(s3, "in/mixed.jsonl", jsonl(rows))
+    summary = run_batch(manifest, f"s3://{BUCKET}/out/mixed", BatchSettings(), progress=False)
+    assert (summary["completed_total"], summary["failed_total"], summary["state"]) == (4, 6, "done")
+
+    output = [json.loads(line) for line in get(s3, "out/mixed/output.jsonl").decode().splitlines()]
+    assert [r["custom_id"] for r in output] == [r.get("custom_id") for r in rows]  # manifest order
+    for record in output[:4]:
+        assert record["status"] == "completed" and record["error"] is None, record
+        assert record["video"] == f"s3://{BUCKET}/out/mixed/videos/{record['custom_id']}.mp4"
+        assert get(s3, record["video"].split(f"{BUCKET}/", 1)[1])[4:8] == b"ftyp"
+        assert get(s3, record["thumbnail"].split(f"{BUCKET}/", 1)[1])[8:12] == b"WEBP"
+        assert {"prepare", "conditioning", "text", "denoise", "decode"} <= set(record["timings_s"])
+    assert output[0]["seed"] == 1
+    errors = {(r["custom_id"], r["error"]["param"]) for r in
+              (json.loads(line) for line in get(s3, "out/mixed/errors.jsonl").decode().splitlines())}
+    assert errors == {("no-prompt", "prompt"), ("missing-media", "input_reference"), ("bad-steps", "steps"),
+                      ("bad id!", "custom_id"), ("t2v-1", "custom_id"), (None, "custom_id")}
+    status = json.loads(get(s3, "out/mixed/status.json"))
+    assert status["state"] == "done" and status["total"] == 10 and status["completed_total"] == 4
+    assert len(keys(s3, "out/mixed/videos/")) == 4
+
+
+def test_manifest_formats_read_alike(tmp_path):
+    rows = [{"custom_id": "a", "prompt": "p", "steps": 2, "positions": "0,4"}, {"custom_id": "b", "prompt": "q"}]
+    (tmp_path / "m.jsonl").write_bytes(jsonl(rows))
+    (tmp_path / "m.csv").write_text("custom_id,prompt,steps,positions\na,p,2,\"0,4\"\nb,q,,\n")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    read = {fmt: read_manifest(str(tmp_path / f"m.{fmt}")) for fmt in ("jsonl", "csv", "parquet")}
+    assert [r["custom_id"] for r in read["csv"]] == ["a", "b"] and "steps" not in read["csv"][1]
+    assert read["parquet"] == read["jsonl"]
+    assert {k: str(v) for k, v in read["jsonl"][0].items()} == read["csv"][0]
+    with pytest.raises(ValueError, match="expected one of"):
+        read_manifest(str(tmp_path / "m.txt"))
+
+
+def test_a_row_is_byte_identical_to_the_http_api(service, s3, tmp_path):
+    image = image_bytes("PNG", seed=9)
+    request = {"prompt": "a boat", "steps": 3, "seed": 42, "noise_multiplier": 0.3}
+    r = httpx.post(f"{service}/v1/videos", files={"input_reference": ("a.png", image, "image/png")},
+                   data={k: str(v) for k, v in request.items()}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert wait_done(service, r.json()["id"])["status"] == "completed"
+    online = httpx.get(f"{service}/v1/videos/{r.json()['id']}/content", timeout=30).content
+    (tmp_path / "a.png").write_bytes(image)
+    (tmp_path / "m.jsonl").write_bytes(jsonl([{"custom_id": "same", "input_reference": "a.png", **request}]))
+    summary = run_batch(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), BatchSettings(), progress=False)
+    assert summary["completed_total"] == 1
+    assert (tmp_path / "out" / "videos" / "same.mp4").read_bytes() == online
+
+
+def _many(n: int, **fields) -> bytes:
+    return jsonl([{"custom_id": f"row-{i:03d}", "prompt": f"scene {i % 3}", "seed": i, "lora_alpha": [1.0, 1.4][i % 2],
+                   **fields} for i in range(n)])
+
+
+def test_a_killed_batch_resumes_without_duplicates(service, s3, tmp_path):
+    manifest = put(s3, "in/resume.jsonl", _many(10, steps=4, size="128x128"))
+    output = f"s3://{BUCKET}/out/resume"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, "-m", "pusa_model.cli", "batch", manifest, "--output", output, "--json"]
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(keys(s3, "out/resume/rows/")) < 3:  # some rows done, others in flight
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    done_before = set(keys(s3, "out/resume/rows/"))
+    assert 3 <= len(done_before) < 10
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] == len(done_before) and summary["completed"] == 10 - len(done_before)
+    output_rows = [json.loads(line) for line in get(s3, "out/resume/output.jsonl").decode().splitlines()]
+    assert sorted(r["custom_id"] for r in output_rows) == [f"row-{i:03d}" for i in range(10)]  # each once
+    assert len(keys(s3, "out/resume/videos/")) == 10 and len(keys(s3, "out/resume/thumbnails/")) == 10
+
+
+def _dit_actor(busy: bool) -> psutil.Process | None:
+    """The Denoising actor's process (Ray titles it by the task it runs: `.submit` while on a row)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or []).strip()
+        if "MapBatches(Denoising)" in title and (not busy or title.endswith(".submit")):
+            return proc
+    return None
+
+
+def test_a_dit_actor_killed_mid_batch_costs_no_row(service, tmp_path):
+    (tmp_path / "m.jsonl").write_bytes(_many(4, steps=40, size="768x768", frames=1))  # denoising dominates
+    records: list[dict] = []
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_batch(
+        str(tmp_path / "m.jsonl"), str(tmp_path / "out"), BatchSettings(), progress=False, on_record=records.append)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while (victim := _dit_actor(busy=True)) is None or not records:  # one row through, the actor on the next
+        assert time.monotonic() < deadline and thread.is_alive(), records
+        time.sleep(0.05)
+    victim.kill()
+    thread.join(timeout=300)
+    assert result["completed_total"] == 4 and result["failed_total"] == 0, result
+    assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == [f"row-{i:03d}.mp4" for i in range(4)]
+    assert len({r["custom_id"] for r in records}) == len(records) == 4  # no row twice
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
