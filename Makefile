@@ -1,5 +1,6 @@
 # make serve: the service on the embedded tiny preset (CPU).  make test: the test suite.
-.PHONY: install serve run test
+# make batch: examples/batch.jsonl through `pusa batch` on a local Ray, into out/batch.
+.PHONY: install serve run test batch
 
 install:
 	./scripts/install.sh
@@ -12,3 +13,6 @@ run: install
 
 test: install
 	.venv/bin/python -m pytest -q
+
+batch: install
+	.venv/bin/pusa batch examples/batch.jsonl --output out/batch
