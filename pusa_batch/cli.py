@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 
@@ -34,11 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     from ray.data import DataContext
 
     from .run import BatchSettings, run_batch
+    from .sources import check_manifest_name
 
     try:
         settings = BatchSettings.load(args.config)
-    except (OSError, ValidationError) as exc:
+        check_manifest_name(args.manifest)
+    except (OSError, ValidationError, yaml.YAMLError) as exc:
         print(f"pusa batch: error: config: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # before a Ray is started for nothing
+        print(f"pusa batch: error: {exc}", file=sys.stderr)
         return 2
     # a job's cluster under `ray job submit` (RAY_ADDRESS), else --address, else a Ray of its own
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False)

@@ -35,10 +35,11 @@ class StageResources(BaseModel):
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = {}
 
-    def ray_remote_args(self) -> dict:
-        # a lost actor is replaced and its rows are retried on the new one
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources,
-                "max_restarts": -1, "max_task_retries": -1}
+    def placement(self) -> dict:
+        """`map_batches` arguments: the pool and each actor's resources. (Ray Data restarts a lost actor
+        and retries its rows on the new one by default.)"""
+        return {"compute": ray.data.ActorPoolStrategy(size=self.concurrency), "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus, "resources": self.resources}
 
 
 class BatchSettings(BaseModel):
@@ -101,7 +102,7 @@ def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: 
     ]
     for stage, kwargs, pool, batch_size in stages:
         ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=pool.concurrency), **pool.ray_remote_args())
+                            **pool.placement())
     return ds
 
 

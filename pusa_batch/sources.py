@@ -42,11 +42,17 @@ def parent(uri: str) -> str:
     return str(Path(uri).resolve().parent)
 
 
-def read_manifest(uri: str) -> list[dict]:
-    """The manifest's rows as dicts, blank CSV cells left out; `ValueError` for an unknown format."""
+def check_manifest_name(uri: str) -> str:
+    """The manifest's format (its suffix); `ValueError` for one this reads not."""
     suffix = PurePosixPath(urlparse(uri).path).suffix.lower()
     if suffix not in MANIFEST_FORMATS:
         raise ValueError(f"manifest {uri}: expected one of {', '.join(MANIFEST_FORMATS)}")
+    return suffix
+
+
+def read_manifest(uri: str) -> list[dict]:
+    """The manifest's rows as dicts, blank CSV cells left out; `ValueError` for an unknown format."""
+    suffix = check_manifest_name(uri)
     data = read_bytes(uri)
     if suffix == ".parquet":
         rows = pq.read_table(io.BytesIO(data)).to_pylist()
