@@ -77,6 +77,12 @@ class S3Server:
             "AWS_DEFAULT_REGION": REGION,
         }
 
+    def service_env(self) -> dict[str, str]:
+        """The variables a service or batch on this server needs: its endpoint (as ``PUSA_S3_ENDPOINT``),
+        credentials and region."""
+        return {"PUSA_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": REGION}
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 

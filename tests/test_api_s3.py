@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from s3server import REGION, running_s3_server
+from s3server import s3_server_fixture
 from videoapi import check_result, image_bytes, job_events, wait_done
 
 from serving import running_service
@@ -17,17 +17,13 @@ from serving import running_service
 BUCKET, PREFIX = "pusa-api", "svc/jobs"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
+s3 = s3_server_fixture(scope="module")
 
 
 @pytest.fixture(scope="module")
 def s3_env(s3, tmp_path_factory):
     """The server's endpoint and credentials, for the service and for this process; nothing else AWS."""
-    env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-           "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION}
+    env = s3.service_env()
     blank = tmp_path_factory.mktemp("aws")
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from s3server import REGION, running_s3_server
+from s3server import s3_server_fixture
 from videoapi import image_bytes, mp4_bytes, wait_done
 
 from pusa_batch.run import BatchSettings, run_batch
@@ -29,17 +29,13 @@ from serving import running_service
 BUCKET = "pusa-batch"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
+s3 = s3_server_fixture(scope="module")
 
 
 @pytest.fixture(scope="module")
 def service(s3, tmp_path_factory):
     """The HTTP service (for byte-identity) on the same local Ray the batches run on."""
-    env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-           "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION}
+    env = s3.service_env()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)

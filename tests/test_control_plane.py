@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import openai
 import pytest
 from ray.serve.schema import ServeDeploySchema
-from s3server import REGION, running_s3_server
+from s3server import s3_server_fixture
 from service_probe import ServiceProbe, steps_done
 from serving import local_config, running_service
 from standardwebhooks import Webhook
@@ -91,17 +91,13 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with running_s3_server(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
+s3 = s3_server_fixture(scope="module")
 
 
 @pytest.fixture(scope="module")
 def setup(s3, receiver, postgres_server, tmp_path_factory):
     database = postgres_server.create_database()
-    env = {"PUSA_S3_ENDPOINT": s3.endpoint, "AWS_ACCESS_KEY_ID": s3.access_key,
-           "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_DEFAULT_REGION": REGION, "PUSA_WEBHOOK_SECRET": SECRET}
+    env = {**s3.service_env(), "PUSA_WEBHOOK_SECRET": SECRET}
     args = {"webhooks": {"url": f"{receiver.url}/all", "backoff_s": 0.2, "max_attempts": 5,
                          "allow_private_receivers": True}}  # the receiver is on loopback
     store = f"s3://{BUCKET}/{PREFIX}"
