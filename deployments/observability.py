@@ -127,6 +127,8 @@ class Metrics:
         self.releases = Counter("pusa_jobs_released", "Jobs a draining runner handed back.")
         self.checkpoint = Histogram("pusa_checkpoint_seconds", "Writing a step's latents to the blob store.",
                                     boundaries=SECONDS, tag_keys=("store",))
+        self.batch_rows = Counter("pusa_batch_rows", "Rows of a `pusa batch` run that ended, by the run's output "
+                                  "prefix and status (completed, failed).", tag_keys=("batch", "status"))
 
 
 @cache

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
+from deployments.observability import metrics
+
 from .outputs import CUSTOM_ID, BatchOutputs
 from .sources import parent, read_manifest
 from .stages import Conditioning, Decoding, Denoising, TextEncoding, failed, prepare, record_of
@@ -127,13 +129,18 @@ def run_batch(manifest: str, output: str, settings: BatchSettings, progress: boo
         return {"state": state, **counts, "rows_per_s": round(rate, 4), "eta_s": None if eta is None else round(eta, 1),
                 "elapsed_s": round(elapsed, 1), "updated_at": time.time()}
 
+    rows_ended = metrics().batch_rows
+    for _ in driver_errors:
+        rows_ended.inc(tags={"batch": outputs.uri, "status": "failed"})
     outputs.write_status(status("running"))
     last_status = time.monotonic()
     with tqdm(total=len(pending), unit="row", disable=not progress, desc="pusa batch") as bar:
         if pending:
             for row in build_dataset(pending, output, settings, parent(manifest)).iter_rows():
                 record = record_of(row)
-                counts["completed" if record["status"] == "completed" else "failed"] += 1
+                ended = "completed" if record["status"] == "completed" else "failed"
+                counts[ended] += 1
+                rows_ended.inc(tags={"batch": outputs.uri, "status": ended})
                 bar.update(1)
                 bar.set_postfix(failed=counts["failed"])
                 if on_record is not None:

@@ -19,17 +19,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from s3server import s3_server_fixture
 from videoapi import image_bytes, mp4_bytes, wait_done
 
 from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
-from serving import running_service
+from serving import free_port, running_service
 
 BUCKET = "pusa-batch"
 
 
 s3 = s3_server_fixture(scope="module")
+
+
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def service(s3, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env) as url:
+        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env, metrics_port=METRICS_PORT) as url:
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield url
 
@@ -105,6 +109,16 @@ def test_mixed_manifest_of_every_task_to_s3(service, s3):
     status = json.loads(get(s3, "out/mixed/status.json"))
     assert status["state"] == "done" and status["total"] == 10 and status["completed_total"] == 4
     assert len(keys(s3, "out/mixed/videos/")) == 4
+
+    rows_ended = {}  # the driver's counter, on Ray's Prometheus endpoint
+    deadline = time.monotonic() + 30
+    while len(rows_ended) < 2 and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        rows_ended = {s.labels["status"]: s.value for family in text_string_to_metric_families(text)
+                      for s in family.samples if s.name == "ray_pusa_batch_rows_total"
+                      and s.labels["batch"] == f"s3://{BUCKET}/out/mixed"}
+        time.sleep(1)
+    assert rows_ended == {"completed": 4, "failed": 6}
 
 
 def test_manifest_formats_read_alike(tmp_path):

@@ -192,7 +192,7 @@ def test_cluster_yaml_passes_ray_validation(cluster):
 
 def test_cluster_installs_the_pinned_stack(cluster):
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"ray[serve]==2.60.0"' in pyproject
+    assert '"ray[serve,data]==2.60.0"' in pyproject
     install = (ROOT / "scripts" / "install.sh").read_text()
     (torch_pin,) = set(re.findall(r"torch==[\d.]+", install))
     for commands in (cluster["head_setup_commands"], cluster["worker_setup_commands"]):
