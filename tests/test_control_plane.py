@@ -255,6 +255,7 @@ def _redeploy(setup, change) -> float:
 
 # Jobs far longer than any redeploy (DiT steps of ~2 s here): each is still running when its runner stops.
 LONG = {"prompt": "a cat", "size": "1920x1920", "frames": 5, "steps": 50}
+LONG_START_S = 240  # four of them share two DiT replicas on two cores: their first steps take a while
 
 
 def _steps_since_release(events: list[dict]) -> int:
@@ -291,7 +292,7 @@ def _drained_jobs_resume(svc: ServiceProbe, ids: list[str], stopped: int) -> Non
 
 def test_runner_redeploy_during_jobs_drains_them(setup, svc):
     ids = [svc.submit(**LONG, seed=700 + i) for i in range(3)]
-    svc.wait_steps(ids[-1], 2)
+    svc.wait_steps(ids[-1], 2, timeout=LONG_START_S)
 
     def new_version(app: dict) -> None:  # a changed runner setting: Serve replaces every runner replica
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
@@ -303,7 +304,7 @@ def test_runner_redeploy_during_jobs_drains_them(setup, svc):
 def test_runner_downscale_during_jobs_drains_them(setup, svc):
     ids = [svc.submit(**LONG, seed=800 + i) for i in range(4)]
     for job_id in ids:  # two jobs on each runner, whichever one the downscale stops
-        svc.wait_steps(job_id, 2)
+        svc.wait_steps(job_id, 2, timeout=LONG_START_S)
 
     def one_runner(app: dict) -> None:  # the same version (as redeployed above), one replica fewer
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
