@@ -8,8 +8,9 @@ sub-module is diffusers' own; only the order of the arithmetic around them lives
 ``WanTransformerBlock.forward`` step for step.
 
 Speed options (`DiTOptions`, applied by `apply_options`): the attention kernel of diffusers' dispatcher
-(`select_attention_backend`), fused QKV projections (`fuse_qkv`) and a regional ``torch.compile`` of
-`block_forward` (`compile_block_forward`), traced once and reused by every block.
+(`select_attention_backend`, SageAttention included), fused QKV projections (`fuse_qkv`), 8-bit GEMMs
+(`pusa_model.quantize`) and a regional ``torch.compile`` of `block_forward` (`compile_block_forward`),
+traced once and reused by every block.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models import attention_dispatch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
+
+from .quantize import QUANTIZE_MODES, enable_sage, model_sage_blocker, quantize_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +169,24 @@ def select_attention_backend(model: WanTransformer3DModel, preference: str = "au
     - ``"xformers"``: xformers when it is installed, else as ``"auto"``.
     - ``"flash"``: the flash-attn package (``"flash"``) when installed, else PyTorch's flash SDPA kernel
       (``"_native_flash"``) on CUDA, else as ``"auto"``.
+    - ``"sage"``: SageAttention (INT8 QKᵀ, `pusa_model.quantize.enable_sage`) on an sm80+ GPU with bf16
+      or fp16 weights and the package installed; otherwise as ``"auto"``, with a warning saying why.
     - any other `AttentionBackendName` value (``"_native_efficient"``, ``"_flash_3"``, ...) is used as
       given; diffusers raises when its package is missing.
     """
     weight = model.patch_embedding.weight
     on_cuda = weight.device.type == "cuda"
     name = preference
-    if preference == "xformers" and not attention_dispatch._CAN_USE_XFORMERS_ATTN:
+    fallback_reason = None
+    if preference == "sage":
+        fallback_reason = model_sage_blocker(model)
+        if fallback_reason is None:
+            backend = enable_sage(model)
+            if backend is not None:
+                return backend
+            fallback_reason = "SageAttention could not be enabled"
+        name = "auto"
+    elif preference == "xformers" and not attention_dispatch._CAN_USE_XFORMERS_ATTN:
         name = "auto"
     elif preference == "flash" and not attention_dispatch._CAN_USE_FLASH_ATTN:
         name = "_native_flash" if on_cuda else "auto"
@@ -180,7 +194,9 @@ def select_attention_backend(model: WanTransformer3DModel, preference: str = "au
         hopper = on_cuda and torch.cuda.get_device_capability(weight.device)[0] == 9
         half = model.blocks[0].attn1.to_q.weight.dtype in (torch.bfloat16, torch.float16)
         name = "_native_cudnn" if hopper and half else "native"
-    if name != preference:
+    if fallback_reason is not None:
+        logger.warning("attention backend %r requested, but %s: using %r", preference, fallback_reason, name)
+    elif name != preference:
         logger.info("attention backend %r requested, using %r", preference, name)
     model.set_attention_backend(name)
     return name
@@ -214,18 +230,38 @@ class DiTOptions:
 
     On an H100 (14B, bf16, 480p) compile takes a forward from 3.49 s to 2.85 s; the cuDNN kernel that
     "auto" picks there is 1.26× faster than flash; fused QKV gains under 0.5% (bench/README.md).
+    ``attention: sage`` and ``quantize: int8 | fp8`` are the opt-in 8-bit paths of `pusa_model.quantize`
+    (docs/benchmarks.md has what they were measured to do, on random weights only).
     """
 
     compile: bool = False  # regional torch.compile of the per-frame block
-    attention: str = "auto"  # `select_attention_backend` preference
+    attention: str = "auto"  # `select_attention_backend` preference ("sage": SageAttention)
     fuse_qkv: bool = False  # fused QKV / KV projections (`fuse_qkv`)
+    quantize: str = "none"  # GEMMs of the blocks: "none" | "int8" | "fp8" (`pusa_model.quantize`)
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+        if self.quantize != "none" and self.fuse_qkv:
+            # The fused weights are what would be quantized, while to_q/k/v (what a LoRA writes) view them.
+            raise ValueError("fuse_qkv cannot be combined with quantize; choose one")
 
 
 def apply_options(model: WanTransformer3DModel, options: DiTOptions) -> BlockFn:
-    """Set `model`'s attention backend and fused projections per `options` (in place) and return the
-    block function to give `forward_per_frame`."""
+    """Set `model`'s attention backend, fused projections and quantized GEMMs per `options` (in place)
+    and return the block function to give `forward_per_frame`.
+
+    Quantizing happens here, once. A LoRA fused later (or fused again at another alpha) is fused from
+    the base weights and re-quantized as it is written: fuse first, then quantize (`pusa_model.quantize`).
+    """
     backend = select_attention_backend(model, options.attention)
     if options.fuse_qkv:
         fuse_qkv(model)
-    logger.info("DiT: attention %s, fused QKV %s, compiled %s", backend, options.fuse_qkv, options.compile)
+    quantized = "none"
+    if options.quantize != "none":
+        quantized = quantize_blocks(model, options.quantize)
+    logger.info(
+        "DiT: attention %s, fused QKV %s, GEMMs %s, compiled %s",
+        backend, options.fuse_qkv, quantized, options.compile,
+    )
     return compile_block_forward() if options.compile else block_forward
