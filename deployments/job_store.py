@@ -11,6 +11,7 @@ being applied twice. Other replicas only raise flags (cancel, delete) or act on 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,6 +61,24 @@ class Signals:
     cancel: bool = False
     delete: bool = False
     abandoned: bool = False  # a streaming client left and did not come back in time
+
+
+def page_query(query, table, limit: int, after: str | None, order: Order, owner: str | None,
+               created_at_of: Callable[[str], float]):
+    """`query` over `table` narrowed to `owner`'s rows (every owner's with None), a page of `limit` in
+    (created_at, id) order after the row `after` (it need not exist any more: its creation time is read
+    from the id by `created_at_of`; `KeyError` for a string that is no such id)."""
+    if owner is not None:
+        query = query.where(table.c.owner == owner)
+    if after is not None:
+        try:
+            cursor = tuple_(created_at_of(after), after)
+        except ValueError:
+            raise KeyError(after) from None
+        key = tuple_(table.c.created_at, table.c.id)
+        query = query.where(key < cursor if order == "desc" else key > cursor)
+    columns = (table.c.created_at, table.c.id)
+    return query.order_by(*(c.desc() if order == "desc" else c.asc() for c in columns)).limit(limit)
 
 
 def _job(row) -> Job:
@@ -151,18 +170,8 @@ class JobStore:
     def list_query(limit: int, after: str | None, order: Order, owner: str | None):
         """The SELECT behind `list`: ordered by (created_at, id), which ``ix_jobs_owner_created`` (or
         ``ix_jobs_created`` for every owner) holds in order; the cursor's creation time is in its id."""
-        key = tuple_(jobs.c.created_at, jobs.c.id)
         query = select(jobs).where(jobs.c.delete_requested.is_(False))
-        if owner is not None:
-            query = query.where(jobs.c.owner == owner)
-        if after is not None:
-            try:
-                cursor = tuple_(job_created_at(after), after)
-            except ValueError:
-                raise KeyError(after) from None
-            query = query.where(key < cursor if order == "desc" else key > cursor)
-        columns = (jobs.c.created_at, jobs.c.id)
-        return query.order_by(*(c.desc() if order == "desc" else c.asc() for c in columns)).limit(limit)
+        return page_query(query, jobs, limit, after, order, owner, job_created_at)
 
     def poll(self, job_id: str, seq: int) -> tuple[Job | None, list[dict[str, Any]]]:
         """The job (None once it is gone) and its events after `seq`, read in that order: when the job is

@@ -8,22 +8,46 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from pusa_model.request import GenerationPlan
+
 Status = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 ACTIVE: tuple[str, ...] = ("queued", "in_progress")
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+JOB_PREFIX = "video_"
+
+
+def new_id(prefix: str, created_at: float | None = None) -> str:
+    """`prefix` + 24 hex: the creation time in ms (12 hex) then 48 random bits, so ids sort by creation."""
+    ms = int((time.time() if created_at is None else created_at) * 1000)
+    return f"{prefix}{ms:012x}{secrets.token_hex(6)}"
+
+
+def id_created_at(object_id: str, prefix: str) -> float:
+    """The creation time an id made by `new_id` with `prefix` carries, in seconds; `ValueError` for other
+    strings."""
+    if not object_id.startswith(prefix) or len(object_id) != len(prefix) + 24:
+        raise ValueError(f"not an id of {prefix}...: {object_id!r}")
+    try:
+        return int(object_id[len(prefix):len(prefix) + 12], 16) / 1000
+    except ValueError:
+        raise ValueError(f"not an id of {prefix}...: {object_id!r}") from None
 
 
 def new_job_id(created_at: float | None = None) -> str:
-    """`video_` + 24 hex: the creation time in ms (12 hex) then 48 random bits, so ids sort by creation."""
-    ms = int((time.time() if created_at is None else created_at) * 1000)
-    return f"video_{ms:012x}{secrets.token_hex(6)}"
+    return new_id(JOB_PREFIX, created_at)
 
 
 def job_created_at(job_id: str) -> float:
-    """The creation time a job id carries (`new_job_id`), in seconds; `ValueError` for other strings."""
-    if not job_id.startswith("video_") or len(job_id) != 30:
-        raise ValueError(f"not a job id: {job_id!r}")
-    return int(job_id[6:18], 16) / 1000
+    """The creation time a job id carries, in seconds; `ValueError` for other strings."""
+    return id_created_at(job_id, JOB_PREFIX)
+
+
+def job_plan(plan: GenerationPlan, cost_gpu_s: float | None = None) -> dict:
+    """The plan fields a job record keeps (sizes, seed, steps, the cost estimate) for views and for
+    rebuilding the plan."""
+    return {"width": plan.width, "height": plan.height, "frames": plan.frames, "fps": plan.request.fps,
+            "seed": plan.seed, "steps": plan.request.steps, "task": plan.request.task,
+            "latent_frames": plan.latent_frames, "cost_gpu_s": cost_gpu_s}
 
 
 def _seconds(frames: int, fps: float) -> str:

@@ -24,9 +24,8 @@ from serving import local_config, running_service
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from deployments.jobs import Job, job_created_at, new_job_id
+from deployments.jobs import Job, job_created_at, job_plan, new_job_id
 from deployments.launch import deploy
-from deployments.router import job_plan
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 

@@ -18,9 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_probe import ServiceProbe, steps_done
 
 from deployments.job_files import JobFiles
-from deployments.jobs import Job, job_created_at, new_job_id
+from deployments.jobs import Job, job_created_at, job_plan, new_job_id
 from deployments.observability import Metrics
-from deployments.router import job_plan
 from deployments.storage import open_store
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
