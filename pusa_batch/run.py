@@ -109,8 +109,11 @@ def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: 
 
 
 def run_batch(manifest: str, output: str, settings: BatchSettings, progress: bool = True,
-              on_record: Callable[[dict], None] | None = None) -> dict:
-    """Generate every row of `manifest` not already complete under `output`; returns the summary."""
+              on_record: Callable[[dict], None] | None = None, local_media: bool = True) -> dict:
+    """Generate every row of `manifest` not already complete under `output`; returns the summary.
+    `on_record` sees each row's record as it ends (an exception from it stops the batch there). Media
+    are paths (relative to the manifest), ``s3://`` URIs or data URLs; only data URLs without
+    `local_media`."""
     started = time.monotonic()
     rows = read_manifest(manifest)
     outputs = BatchOutputs(output)
@@ -136,7 +139,7 @@ def run_batch(manifest: str, output: str, settings: BatchSettings, progress: boo
     last_status = time.monotonic()
     with tqdm(total=len(pending), unit="row", disable=not progress, desc="pusa batch") as bar:
         if pending:
-            for row in build_dataset(pending, output, settings, parent(manifest)).iter_rows():
+            for row in build_dataset(pending, output, settings, parent(manifest) if local_media else None).iter_rows():
                 record = record_of(row)
                 ended = "completed" if record["status"] == "completed" else "failed"
                 counts[ended] += 1

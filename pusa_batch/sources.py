@@ -71,13 +71,16 @@ def read_manifest(uri: str) -> list[dict]:
 
 
 def media_bytes(value: object, field: str, base: str | None) -> object:
-    """A media field's value as the API takes it: data URLs as they are, paths and ``s3://`` URIs read."""
+    """A media field's value as the API takes it: data URLs as they are, paths and ``s3://`` URIs read
+    (paths relative to `base`); with `base` None only data URLs are taken."""
     if isinstance(value, dict) and "image_url" in value:
         value = value["image_url"]
     if not isinstance(value, str) or value.startswith("data:"):
         return value
     if value.startswith("video_"):
         raise InvalidRequest(field, "a batch names media by path, s3:// URI or data URL, not by video id")
+    if base is None:
+        raise InvalidRequest(field, "expected a data URL (data:<type>;base64,...)")
     try:
         return read_bytes(value, base)
     except (FileNotFoundError, IsADirectoryError, PermissionError):

@@ -3,8 +3,8 @@
 A payload is a pickled dict that grows as the row moves on: its request and seed (`prepare`), the clean
 conditioning latents (`Conditioning`), the prompt embeddings (`TextEncoding`), the final latents
 (`Denoising`) and at last its record (`Decoding`). A row that failed carries ``error`` instead and
-passes every later stage untouched. Each stage runs the service's own code: `Submission` and
-`plan_request` for the request, `encode_conditioning`, `run_step` for every DiT step, `video_files`.
+passes every later stage untouched. Each stage runs the service's own code: `read_row` (the API's
+`Submission` and `plan_request`) for the request, `encode_conditioning`, `run_step` for every DiT step, `video_files`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,15 @@ import torch
 
 from deployments.devices import pick_device
 from deployments.dit_group import run_step
-from deployments.openai_api import Submission
 from deployments.vae import plan_from_job
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.pipeline import encode_conditioning, load_dit_stage, load_text_stage, load_vae_stage, model_folder
 from pusa_model.presets import get_preset
-from pusa_model.request import parse_request, plan_request
 from pusa_model.transformer import DiTOptions
 
 from .outputs import BatchOutputs
-from .sources import media_bytes
-
-MEDIA_FIELDS = ("images", "input_reference", "video")
-NOT_FOR_BATCH = ("webhook_url", "stream")
-
+from .rows import read_row
 
 def pack(payload: dict) -> bytes:
     return pickle.dumps(payload, protocol=5)
@@ -56,24 +50,10 @@ def prepare(row: dict, preset: str, base: str | None) -> dict:
     fields.pop("custom_id", None)
     started = time.perf_counter()
     try:
-        if "_unreadable" in fields:
-            raise InvalidRequest(None, fields["_unreadable"])
-        for name in NOT_FOR_BATCH:
-            if name in fields:
-                raise InvalidRequest(name, "not a batch field")
-        sub = Submission()
-        for name, value in fields.items():
-            if name in MEDIA_FIELDS:
-                values = value if isinstance(value, list) else [value]
-                value = [media_bytes(v, f"{name}[{i}]" if name == "images" else name, base)
-                         for i, v in enumerate(values)]
-                if name != "images":
-                    value = value[0]
-            sub.fields[name] = [value]
-        plan = plan_request(parse_request(sub.generation_data()), get_preset(preset))
+        plan, media_read = read_row(fields, get_preset(preset), base)
     except InvalidRequest as exc:
         return {"custom_id": custom_id, "payload": pack(failed(custom_id, exc.field, str(exc)))}
-    payload = {"custom_id": custom_id, "request": plan.request.model_dump(), "seed": plan.seed, "media": sub.media,
+    payload = {"custom_id": custom_id, "request": plan.request.model_dump(), "seed": plan.seed, "media": media_read,
                "timings_s": {"prepare": round(time.perf_counter() - started, 4)}}
     return {"custom_id": custom_id, "payload": pack(payload)}
 
