@@ -8,6 +8,10 @@ a test keeps the two in step.
 - ``api_keys``: API keys (only their SHA-256), each with a role and optional quotas of its own.
 - ``usage``: what each key was charged per accepted job (its cost estimate), kept a day for its quotas;
   deleting a job does not remove its charge.
+- ``files``: uploaded batch input files and the output and error files of batches (OpenAI's Files API);
+  the bytes are in the blob store under ``key``.
+- ``batches``: batches of video requests (OpenAI's Batch API): status and its times, the request
+  counts, the result files, and the lease of the runner that drives the batch's Ray Data pipeline.
 """
 
 from __future__ import annotations
@@ -107,3 +111,49 @@ usage = Table(
     Column("gpu_seconds", Float, nullable=False),
 )
 Index("ix_usage_owner_created", usage.c.owner, usage.c.created_at)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),  # file-<created ms><random>
+    Column("owner", String(128), nullable=False),
+    Column("purpose", String(32), nullable=False),  # batch | batch_output
+    Column("filename", String(255), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("key", String(512), nullable=False),
+)
+Index("ix_files_owner_created", files.c.owner, files.c.created_at, files.c.id)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),  # batch_<created ms><random>
+    Column("owner", String(128), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("metadata", JSON),
+    Column("cost_gpu_s", Float, nullable=False),  # the estimate of its valid requests, charged at creation
+    Column("total", Integer, nullable=False),
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("output_file_id", String(64)),
+    Column("error_file_id", String(64)),
+    Column("errors", JSON),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),  # the end of the completion window
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Column("lease_holder", String(128)),
+    Column("lease_epoch", Integer, nullable=False, server_default="0"),
+    Column("lease_expires_at", Float),
+)
+Index("ix_batches_owner_created", batches.c.owner, batches.c.created_at, batches.c.id)
+Index("ix_batches_status_created", batches.c.status, batches.c.created_at)
