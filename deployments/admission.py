@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Literal
 
-from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -21,12 +21,14 @@ from pusa_model.presets import Preset
 from pusa_model.request import GenerationPlan
 
 from .api_keys import Caller, KeyStore, Quotas
+from .batch_files import BatchLimits
 from .cost import CostSettings, cost_drivers, estimate_gpu_seconds
 from .job_store import JobStore
 from .openai_api import ApiError
 from .quotas import Charge, QuotaExceeded
 
 logger = logging.getLogger("ray.serve")
+bearer = HTTPBearer(auto_error=False, description="an API key from `pusa-admin keys create`")
 
 
 class ApiSettings(BaseModel):
@@ -45,6 +47,7 @@ class ApiSettings(BaseModel):
     event_poll_s: float = 0.25  # how often an SSE stream reads new events
     keepalive_s: float = 15.0  # longest silence on an SSE stream
     stream_grace_s: float = 60.0  # a job made by /v1/videos/stream survives this long without a client
+    batch: BatchLimits = BatchLimits()
 
 
 def is_loopback(host: str | None) -> bool:

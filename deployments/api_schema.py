@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pusa_model.request import MAX_SIDE, GenerationRequest
 
+from .batches import BatchStatus
 from .jobs import Status
 from .openai_api import MODEL_NAME
 
@@ -102,6 +103,93 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class FileObject(BaseModel):
+    """OpenAI's `FileObject`: a batch input file, or a batch's output or error file."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output"]
+    status: Literal["processed"]
+    expires_at: int | None
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class FileUpload(BaseModel):
+    """``POST /v1/files`` (multipart): a JSONL of ``{custom_id, method: "POST", url: "/v1/videos", body}``
+    lines, bodies as ``POST /v1/videos`` takes them in JSON (media as data URLs)."""
+
+    file: bytes = Field(json_schema_extra={"format": "binary"})
+    purpose: Literal["batch"]
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=64, description="a file uploaded with purpose batch")
+    endpoint: Literal["/v1/videos"]
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchObject(BaseModel):
+    """OpenAI's `Batch` object, Pusa's cost estimate under ``pusa``."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None
+    error_file_id: str | None
+    errors: dict[str, Any] | None
+    created_at: int
+    expires_at: int | None
+    in_progress_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+    pusa: dict[str, Any]
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[BatchObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -122,7 +210,7 @@ def _error(description: str) -> dict:
 ERRORS = {
     400: _error("a field is invalid (`param` names it)"),
     401: _error("no valid API key"),
-    404: _error("no such video for this key"),
+    404: _error("no such video, file or batch for this key"),
     409: _error("the video is not in a state that allows this"),
     413: _error("the body or its uploads are too large"),
     429: _error("a quota or the queue is full (see Retry-After)"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
+from pusa_batch.run import BatchSettings
+
 from .dit import DiT
 from .dit_group import DiTParallel
 from .admission import ApiSettings
@@ -38,17 +40,20 @@ class AppArgs(BaseModel):
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    # the pools of batches submitted through /v1/batches (pusa_batch.run.BatchSettings; preset: the app's)
+    batch: dict = {}
 
 
 def build_app(args: dict) -> Application:
     """Bind the deployments for `args` (see `AppArgs`)."""
     a = AppArgs.model_validate(args)
+    BatchSettings.model_validate({"preset": a.preset, **a.batch})  # a bad batch section fails the deploy here
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump()),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
-        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s,
+        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=a.batch,
     )
     return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
                        webhooks=a.webhooks.model_dump())

@@ -123,6 +123,15 @@ def _counted(receive: Receive, limit: int) -> Receive:
     return counted
 
 
+def limited(request: Request, limit: int) -> Request:
+    """`request` whose body is refused with 413 when it says or turns out to be over `limit` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, f"a request body may have at most {limit} bytes, this one says {length}",
+                       kind="request_too_large")
+    return Request(request.scope, _counted(request.receive, limit))
+
+
 class Submission:
     """A create/extend request split into generation parameters, media bytes and job options."""
 
@@ -136,11 +145,7 @@ class Submission:
         """Read and split the body: JSON or multipart, counted while it arrives (chunked bodies too) and
         refused with 413 past `max_upload_bytes` of media (`body_limit` bytes of body)."""
         limit = body_limit(max_upload_bytes)
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise ApiError(413, f"a request body may have at most {limit} bytes, this one says {length}",
-                           kind="request_too_large")
-        request = Request(request.scope, _counted(request.receive, limit))
+        request = limited(request, limit)
         sub = cls()
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             try:

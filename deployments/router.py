@@ -15,7 +15,7 @@ from typing import Literal
 from fastapi import FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -25,14 +25,16 @@ from pusa_model.errors import InvalidRequest
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
-from .admission import Admission, ApiSettings, check_exposure, proxy_host, quota_error
+from .admission import Admission, ApiSettings, bearer, check_exposure, proxy_host, quota_error
 from .api_keys import Caller, KeyStore
 from .api_schema import ModelList, Video, VideoCreate, VideoDeleted, VideoExtend, VideoList, request_body, responses
+from .batch_api import BatchRoutes, batch_routes
+from .batches import BatchStore
 from .db import open_database
 from .event_stream import job_events, sse
 from .job_files import RESULT_FILES, JobFiles
 from .job_store import IdempotencyConflict, JobStore
-from .jobs import TERMINAL, Job, job_created_at, new_job_id
+from .jobs import TERMINAL, Job, job_created_at, job_plan, new_job_id
 from .observability import log_job_event, metrics
 from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
                          request_fingerprint)
@@ -43,7 +45,6 @@ from .webhooks import WebhookSettings, receiver_problem
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="Pusa video generation", version="1")
-bearer = HTTPBearer(auto_error=False, description="an API key from `pusa-admin keys create`")
 IDEMPOTENCY_KEY = Header(default=None, alias="Idempotency-Key",
                          description="a retried request with the same key returns the first one's job")
 EVENT_STREAM = {"text/event-stream": {"schema": {  # one event (OpenAPI 3.1: `schema` describes each)
@@ -75,17 +76,12 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
                                         kind="service_unavailable", headers={"Retry-After": "5"}))
 
 
-def job_plan(plan: GenerationPlan, cost_gpu_s: float | None = None) -> dict:
-    """The plan fields a job record keeps (sizes, seed, steps, the cost estimate) for views and for
-    rebuilding the plan."""
-    return {"width": plan.width, "height": plan.height, "frames": plan.frames, "fps": plan.request.fps,
-            "seed": plan.seed, "steps": plan.request.steps, "task": plan.request.task,
-            "latent_frames": plan.latent_frames, "cost_gpu_s": cost_gpu_s}
+app.include_router(batch_routes)
 
 
 @serve.deployment(name="Router")
 @serve.ingress(app)
-class Router:
+class Router(BatchRoutes):
     """HTTP ingress: authenticates, validates and admits requests, queues jobs, reports them."""
 
     def __init__(
@@ -99,6 +95,7 @@ class Router:
         self.preset = get_preset(preset)
         db = open_database(database)
         self.jobs = JobStore(db)
+        self.batches = BatchStore(db)
         self.admission = Admission(self.settings, self.jobs, KeyStore(db), self.preset)
         self.files = JobFiles(open_store(store))
         self.runner = runner

@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from pusa_batch.run import BatchSettings
+
+from .batch_run import BatchContext, BatchRun
+from .batches import BatchStore
 from .db import open_database
 from .job_files import JobFiles
 from .job_run import JobRun, RunContext
@@ -46,6 +50,7 @@ class RunnerSettings(BaseModel):
     drain_wait_s: float = 30.0  # on shutdown, how long a job may finish its step before it is released
     outage_s: float = 600.0  # how long a job waits out an unreachable database or store
     sweep_s: float = 60.0  # how often expired jobs are deleted
+    run_batches: bool = True  # replicas claim batches (one at a time on the whole cluster; see batch_run.py)
     stages: StageSettings = StageSettings()
 
 
@@ -57,6 +62,7 @@ class Runner:
         self, text_encoder: DeploymentHandle, vae: DeploymentHandle, dit: DeploymentHandle,
         preset: str = "tiny", store: str = "data", database: str = "sqlite:///data/jobs.db",
         settings: dict | None = None, webhooks: dict | None = None, retention_s: float = 7 * 86400,
+        batch: dict | None = None,
     ) -> None:
         self.settings = s = RunnerSettings.model_validate(settings or {})
         self.holder = f"runner-{uuid.uuid4().hex[:12]}"
@@ -73,8 +79,15 @@ class Runner:
             retention_s=retention_s, webhook_url=hooks.url if secret else None, draining=self.draining,
         )
         self.runs: dict[str, tuple[JobRun, asyncio.Task]] = {}
+        self.batch_ctx = BatchContext(
+            batches=BatchStore(db, lease_ttl_s=s.lease_ttl_s), jobs=self.jobs, files=files,
+            settings=BatchSettings.model_validate({"preset": preset, **(batch or {})}), preset=preset,
+            retention_s=retention_s, renew_s=s.renew_s, draining=self.draining,
+        )
+        self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
-        loops = [self._dispatch, self._renew, self._sweep] + ([self._send_webhooks] if self.webhooks else [])
+        loops = [self._dispatch, self._renew, self._sweep] + ([self._send_webhooks] if self.webhooks else []) + \
+            ([self._run_batches] if s.run_batches else [])
         self._loops = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
 
     # -- API for the routers and operators ---------------------------------------------------------
@@ -86,7 +99,7 @@ class Runner:
     async def stats(self) -> dict:
         """This replica's lease holder name, pid and the jobs it runs (for operators and tests)."""
         return {"holder": self.holder, "pid": os.getpid(), "running": sorted(self.runs),
-                "draining": self.draining.is_set()}
+                "draining": self.draining.is_set(), "batch": self.batch_task.get_name() if self.batch_task else None}
 
     async def check_health(self) -> None:
         """Unhealthy once one of the replica's loops has stopped (unless it is draining): Serve then
@@ -103,7 +116,7 @@ class Runner:
         step for up to ``drain_wait_s``, release them, stop the loops."""
         self.draining.set()
         self._wake.set()
-        tasks = [task for _, task in self.runs.values()]
+        tasks = [task for _, task in self.runs.values()] + ([self.batch_task] if self.batch_task else [])
         logger.info("runner %s draining %d jobs", self.holder, len(tasks))
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=self.settings.drain_wait_s)
@@ -178,6 +191,23 @@ class Runner:
             except Exception:
                 logger.exception("deleting expired jobs failed")
             await asyncio.sleep(self.settings.sweep_s)
+
+    async def _run_batches(self) -> None:
+        """Claim a batch when no runner of the cluster drives one, and drive it to its end."""
+        while not self.draining.is_set():
+            try:
+                lease = await asyncio.to_thread(self.batch_ctx.batches.claim, self.holder)
+            except Exception as exc:
+                logger.warning("claiming a batch failed: %r", exc)
+                lease = None
+            if lease is not None:
+                self.batch_task = asyncio.create_task(BatchRun(self.batch_ctx, lease).run(), name=lease.batch.id)
+                try:
+                    await self.batch_task
+                finally:
+                    self.batch_task = None
+            else:
+                await asyncio.sleep(self.settings.poll_s * 4)
 
     async def _send_webhooks(self) -> None:
         async with httpx.AsyncClient() as client:

@@ -14,6 +14,7 @@ import threading
 import time
 
 import httpx
+import openai
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -204,3 +205,91 @@ def test_a_dit_actor_killed_mid_batch_costs_no_row(service, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == [f"row-{i:03d}.mp4" for i in range(4)]
     assert len({r["custom_id"] for r in records}) == len(records) == 4  # no row twice
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+
+
+# -- OpenAI's Files and Batch APIs on the service ------------------------------------------------------
+
+
+def _requests(rows: list[dict]) -> bytes:
+    return jsonl([{"custom_id": cid, "method": "POST", "url": "/v1/videos", "body": body} for cid, body in rows])
+
+
+def _batch_done(client: openai.OpenAI, batch_id: str, timeout: float = 300) -> openai.types.Batch:
+    deadline = time.monotonic() + timeout
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    return batch
+
+
+def test_the_openai_client_runs_a_batch_to_its_output_file(service):
+    client = openai.OpenAI(api_key="unused", base_url=f"{service}/v1", max_retries=0)
+    image = image_bytes("PNG", seed=9)
+    same = {"prompt": "a boat", "steps": 3, "seed": 42, "noise_multiplier": 0.3}
+    online = httpx.post(f"{service}/v1/videos", files={"input_reference": ("a.png", image, "image/png")},
+                        data={k: str(v) for k, v in same.items()}, timeout=30).json()
+    upload = client.files.create(file=("requests.jsonl", _requests([
+        ("t2v", {"prompt": "a cat", "steps": 2, "seed": 1, "size": "64x64"}),
+        ("i2v", {**same, "input_reference": data_url(image)}),
+        ("bad-steps", {"prompt": "p", "steps": 99}),
+    ])), purpose="batch")
+    assert (upload.purpose, upload.status, upload.object) == ("batch", "processed", "file")
+    created = client.batches.create(input_file_id=upload.id, endpoint="/v1/videos", completion_window="24h",
+                                    metadata={"run": "nightly"})
+    assert created.status == "validating" and created.request_counts.total == 3
+    assert created.pusa["cost_gpu_s"] > 0
+
+    batch = _batch_done(client, created.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+    assert batch.metadata == {"run": "nightly"} and batch.in_progress_at and batch.finalizing_at
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["t2v", "i2v"]
+    videos = {line["custom_id"]: line["response"]["body"] for line in lines}
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+    assert videos["t2v"]["status"] == "completed" and videos["t2v"]["size"] == "64x64"
+    assert client.videos.retrieve(videos["i2v"]["id"]).pusa["seed"] == 42  # each row is a video of the key
+    assert wait_done(service, online["id"])["status"] == "completed"
+    assert client.videos.download_content(videos["i2v"]["id"]).read() == \
+        httpx.get(f"{service}/v1/videos/{online['id']}/content", timeout=30).content  # the same model, byte for byte
+    errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [(e["custom_id"], e["response"]["status_code"], e["response"]["body"]["error"]["param"])
+            for e in errors] == [("bad-steps", 400, "steps")]
+    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    assert created.id in [b.id for b in client.batches.list(limit=5)]
+
+
+def test_a_running_batch_is_cancelled_with_its_finished_rows(service):
+    client = openai.OpenAI(api_key="unused", base_url=f"{service}/v1", max_retries=0)
+    rows = [(f"row-{i}", {"prompt": f"scene {i}", "steps": 8, "seed": i, "size": "256x256"}) for i in range(8)]
+    upload = client.files.create(file=("many.jsonl", _requests(rows)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/videos", completion_window="24h")
+    deadline = time.monotonic() + 180
+    while (batch := client.batches.retrieve(batch.id)).request_counts.completed < 1:
+        assert batch.status in ("validating", "in_progress") and time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+    batch = _batch_done(client, batch.id, timeout=120)
+    assert batch.status == "cancelled" and batch.cancelled_at and batch.cancelling_at
+    done = batch.request_counts.completed
+    assert 1 <= done < 8
+    output = [json.loads(line)["custom_id"] for line in client.files.content(batch.output_file_id).text.splitlines()]
+    undone = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert len(output) == done and sorted(output + [e["custom_id"] for e in undone]) == [cid for cid, _ in rows]
+    assert {e["error"]["code"] for e in undone} == {"batch_cancelled"}
+    time.sleep(2)
+    assert client.batches.retrieve(batch.id).request_counts.completed == done  # nothing runs on after the end
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([{"custom_id": "a", "method": "POST", "url": "/v1/videos", "body": {"prompt": "p", "input_reference": "/etc/passwd"}}],
+     "line 1: body.input_reference: expected a data URL"),
+    ([{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}], "line 1: url: must be /v1/videos"),
+    ([{"custom_id": "a", "method": "POST", "url": "/v1/videos", "body": {"prompt": "p"}}] * 2,
+     "line 2: custom_id 'a' repeats line 1"),
+])
+def test_a_bad_input_file_is_refused_naming_its_line(service, lines, message):
+    r = httpx.post(f"{service}/v1/files", data={"purpose": "batch"},
+                   files={"file": ("in.jsonl", jsonl(lines), "application/jsonl")}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    assert message in r.json()["error"]["message"]

@@ -1,0 +1,208 @@
+"""Running one batch on a runner replica: its manifest through `pusa batch`'s Ray Data pipeline (the batch
+pools, not the online DiT replicas), each finished row a completed video of the batch's owner, and at the
+end OpenAI's output and error files.
+
+The pipeline writes under ``batches/<id>/out/`` in the service's store; a runner that resumes a batch
+(after a crash or a drain) skips the rows already complete there. A row's video becomes a job whose id
+is derived from the batch and the row, so registering it again is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from sqlalchemy.exc import IntegrityError
+
+from pusa_batch.outputs import BatchOutputs
+from pusa_batch.rows import read_row
+from pusa_batch.run import BatchSettings, run_batch
+from pusa_batch.sources import read_manifest
+from pusa_model.presets import get_preset
+
+from .batch_files import error_line, output_line
+from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile
+from .job_files import JobFiles
+from .job_store import JobStore, LeaseLost
+from .jobs import JOB_PREFIX, Job, job_plan, new_id
+
+logger = logging.getLogger("ray.serve")
+
+
+class BatchStopped(Exception):
+    """The batch must stop before its rows are done: ``cancelled``, ``expired`` or ``released`` (drain)."""
+
+
+@dataclass
+class BatchContext:
+    """What every batch run of a runner replica shares."""
+
+    batches: BatchStore
+    jobs: JobStore
+    files: JobFiles  # the service's store
+    settings: BatchSettings
+    preset: str
+    retention_s: float
+    renew_s: float
+    draining: asyncio.Event
+
+
+def manifest_key(batch_id: str) -> str:
+    return f"batches/{batch_id}/input.jsonl"
+
+
+def _video_id(batch: Batch, custom_id: str) -> str:
+    """The id of the video a batch's row makes: the batch's creation time and a hash of (batch, row)."""
+    return f"{JOB_PREFIX}{int(batch.created_at * 1000):012x}" + \
+        hashlib.sha256(f"{batch.id}/{custom_id}".encode()).hexdigest()[:12]
+
+
+class BatchRun:
+    """Drives one claimed batch to its end (or gives it back when the replica drains)."""
+
+    def __init__(self, ctx: BatchContext, lease: BatchLease) -> None:
+        self.ctx = ctx
+        self.lease = lease
+        self.stop = threading.Event()
+        self.stop_reason = ""
+        self.store = ctx.files.store
+        self.prefix = f"batches/{lease.batch.id}/out"
+        self.rows: list[dict] = []
+
+    @property
+    def batch(self) -> Batch:
+        return self.lease.batch
+
+    async def run(self) -> None:
+        try:
+            self.rows = await asyncio.to_thread(read_manifest, f"{self.store.uri}/{manifest_key(self.batch.id)}")
+            if self.batch.status == "validating":
+                await asyncio.to_thread(self.ctx.batches.update, self.lease, only_if=("validating",),
+                                        status="in_progress", in_progress_at=time.time())
+            if self.batch.status == "in_progress" and time.time() < self.batch.expires_at:
+                await self._generate()
+            await asyncio.to_thread(self._finish)
+        except BatchStopped:
+            if self.stop_reason == "released":
+                await asyncio.to_thread(self.ctx.batches.release, self.lease)
+                logger.info("batch %s released for another runner", self.batch.id)
+            else:
+                await asyncio.to_thread(self._finish)
+        except LeaseLost as exc:
+            logger.warning("%s; stopping here", exc)
+        except Exception as exc:
+            logger.exception("batch %s failed", self.batch.id)
+            await asyncio.to_thread(self.ctx.batches.update, self.lease, status="failed", failed_at=time.time(),
+                                    lease_holder=None, errors={"object": "list", "data": [
+                                        {"code": "batch_failed", "message": repr(exc)[:500], "param": None,
+                                         "line": None}]})
+
+    async def _generate(self) -> None:
+        """The manifest through the pipeline while a watcher renews the lease and notices a cancel, the
+        end of the completion window or a drain."""
+        outputs = BatchOutputs(f"{self.store.uri}/{self.prefix}")
+        done = sum(record["status"] == "completed" for record in outputs.records().values())
+        await asyncio.to_thread(self.ctx.batches.update, self.lease, completed=done, failed=0)
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await asyncio.to_thread(run_batch, f"{self.store.uri}/{manifest_key(self.batch.id)}", outputs.uri,
+                                    self.ctx.settings, progress=False, on_record=self._on_record, local_media=False)
+        finally:
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        while not self.stop.is_set():
+            await asyncio.sleep(self.ctx.renew_s)
+            try:
+                await asyncio.to_thread(self.ctx.batches.update, self.lease)
+            except LeaseLost:
+                self._stop("lost")
+            except Exception as exc:  # the database away: the next round tries again
+                logger.warning("renewing batch %s failed: %r", self.batch.id, exc)
+            self._check()
+
+    def _check(self) -> None:
+        if self.batch.status == "cancelling":
+            self._stop("cancelled")
+        elif time.time() >= self.batch.expires_at:
+            self._stop("expired")
+        elif self.ctx.draining.is_set():
+            self._stop("released")
+
+    def _stop(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.stop_reason = reason
+            self.stop.set()
+
+    def _on_record(self, record: dict) -> None:
+        """A row ended (in the pipeline's thread): register its video, count it, stop if asked to."""
+        if record["status"] == "completed":
+            self._register(record)
+        column = "completed" if record["status"] == "completed" else "failed"
+        self.ctx.batches.update(self.lease, **{column: getattr(self.batch, column) + 1})
+        self._check()
+        if self.stop.is_set():
+            if self.stop_reason == "lost":
+                raise LeaseLost(f"batch {self.batch.id}: lease lost")
+            raise BatchStopped(self.stop_reason)
+
+    def _register(self, record: dict) -> Job:
+        """The completed video of a row as a job of the batch's owner (made once: its id is derived)."""
+        video_id = _video_id(self.batch, record["custom_id"])
+        try:
+            return self.ctx.jobs.get(video_id)
+        except KeyError:
+            pass
+        fields = next(dict(row) for row in self.rows if row.get("custom_id") == record["custom_id"])
+        fields.pop("custom_id")
+        plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None)
+        files = [self.store.get(f"{self.prefix}/{folder}/{record['custom_id']}.{ext}")
+                 for folder, ext in (("videos", "mp4"), ("thumbnails", "webp"))]
+        self.ctx.files.put_result(video_id, *files)
+        now = time.time()
+        job = Job(id=video_id, owner=self.batch.owner, created_at=self.batch.created_at, status="completed",
+                  progress=100, request=plan.request.model_dump(), plan=job_plan(plan), started_at=now,
+                  completed_at=now, expires_at=now + self.ctx.retention_s)
+        try:
+            return self.ctx.jobs.create(job, {"type": "completed", "url": f"/v1/videos/{video_id}/content"})
+        except IntegrityError:  # registered meanwhile by a runner that lost this batch
+            return self.ctx.jobs.get(video_id)
+
+    def _finish(self) -> None:
+        """Write the output and error files in input order and end the batch: ``completed``, or
+        ``cancelled`` / ``expired`` with the rows done so far."""
+        batches = self.ctx.batches
+        if batches.update(self.lease, only_if=("in_progress", "validating"), status="finalizing",
+                          finalizing_at=time.time()) is None and self.batch.status not in ("finalizing", "cancelling"):
+            return  # ended already
+        batch = self.batch
+        ended = "cancelled" if batch.status == "cancelling" or self.stop_reason == "cancelled" else \
+            "expired" if self.stop_reason == "expired" or time.time() >= batch.expires_at else "completed"
+        records = BatchOutputs(f"{self.store.uri}/{self.prefix}").records()
+        output, errors = [], []
+        for row in self.rows:
+            custom_id, record = row["custom_id"], records.get(row["custom_id"])
+            if record is not None and record["status"] == "completed":
+                output.append(output_line(batch.id, custom_id, self._register(record).to_openai()))
+            else:
+                errors.append(error_line(batch.id, custom_id, record, ended))
+        file_ids = {name: self._write_file(name, lines) for name, lines in (("output", output), ("error", errors))
+                    if lines}
+        batches.update(self.lease, status=ended, **{f"{ended}_at": time.time()}, completed=len(output),
+                       failed=sum(line["response"] is not None for line in errors),
+                       output_file_id=file_ids.get("output"), error_file_id=file_ids.get("error"), lease_holder=None)
+        logger.info("batch %s %s: %d completed, %d with errors", batch.id, ended, len(output), len(errors))
+
+    def _write_file(self, name: str, lines: list[dict]) -> str:
+        data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        file_id = new_id(FILE_PREFIX)
+        key = f"batches/{self.batch.id}/{name}.jsonl"
+        self.store.put(key, data, "application/jsonl")
+        self.ctx.batches.add_file(StoredFile(id=file_id, owner=self.batch.owner, purpose="batch_output",
+                                             filename=f"{self.batch.id}_{name}.jsonl", bytes=len(data),
+                                             created_at=time.time(), key=key))
+        return file_id
