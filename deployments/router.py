@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
@@ -65,6 +66,12 @@ async def _invalid_parameter(request: Request, exc: RequestValidationError) -> J
     first = exc.errors()[0]
     param = str(first["loc"][-1]) if first.get("loc") else None
     return await _api_error(request, ApiError(400, f"{param}: {first['msg']}", param=param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (a body it cannot parse, an unknown route or method) in OpenAI's shape."""
+    return await _api_error(request, ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
 
 
 @app.exception_handler(OperationalError)

@@ -4,6 +4,7 @@ route, an admin who sees all, each quota tripping with 429 and recovering, and t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -156,6 +157,39 @@ def test_users_see_only_their_own_jobs_and_admins_see_all(service, keys, tmp_pat
     # the openai client with a key works as with OpenAI
     sdk = openai.OpenAI(api_key=alice.headers["Authorization"][7:], base_url=f"{url}/v1")
     assert sdk.videos.retrieve(vid).status == "completed"
+
+
+def test_files_and_batches_belong_to_their_key_and_are_charged(service, keys):
+    url, _ = service
+    alice, bob, root = client(url, new_key(keys)), client(url, new_key(keys)), client(url, new_key(keys, "admin"))
+    lines = json.dumps({"custom_id": "one", "method": "POST", "url": "/v1/videos", "body": {**SMALL, "seed": 5}})
+    upload = alice.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", lines.encode())}).json()
+    body = {"input_file_id": upload["id"], "endpoint": "/v1/videos", "completion_window": "24h"}
+    batch = alice.post("/v1/batches", json=body).json()
+    assert batch["status"] == "validating", batch
+    for method, path, kwargs in [
+        ("GET", f"/v1/files/{upload['id']}", {}), ("GET", f"/v1/files/{upload['id']}/content", {}),
+        ("DELETE", f"/v1/files/{upload['id']}", {}), ("POST", "/v1/batches", {"json": body}),
+        ("GET", f"/v1/batches/{batch['id']}", {}), ("POST", f"/v1/batches/{batch['id']}/cancel", {}),
+    ]:
+        r = bob.request(method, path, **kwargs)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", (method, path, r.text)
+    assert bob.get("/v1/files").json()["data"] == [] and bob.get("/v1/batches").json()["data"] == []
+    assert batch["id"] in {b["id"] for b in root.get("/v1/batches").json()["data"]}
+    deadline = time.monotonic() + 180
+    while (batch := alice.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+        assert batch["status"] in ("validating", "in_progress", "finalizing") and time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    line = json.loads(alice.get(f"/v1/files/{batch['output_file_id']}/content").text)
+    video_id = line["response"]["body"]["id"]
+    assert alice.get(f"/v1/videos/{video_id}").json()["status"] == "completed"
+    assert bob.get(f"/v1/videos/{video_id}").status_code == 404  # the batch's videos are its key's
+
+    poor = client(url, new_key(keys, gpu_seconds_per_day=batch["pusa"]["cost_gpu_s"] / 2))
+    upload = poor.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", lines.encode())}).json()
+    refused = poor.post("/v1/batches", json={**body, "input_file_id": upload["id"]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input_file_id", refused.text
+    assert "daily quota" in refused.json()["error"]["message"]
 
 
 def test_concurrent_jobs_quota(service, keys):

@@ -48,11 +48,20 @@ def test_schema_documents_every_route(service):
                       ("POST", "/v1/videos/stream"), ("GET", "/v1/videos/{video_id}"),
                       ("GET", "/v1/videos/{video_id}/content"), ("GET", "/v1/videos/{video_id}/events"),
                       ("POST", "/v1/videos/{video_id}/cancel"), ("DELETE", "/v1/videos/{video_id}"),
-                      ("GET", "/v1/models"), ("GET", "/health")}
+                      ("GET", "/v1/models"), ("GET", "/health"),
+                      ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
+                      ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"),
+                      ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
+                      ("POST", "/v1/batches/{batch_id}/cancel")}
     create = spec["paths"]["/v1/videos"]["post"]
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert {"prompt", "size", "seconds", "input_reference", "noise_multiplier", "lora_alpha"} <= set(body["properties"])
     assert {"200", "400", "401", "413", "429"} <= set(create["responses"])
+    upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["properties"]["file"]["format"] == "binary" and set(upload["required"]) == {"file", "purpose"}
+    batch = spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    batch = spec["components"]["schemas"][batch["$ref"].rsplit("/", 1)[1]]
+    assert set(batch["required"]) == {"input_file_id", "endpoint", "completion_window"}
 
 
 @pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
