@@ -1,9 +1,10 @@
 """`pusa`: generate a video in this process (no Ray), or print a request's plan; `pusa batch` runs a
-manifest on Ray (`pusa_batch`).
+manifest on Ray (`pusa_batch`); `pusa client` calls a running service's HTTP API (`pusa_client`).
 
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
     pusa batch requests.jsonl --output out/
+    pusa client submit --prompt "..." --wait -o out.mp4
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, InvalidRequest
-from .presets import PRESET_NAMES, get_preset
-from .request import TASKS, plan_request, parse_request
 
 
 def _int_list(text: str) -> list[int]:
@@ -41,6 +40,9 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .presets import PRESET_NAMES  # torch: imported by the commands that need it, not by `pusa client`
+    from .request import TASKS
+
     parser = argparse.ArgumentParser(prog="pusa", description="Pusa V1 video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video in this process")
@@ -101,6 +103,8 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .pipeline import PusaPipeline
+    from .presets import get_preset
+    from .request import parse_request, plan_request
     from .transformer import DiTOptions
 
     preset = get_preset(args.preset)
@@ -133,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         from pusa_batch.cli import main as batch_main
 
         return batch_main(argv[1:])
+    if argv[:1] == ["client"]:  # the HTTP API's client: no model, no Ray
+        from pusa_client.cli import main as client_main
+
+        return client_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return _generate(args)
