@@ -22,6 +22,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 from s3server import s3_server_fixture
+from service_probe import ServiceProbe
 from videoapi import image_bytes, mp4_bytes, wait_done
 
 from pusa_batch.run import BatchSettings, run_batch
@@ -44,7 +45,8 @@ def service(s3, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env, metrics_port=METRICS_PORT) as url:
+        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env, metrics_port=METRICS_PORT,
+                             runner={"lease_ttl_s": 10, "renew_s": 2}) as url:  # a lost runner's batch moves on soon
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield url
 
@@ -293,3 +295,22 @@ def test_a_bad_input_file_is_refused_naming_its_line(service, lines, message):
                    files={"file": ("in.jsonl", jsonl(lines), "application/jsonl")}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_a_batch_outlives_its_runner(service):
+    client = openai.OpenAI(api_key="unused", base_url=f"{service}/v1", max_retries=0)
+    rows = [(f"row-{i}", {"prompt": f"scene {i}", "steps": 6, "seed": i, "size": "256x256"}) for i in range(6)]
+    batch = client.batches.create(input_file_id=client.files.create(file=("r.jsonl", _requests(rows)), purpose="batch").id,
+                                  endpoint="/v1/videos", completion_window="24h")
+    deadline = time.monotonic() + 180
+    while (batch := client.batches.retrieve(batch.id)).request_counts.completed < 1:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    for _, runner in ServiceProbe.replicas("Runner"):  # its Ray Data pipeline dies with it
+        ray.kill(runner, no_restart=False)
+    batch = _batch_done(client, batch.id, timeout=300)  # another runner claims it once the lease expires
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (6, 0)
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [cid for cid, _ in rows]
+    video_ids = {line["response"]["body"]["id"] for line in lines}
+    assert len(video_ids) == 6 and all(client.videos.retrieve(v).status == "completed" for v in video_ids)
