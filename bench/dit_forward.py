@@ -8,16 +8,25 @@ Variants, run in this order on ONE model (each leaves the model as it found it):
 - ``ours_compiled``: ours with the per-frame block under ``torch.compile`` (one graph for all 40 blocks)
 - ``stock_compiled``: stock per-token with diffusers' ``compile_repeated_blocks(fullgraph=True)``
 - ``ours_compiled_fused``: ours compiled, with fused QKV / KV projections
+- ``ours_compiled_sage``: ours compiled, attention through SageAttention (``attention: sage``)
+- ``ours_compiled_fp8``: ours compiled, the blocks' GEMMs in FP8 with row-wise scales (``quantize: fp8``)
+- ``ours_compiled_int8``: ours compiled, the blocks' GEMMs in INT8 (``quantize: int8``)
+- ``ours_compiled_int8_sage``: both 8-bit paths Ampere has, together
 
 Each is timed after warm-up (the first call, which compiles, is reported apart), with its peak memory
-and its output's largest difference from ``stock`` on the same inputs. ``--tiny`` runs every path on
-the CPU with the tiny preset's model in float32. See bench/README.md.
+and its output's largest difference from ``stock`` on the same inputs, and, for the variants after
+``ours_compiled``, the difference from that bf16 baseline's output. The quantized variants quantize the
+one model in place and put its bf16 weights back afterwards (from a CPU copy). ``--tiny`` runs every
+path on the CPU with the tiny preset's model in float32 (where SageAttention and FP8 fall back, as
+logged). See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -34,6 +43,7 @@ import torch  # noqa: E402
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from pusa_model.presets import tiny_transformer_config  # noqa: E402
+from pusa_model.quantize import block_linears, quantize_blocks  # noqa: E402
 from pusa_model.transformer import (  # noqa: E402
     BlockFn,
     block_forward,
@@ -44,7 +54,11 @@ from pusa_model.transformer import (  # noqa: E402
     select_attention_backend,
 )
 
-VARIANTS = ("stock", "ours", "ours_flash", "ours_compiled", "stock_compiled", "ours_compiled_fused")
+VARIANTS = (
+    "stock", "ours", "ours_flash", "ours_compiled", "stock_compiled", "ours_compiled_fused",
+    "ours_compiled_sage", "ours_compiled_fp8", "ours_compiled_int8", "ours_compiled_int8_sage",
+)
+BASELINE = "ours_compiled"  # the bf16 path the 8-bit variants are compared with
 # Latent (frames, height, width) for 81 frames: 480×832 and 720×1280; the tiny ones keep the aspect.
 LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160)}
 TINY_LATENTS = {"480p": (3, 12, 20), "720p": (3, 18, 32)}
@@ -121,7 +135,34 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
+    for package in ("torchao", "sageattention", "triton"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
     return info
+
+
+class BlockWeights:
+    """A CPU copy of the blocks' Linear weights, to put the bf16 model back after quantizing it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.saved: dict[str, torch.Tensor] | None = None
+
+    def quantize(self, mode: str) -> str:
+        if self.saved is None:
+            self.saved = {name: lin.weight.detach().to("cpu") for name, lin in block_linears(self.model).items()}
+        return quantize_blocks(self.model, mode)
+
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        device = self.model.patch_embedding.weight.device
+        for name, linear in block_linears(self.model).items():
+            linear.weight = torch.nn.Parameter(self.saved[name].to(device), requires_grad=False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def cast_like_checkpoint(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -171,8 +212,12 @@ def dit_inputs(model, resolution: str, tiny: bool, seed: int, device: torch.devi
     return x, text, tau, (height // p_h, width // p_w), text_len
 
 
-def bench_resolution(model, resolution: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    """All selected variants at one resolution; returns ``{variant: result}``."""
+def bench_resolution(
+    model, resolution: str, args, device: torch.device, dtype: torch.dtype,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """All selected variants at one resolution; returns ``{variant: result}``. `progress` gets the
+    results so far after each variant."""
     x, text, tau, (rows, cols), text_len = dit_inputs(model, resolution, args.tiny, args.seed, device, dtype)
     frames = x.shape[2]
     per_token = per_token_timesteps(tau, rows * cols)
@@ -194,6 +239,25 @@ def bench_resolution(model, resolution: str, args, device: torch.device, dtype: 
         for block in model.blocks:  # undo the nn.Module.compile() that compile_repeated_blocks calls
             block._compiled_call_impl = None
 
+    weights = BlockWeights(model)
+    applied: dict[str, str] = {}  # variant -> the GEMM mode that quantize_blocks applied
+
+    def quantized(name: str, mode: str, attention: str | None = None) -> Callable[[], None]:
+        def set_up() -> None:
+            if attention:
+                select_attention_backend(model, attention)
+            applied[name] = weights.quantize(mode)
+
+        return set_up
+
+    def restore(attention: bool = False) -> Callable[[], None]:
+        def tear_down() -> None:
+            weights.restore()
+            if attention:
+                select_attention_backend(model, backend)
+
+        return tear_down
+
     # name: (call, set-up, tear-down); the tear-down restores the model for the next variant.
     plan: dict[str, tuple[Callable[[], torch.Tensor], Callable | None, Callable | None]] = {
         "stock": (stock, None, None),
@@ -211,9 +275,26 @@ def bench_resolution(model, resolution: str, args, device: torch.device, dtype: 
             lambda: fuse_qkv(model),
             model.unfuse_qkv_projections,
         ),
+        "ours_compiled_sage": (
+            ours(compile_block_forward(**compile_kwargs)),
+            lambda: select_attention_backend(model, "sage"),
+            lambda: select_attention_backend(model, backend),
+        ),
+        "ours_compiled_fp8": (
+            ours(compile_block_forward(**compile_kwargs)), quantized("ours_compiled_fp8", "fp8"), restore(),
+        ),
+        "ours_compiled_int8": (
+            ours(compile_block_forward(**compile_kwargs)), quantized("ours_compiled_int8", "int8"), restore(),
+        ),
+        "ours_compiled_int8_sage": (
+            ours(compile_block_forward(**compile_kwargs)),
+            quantized("ours_compiled_int8_sage", "int8", "sage"),
+            restore(attention=True),
+        ),
     }
     results: dict[str, dict] = {}
     reference = None
+    baseline_out = None
     if "stock" not in args.variants:
         with torch.no_grad():
             reference = stock()  # untimed: the outputs are compared with it
@@ -242,16 +323,48 @@ def bench_resolution(model, resolution: str, args, device: torch.device, dtype: 
             **asdict(timing),
             "compile_s": timing.compile_s,
             "attention": attention,
+            "gemms": _gemms(applied.get(name, "none"), name, dtype),
             "tflops": flops / timing.median_s / 1e12,
             "max_abs_diff": diff,
             "max_rel_diff": diff / scale if scale else 0.0,
+            **_differences(out, baseline_out),
         }
+        if name == BASELINE:
+            baseline_out = out
+        del out
+        if progress:
+            progress(results)
     torch._dynamo.reset()
     for result in results.values():
         if "error" not in result:
             result["speedup_vs_stock"] = _ratio(results, "stock", result)
             result["speedup_vs_stock_compiled"] = _ratio(results, "stock_compiled", result)
+            result["speedup_vs_baseline"] = _ratio(results, BASELINE, result)
     return results
+
+
+def _gemms(applied: str, name: str, dtype: torch.dtype) -> str:
+    """What the blocks' GEMMs ran in: the applied quantization, or the weights' dtype (and whether the
+    variant asked for a quantization that fell back)."""
+    if applied != "none":
+        return applied
+    plain = str(dtype).removeprefix("torch.")
+    asked = next((mode for mode in ("fp8", "int8") if f"_{mode}" in name), None)
+    return f"{plain} ({asked} fell back)" if asked else plain
+
+
+def _differences(out: torch.Tensor, baseline: torch.Tensor | None) -> dict:
+    """`out`'s difference from the bf16 baseline's output: largest absolute, and relative
+    (largest over the baseline's largest magnitude; and in L2 norm)."""
+    if baseline is None:
+        return {}
+    delta = out.float() - baseline.float()
+    ref = baseline.float()
+    return {
+        "max_abs_vs_baseline": delta.abs().max().item(),
+        "max_rel_vs_baseline": (delta.abs().max() / ref.abs().max()).item(),
+        "rel_l2_vs_baseline": (delta.norm() / ref.norm()).item(),
+    }
 
 
 def _backend_name(model: WanTransformer3DModel) -> str:
@@ -272,21 +385,28 @@ def table(resolution: str, results: dict) -> str:
     def ratio(value: float | None) -> str:
         return "—" if value is None else f"{value:.2f}×"
 
+    def vs_baseline(r: dict) -> str:
+        if "rel_l2_vs_baseline" not in r:
+            return "—"
+        return f"{r['max_abs_vs_baseline']:.3g} ({r['max_rel_vs_baseline']:.2g}; L2 {r['rel_l2_vs_baseline']:.2g})"
+
     lines = [
         f"### {resolution}",
         "",
-        "| variant | attention | median s | TFLOP/s | vs stock | vs stock compiled | compile s (1st − median) | peak GiB | "
-        "extra GiB | max abs Δ (rel) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | attention | GEMMs | median s | TFLOP/s | vs stock | vs stock compiled | vs ours compiled | "
+        "compile s (1st − median) | peak GiB | extra GiB | max abs Δ vs stock (rel) | Δ vs ours compiled (rel; L2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 8)
+            lines.append(f"| {name} | failed: {r['error'][:120]} |" + " |" * 11)
             continue
         lines.append(
-            f"| {name} | {r['attention']} | {r['median_s']:.3f} | {r['tflops']:.1f} | "
-            f"{ratio(r['speedup_vs_stock'])} | {ratio(r['speedup_vs_stock_compiled'])} | {r['compile_s']:.1f} | "
-            f"{r['peak_gib']:.2f} | {r['extra_gib']:.2f} | {r['max_abs_diff']:.3g} ({r['max_rel_diff']:.2g}) |"
+            f"| {name} | {r['attention']} | {r['gemms']} | {r['median_s']:.3f} | {r['tflops']:.1f} | "
+            f"{ratio(r['speedup_vs_stock'])} | {ratio(r['speedup_vs_stock_compiled'])} | "
+            f"{ratio(r['speedup_vs_baseline'])} | {r['compile_s']:.1f} | "
+            f"{r['peak_gib']:.2f} | {r['extra_gib']:.2f} | {r['max_abs_diff']:.3g} ({r['max_rel_diff']:.2g}) | "
+            f"{vs_baseline(r)} |"
         )
     return "\n".join(lines)
 
@@ -316,6 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     t0 = time.perf_counter()
@@ -331,12 +453,20 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"{report['device']}, torch {report['torch']}, diffusers {report['diffusers']}; "
           f"model built in {report['build_s']:.1f} s", flush=True)
-    for resolution in args.resolutions:
-        report["results"][resolution] = bench_resolution(model, resolution, args, device, dtype)
-        print("\n" + table(resolution, report["results"][resolution]) + "\n", flush=True)
-        if args.out:  # after each resolution, so a later failure keeps what was measured
+    def save() -> None:  # after each variant, so a later failure (or a time limit) keeps what was measured
+        if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(report, indent=2, default=str))
+
+    for resolution in args.resolutions:
+
+        def progress(results: dict, resolution: str = resolution) -> None:
+            report["results"][resolution] = results
+            save()
+
+        report["results"][resolution] = bench_resolution(model, resolution, args, device, dtype, progress)
+        print("\n" + table(resolution, report["results"][resolution]) + "\n", flush=True)
+        save()
 
 
 if __name__ == "__main__":
