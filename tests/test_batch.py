@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -314,3 +316,15 @@ def test_a_batch_outlives_its_runner(service):
     assert [line["custom_id"] for line in lines] == [cid for cid, _ in rows]
     video_ids = {line["response"]["body"]["id"] for line in lines}
     assert len(video_ids) == 6 and all(client.videos.retrieve(v).status == "completed" for v in video_ids)
+
+
+def test_readme_batch_example(service, tmp_path):
+    """The README's batch block, run as a script against this service."""
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parent.parent / "README.md").read_text(), re.DOTALL)
+    script = next(block for block in blocks if "client.batches.create" in block)
+    res = subprocess.run([sys.executable, "-c", script.replace("http://127.0.0.1:8000", service)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr
+    printed = [line.split() for line in res.stdout.splitlines()]
+    assert [(p[0], p[2]) for p in printed] == [(f"cat-{i}", "completed") for i in range(3)] and \
+        all(p[1].startswith("video_") for p in printed)
