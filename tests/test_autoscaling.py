@@ -7,33 +7,25 @@ scale the DiT to 2 replicas, make the autoscaler add a second A6000 node, put ev
 A6000 node and complete every job; without load the DiT goes back to 1 replica and the idle node is
 removed.
 
-The fake cluster is started here (not with `AutoscalingCluster.start()`, which runs
-`ray stop --force` and would kill every Ray on the machine, and not with `Cluster`, which points
-`/tmp/ray/ray_current_cluster` at it): a head `Node` of this process with the fake provider's
-autoscaler config; its monitor starts worker nodes as its own children. At the end, everything this
-test started - and only that - is stopped, by pid.
+The fake cluster (`fake_cluster.py`) runs on this machine; everything it started is stopped at the end.
 
 Set PUSA_SKIP_SLOW=1 to skip it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import httpx
-import psutil
 import pytest
 import ray
 from ray import serve
-from ray._private.node import Node
-from ray._private.parameter import RayParams
-from ray._private.services import get_node_ip_address
 from ray.serve.schema import ServeDeploySchema
 from ray.util.state import list_actors
 
 from deployments.launch import deploy
+from fake_cluster import fake_autoscaling_cluster as fake_cluster
 from serving import free_port, local_config
 
 pytestmark = pytest.mark.skipif(os.environ.get("PUSA_SKIP_SLOW") == "1", reason="PUSA_SKIP_SLOW=1")
@@ -58,67 +50,12 @@ DEPLOYMENTS = {
         "ray_actor_options": {"num_cpus": 0, "num_gpus": 1, "resources": {"A6000": 1}},
     },
 }
-FAST_METRICS = {  # Serve pushes autoscaling metrics every 10 s by default
-    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-}
-
-
-def fake_cluster_config(gcs_address: str) -> dict:
-    """The fake_multinode provider's cluster config (cf. ray's fake_multi_node/example.yaml)."""
-    return {
-        "cluster_name": "pusa-fake-a6000",
-        "max_workers": 2,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": gcs_address},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 2, "pusa_head": 100}, "node_config": {}, "max_workers": 0},
-            "a6000": WORKER_TYPE,
-        },
-        "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
-    }
 
 
 @pytest.fixture
-def fake_autoscaling_cluster(tmp_path, monkeypatch):
-    """Start the head (with the autoscaler); yield its GCS address; stop every process it started."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for key, value in {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **FAST_METRICS}.items():
-        monkeypatch.setenv(key, value)  # inherited by the head's processes, the monitor and its nodes
-    gcs_address = f"{get_node_ip_address()}:{free_port()}"
-    config_file = tmp_path / "fake_cluster.json"
-    config_file.write_text(json.dumps(fake_cluster_config(gcs_address)))
-    params = RayParams(
-        num_cpus=2, num_gpus=0, resources={"pusa_head": 100}, object_store_memory=200 * 1024 * 1024,
-        gcs_server_port=int(gcs_address.rsplit(":", 1)[1]), autoscaling_config=str(config_file),
-        include_dashboard=True, dashboard_port=free_port(), dashboard_agent_listen_port=free_port(),
-        min_worker_port=0, max_worker_port=0,
-    )
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    head = Node(params, head=True, shutdown_at_exit=True, spawn_reaper=True)
-    try:
-        yield head.gcs_address
-    finally:
-        # What the head started, listed before its monitor dies and orphans the worker nodes.
-        started = [p for p in me.children(recursive=True) if p.pid not in before]
-        head.kill_all_processes(check_alive=False, allow_graceful=True, wait=True)
-        for proc in started:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(started, timeout=15)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+def fake_autoscaling_cluster(tmp_path):
+    with fake_cluster(tmp_path, {"a6000": WORKER_TYPE}, max_workers=2) as gcs_address:
+        yield gcs_address
 
 
 class Observer:
