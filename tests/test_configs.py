@@ -379,3 +379,14 @@ def test_batch_config_places_every_stage_on_a6000_cards():
     for stage in (settings.conditioning, settings.text, settings.dit, settings.decode):
         assert stage.num_gpus > 0 and stage.resources == {"A6000": stage.num_gpus}
     assert settings.dit.num_gpus == 1  # one whole card per DiT actor, as a DiT replica
+
+
+@pytest.mark.parametrize("path", [PROD, ROOT / "serve_config.2gpu.yaml"], ids=["production", "2gpu"])
+def test_production_batches_run_on_a6000_within_their_cap(path):
+    (app,) = load(path)["applications"]
+    settings = BatchSettings.model_validate({"preset": app["args"]["preset"], **app["args"]["batch"]})
+    stages = (settings.conditioning, settings.text, settings.dit, settings.decode)
+    for stage in stages:
+        assert stage.num_gpus > 0 and stage.resources == {"A6000": stage.num_gpus}
+    assert settings.dit.num_gpus == 1
+    assert sum(s.concurrency * s.num_gpus for s in stages) == 3.5  # the cap the config's comment states
