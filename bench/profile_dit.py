@@ -15,8 +15,9 @@ text 1×512×4096, an i2v-like timestep vector, ``forward_per_frame`` with ``com
 Per category: CUDA time per forward, share, kernel launches; achieved TFLOP/s for attention and GEMMs
 from analytic FLOPs: self-attention ``4·B·heads·S²·head_dim`` per block (S = 21·30·52 = 32760 tokens),
 cross-attention ``4·B·heads·S·512·head_dim``, every Linear ``2·tokens·in·out``. The top kernels by time
-are listed. ``--tiny`` runs the same code on the CPU (tiny model, float32) and groups CPU ops instead.
-See bench/README.md.
+are listed. ``--quantize int8|fp8`` quantizes the blocks' GEMMs first and ``--attention sage`` picks
+SageAttention (`pusa_model.quantize`), to see where the 8-bit paths' time goes. ``--tiny`` runs the same
+code on the CPU (tiny model, float32) and groups CPU ops instead. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, schedule  # noqa: E402
 
 from dit_forward import LATENTS, build_transformer, dit_inputs, environment, timed_call  # noqa: E402
+from pusa_model.quantize import quantize_blocks  # noqa: E402
 from pusa_model.transformer import (  # noqa: E402
     block_forward,
     compile_block_forward,
@@ -49,7 +51,7 @@ CUDA_CATEGORIES = [
     ("GEMM", r"^triton_tem"),  # inductor GEMM templates (max-autotune)
     # inductor's fused pointwise/reduction kernels, whose names can mention the SDPA op they feed
     ("elementwise/norm (triton)", r"^triton_"),
-    ("attention", r"fmha|flash|sdpa|attention|attn|\bmha"),
+    ("attention", r"fmha|flash|sdpa|attention|attn|\bmha|quant_per_block"),  # the last: SageAttention's Q/K quantization
     ("GEMM", r"gemm|cutlass|nvjet|xmma|cublas|matmul|wgmma|sm90_|sm80_|ampere_|hopper"),
     ("conv", r"conv|implicit|winograd"),
     ("elementwise/norm (aten)", r"elementwise|vectorized|reduce|norm|copy|cat|index|fill|unroll|where|softmax|rope"),
@@ -174,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (the compile is here)")
     parser.add_argument("--runs", type=int, default=2, help="timed forwards, then as many profiled ones")
     parser.add_argument("--attention", default="auto", help="select_attention_backend preference")
+    parser.add_argument("--quantize", default="none", help="the blocks' GEMMs: none, int8, fp8")
     parser.add_argument("--eager", action="store_true", help="profile the eager per-frame forward instead")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
     parser.add_argument("--seed", type=int, default=0)
@@ -194,14 +197,15 @@ def main(argv: list[str] | None = None) -> None:
     x, text, tau, (rows, cols), text_len = dit_inputs(model, args.resolution, args.tiny, args.seed, device, dtype)
     frames, height, width = x.shape[2:]
     backend = select_attention_backend(model, args.attention)
+    gemms = quantize_blocks(model, args.quantize)
     block_fn = block_forward if args.eager else compile_block_forward()
 
     def forward() -> torch.Tensor:
         return forward_per_frame(model, x, tau, text, block_fn)
 
-    report = {**environment(device), "attention": backend, "compiled": not args.eager,
+    report = {**environment(device), "attention": backend, "gemms": gemms, "compiled": not args.eager,
               "latents": [1, model.config.in_channels, frames, height, width], "text_len": text_len}
-    print(f"{report['device']}, torch {report['torch']}, attention {backend}, "
+    print(f"{report['device']}, torch {report['torch']}, attention {backend}, GEMMs {gemms}, "
           f"{'eager' if args.eager else 'compiled'}", flush=True)
     with torch.no_grad():
         first, _ = timed_call(forward, device)
