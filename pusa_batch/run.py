@@ -53,6 +53,7 @@ class BatchSettings(BaseModel):
     device: str | None = None  # None: each actor's GPU when it has one
     dit_options: dict = {}
     text_batch_size: int = Field(default=8, ge=1)
+    nice: int = Field(default=0, ge=0, le=19)  # CPU priority of the stage actors (higher: yield to others)
     conditioning: StageResources = StageResources()
     text: StageResources = StageResources()
     dit: StageResources = StageResources()
@@ -103,7 +104,7 @@ def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: 
         (Decoding, {"preset": preset, "output": output, "device": device}, settings.decode, 1),
     ]
     for stage, kwargs, pool, batch_size in stages:
-        ds = ds.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
+        ds = ds.map_batches(stage, fn_constructor_kwargs={**kwargs, "nice": settings.nice}, batch_size=batch_size, batch_format="numpy",
                             **pool.placement())
     return ds
 

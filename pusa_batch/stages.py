@@ -10,6 +10,7 @@ passes every later stage untouched. Each stage runs the service's own code: `rea
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
 from collections import OrderedDict
@@ -64,6 +65,10 @@ class _Stage:
 
     name = ""
 
+    def __init__(self, nice: int = 0) -> None:
+        if nice:
+            os.nice(nice)  # this actor's process yields the CPU to the online replicas on its node
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"custom_id": [], "payload": []}
         for custom_id, raw in zip(batch["custom_id"], batch["payload"]):
@@ -89,7 +94,8 @@ class Conditioning(_Stage):
 
     name = "conditioning"
 
-    def __init__(self, preset: str, device: str | None = None) -> None:
+    def __init__(self, preset: str, device: str | None = None, nice: int = 0) -> None:
+        super().__init__(nice)
         spec = get_preset(preset)
         self.preset = preset
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
@@ -105,7 +111,8 @@ class TextEncoding(_Stage):
 
     name = "text"
 
-    def __init__(self, preset: str, device: str | None = None, cache_size: int = 64) -> None:
+    def __init__(self, preset: str, device: str | None = None, cache_size: int = 64, nice: int = 0) -> None:
+        super().__init__(nice)
         spec = get_preset(preset)
         self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
         self.cache: OrderedDict[tuple[str, str | None], tuple] = OrderedDict()
@@ -130,7 +137,8 @@ class Denoising(_Stage):
 
     name = "denoise"
 
-    def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None) -> None:
+    def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None, nice: int = 0) -> None:
+        super().__init__(nice)
         spec = get_preset(preset)
         self.preset = preset
         self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(dit_options or {})))
@@ -156,7 +164,8 @@ class Decoding(_Stage):
 
     name = "decode"
 
-    def __init__(self, preset: str, output: str, device: str | None = None) -> None:
+    def __init__(self, preset: str, output: str, device: str | None = None, nice: int = 0) -> None:
+        super().__init__(nice)
         spec = get_preset(preset)
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
         self.outputs = BatchOutputs(output)

@@ -197,12 +197,14 @@ def test_a_dit_actor_killed_mid_batch_costs_no_row(service, tmp_path):
     records: list[dict] = []
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_batch(
-        str(tmp_path / "m.jsonl"), str(tmp_path / "out"), BatchSettings(), progress=False, on_record=records.append)))
+        str(tmp_path / "m.jsonl"), str(tmp_path / "out"), BatchSettings(nice=5), progress=False,
+        on_record=records.append)))
     thread.start()
     deadline = time.monotonic() + 120
     while (victim := _dit_actor(busy=True)) is None or not records:  # one row through, the actor on the next
         assert time.monotonic() < deadline and thread.is_alive(), records
         time.sleep(0.05)
+    assert victim.nice() == 5  # the stage actors run at the batch's CPU priority
     victim.kill()
     thread.join(timeout=300)
     assert result["completed_total"] == 4 and result["failed_total"] == 0, result

@@ -390,3 +390,4 @@ def test_production_batches_run_on_a6000_within_their_cap(path):
         assert stage.num_gpus > 0 and stage.resources == {"A6000": stage.num_gpus}
     assert settings.dit.num_gpus == 1
     assert sum(s.concurrency * s.num_gpus for s in stages) == 3.5  # the cap the config's comment states
+    assert settings.nice == 10  # the batch's actors yield the CPU to the online replicas
