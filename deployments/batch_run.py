@@ -1,6 +1,8 @@
-"""Running one batch on a runner replica: its manifest through `pusa batch`'s Ray Data pipeline (the batch
-pools, not the online DiT replicas), each finished row a completed video of the batch's owner, and at the
-end OpenAI's output and error files.
+"""Running one batch: its manifest through `pusa batch`'s Ray Data pipeline (the batch pools, not the
+online DiT replicas), each finished row a completed video of the batch's owner, and at the end OpenAI's
+output and error files. A runner replica that claims a batch starts a `BatchDriver` actor for it: the
+pipeline's driver runs in that process (at the batch's CPU priority), so the runner's own loop, which
+drives the online jobs, shares neither its interpreter nor its CPU share with it.
 
 The pipeline writes under ``batches/<id>/out/`` in the service's store; a runner that resumes a batch
 (after a crash or a drain) skips the rows already complete there. A row's video becomes a job whose id
@@ -13,9 +15,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+
+import ray
 from sqlalchemy.exc import IntegrityError
 
 from pusa_batch.outputs import BatchOutputs
@@ -26,9 +31,11 @@ from pusa_model.presets import get_preset
 
 from .batch_files import error_line, output_line
 from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile
+from .db import open_database
 from .job_files import JobFiles
 from .job_store import JobStore, LeaseLost
 from .jobs import JOB_PREFIX, Job, job_plan, new_id
+from .storage import open_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,7 +46,7 @@ class BatchStopped(Exception):
 
 @dataclass
 class BatchContext:
-    """What every batch run of a runner replica shares."""
+    """What a batch run needs: the database, the store, the pools and timings."""
 
     batches: BatchStore
     jobs: JobStore
@@ -206,3 +213,28 @@ class BatchRun:
                                              filename=f"{self.batch.id}_{name}.jsonl", bytes=len(data),
                                              created_at=time.time(), key=key))
         return file_id
+
+
+@ray.remote(num_cpus=0)
+class BatchDriver:
+    """The process that drives one batch (an async actor, owned by the runner that claimed the batch: it
+    dies with it, and its pipeline's actors with it)."""
+
+    def __init__(self, database: str, store: str, settings: dict, preset: str, retention_s: float, renew_s: float,
+                 lease_ttl_s: float) -> None:
+        pools = BatchSettings.model_validate(settings)
+        if pools.nice:
+            os.nice(pools.nice)
+        db = open_database(database)
+        self.ctx = BatchContext(batches=BatchStore(db, lease_ttl_s=lease_ttl_s), jobs=JobStore(db, lease_ttl_s=lease_ttl_s),
+                                files=JobFiles(open_store(store)), settings=pools, preset=preset,
+                                retention_s=retention_s, renew_s=renew_s, draining=asyncio.Event())
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+    async def run(self, lease: BatchLease) -> None:
+        """Drive the batch to its end, or give it back once `drain` was called."""
+        await BatchRun(self.ctx, lease).run()
+
+    async def drain(self) -> None:
+        """Stop when the next row ends and give the batch back (the runner is stopping)."""
+        self.ctx.draining.set()

@@ -16,14 +16,14 @@ import os
 import uuid
 
 import httpx
+import ray
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from pusa_batch.run import BatchSettings
-
-from .batch_run import BatchContext, BatchRun
-from .batches import BatchStore
+from .batch_run import BatchDriver
+from .batches import BatchLease, BatchStore
 from .db import open_database
 from .job_files import JobFiles
 from .job_run import JobRun, RunContext
@@ -79,11 +79,11 @@ class Runner:
             retention_s=retention_s, webhook_url=hooks.url if secret else None, draining=self.draining,
         )
         self.runs: dict[str, tuple[JobRun, asyncio.Task]] = {}
-        self.batch_ctx = BatchContext(
-            batches=BatchStore(db, lease_ttl_s=s.lease_ttl_s), jobs=self.jobs, files=files,
-            settings=BatchSettings.model_validate({"preset": preset, **(batch or {})}), preset=preset,
-            retention_s=retention_s, renew_s=s.renew_s, draining=self.draining,
-        )
+        self.batches = BatchStore(db, lease_ttl_s=s.lease_ttl_s)
+        self.batch_driver_args = dict(
+            database=database, store=store, settings={"preset": preset, **(batch or {})}, preset=preset,
+            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s)
+        self.batch_driver: ray.actor.ActorHandle | None = None
         self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         loops = [self._dispatch, self._renew, self._sweep] + ([self._send_webhooks] if self.webhooks else []) + \
@@ -116,6 +116,11 @@ class Runner:
         step for up to ``drain_wait_s``, release them, stop the loops."""
         self.draining.set()
         self._wake.set()
+        if self.batch_driver is not None:
+            try:
+                await self.batch_driver.drain.remote()
+            except Exception as exc:  # the driver is gone already
+                logger.warning("could not drain the batch driver: %r", exc)
         tasks = [task for _, task in self.runs.values()] + ([self.batch_task] if self.batch_task else [])
         logger.info("runner %s draining %d jobs", self.holder, len(tasks))
         if tasks:
@@ -193,21 +198,31 @@ class Runner:
             await asyncio.sleep(self.settings.sweep_s)
 
     async def _run_batches(self) -> None:
-        """Claim a batch when no runner of the cluster drives one, and drive it to its end."""
+        """Claim a batch when no runner of the cluster drives one, and drive it to its end in a
+        `BatchDriver` actor on this node."""
         while not self.draining.is_set():
             try:
-                lease = await asyncio.to_thread(self.batch_ctx.batches.claim, self.holder)
+                lease = await asyncio.to_thread(self.batches.claim, self.holder)
             except Exception as exc:
                 logger.warning("claiming a batch failed: %r", exc)
                 lease = None
-            if lease is not None:
-                self.batch_task = asyncio.create_task(BatchRun(self.batch_ctx, lease).run(), name=lease.batch.id)
-                try:
-                    await self.batch_task
-                finally:
-                    self.batch_task = None
-            else:
+            if lease is None:
                 await asyncio.sleep(self.settings.poll_s * 4)
+                continue
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self.batch_driver = BatchDriver.options(scheduling_strategy=here).remote(**self.batch_driver_args)
+            self.batch_task = asyncio.create_task(self._drive(lease), name=lease.batch.id)
+            try:
+                await self.batch_task
+            finally:
+                ray.kill(self.batch_driver)
+                self.batch_driver, self.batch_task = None, None
+
+    async def _drive(self, lease: BatchLease) -> None:
+        try:
+            await self.batch_driver.run.remote(lease)
+        except Exception:  # the driver died: its lease lapses and a runner resumes the batch
+            logger.exception("the driver of batch %s failed", lease.batch.id)
 
     async def _send_webhooks(self) -> None:
         async with httpx.AsyncClient() as client:
