@@ -3,6 +3,7 @@ manifest on Ray (`pusa_batch`); `pusa client` calls a running service's HTTP API
 
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
+    pusa generate --fast --lora-registry loras.yaml --prompt "..."      # 4 steps, guidance 1, distill LoRA
     pusa batch requests.jsonl --output out/
     pusa client submit --prompt "..." --wait -o out.mp4
 """
@@ -29,6 +30,16 @@ def _float_list(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _lora(text: str) -> dict:
+    name, sep, alpha = text.partition("=")
+    if not sep:
+        return {"name": name}
+    try:
+        return {"name": name, "alpha": float(alpha)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME=ALPHA, got {text!r}") from None
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -60,9 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (preset default)")
     gen.add_argument("--frames", type=int, help="4k+1 (preset default)")
     gen.add_argument("--fps", type=int, default=25)
-    gen.add_argument("--steps", type=int, default=10)
-    gen.add_argument("--guidance", type=float, default=5.0)
-    gen.add_argument("--lora-alpha", type=float, default=1.4)
+    gen.add_argument("--steps", type=int, help="denoising steps (default 10; 4 with --fast)")
+    gen.add_argument("--guidance", type=float, help="guidance scale (default 5; 1 with --fast)")
+    gen.add_argument("--lora-alpha", type=float, help="strength of the Pusa LoRA, 0.1 to 5 (default 1.4)")
+    gen.add_argument("--fast", action="store_true",
+                     help="mode fast: 4 steps at guidance 1 with the registry's fast (distill) LoRA")
+    gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="NAME[=ALPHA]",
+                     help="a LoRA of --lora-registry to fuse beside the Pusa LoRA (repeat for more)")
+    gen.add_argument("--lora-registry", type=Path, metavar="FILE",
+                     help="YAML or JSON {name: {path, alpha, fast}}, as the service's app arg loras")
+    gen.add_argument("--lora-base", choices=("disk", "cpu", "device"), default="disk",
+                     help="where the base weights for LoRA fusing are kept")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
@@ -87,16 +106,34 @@ def request_from_args(args: argparse.Namespace) -> dict:
         "noise_multiplier": args.noise_multiplier,
         "frames": args.frames,
         "fps": args.fps,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "lora_alpha": args.lora_alpha,
         "seed": args.seed,
+        "loras": args.lora,
     }
+    for name in ("steps", "guidance", "lora_alpha"):  # left out: the request's (or mode fast's) default
+        if getattr(args, name) is not None:
+            data[name] = getattr(args, name)
+    if args.fast:
+        data["mode"] = "fast"
     if args.negative_prompt is not None:
         data["negative_prompt"] = args.negative_prompt
     if args.size:
         data["width"], data["height"] = args.size
     return data
+
+
+def load_registry(path: Path | None):
+    """The LoRA registry of `--lora-registry` (empty without one); a bad file is a `ConfigError`."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .loras import LoraRegistry
+
+    if path is None:
+        return LoraRegistry()
+    try:
+        return LoraRegistry.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"--lora-registry {path}: {exc}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -108,7 +145,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .transformer import DiTOptions
 
     preset = get_preset(args.preset)
-    plan = plan_request(parse_request(request_from_args(args)), preset)
+    registry = load_registry(args.lora_registry)
+    plan = plan_request(parse_request(request_from_args(args)), preset, loras=registry)
     if args.dry_run:
         print(json.dumps(plan.describe(), indent=None if args.json else 2))
         return 0
@@ -118,7 +156,8 @@ def _generate(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise InvalidRequest(field, f"file not found: {path}")
     options = DiTOptions(compile=args.compile, attention=args.attention)
-    pipe = PusaPipeline.from_preset(args.preset, device=args.device, dit_options=options)
+    pipe = PusaPipeline.from_preset(args.preset, device=args.device, dit_options=options, loras=registry,
+                                    lora_base=args.lora_base)
     with tqdm(total=plan.request.steps, desc="denoising", unit="step", disable=args.json) as bar:
         result = pipe.generate(plan, args.output, on_step=lambda event: bar.update(1))
     summary = {

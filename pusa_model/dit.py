@@ -1,4 +1,5 @@
-"""The DiT stage: one VTA denoising step on WanTransformer3DModel, with the Pusa LoRA fused.
+"""The DiT stage: one VTA denoising step on WanTransformer3DModel, with a combination of LoRAs fused
+(the Pusa LoRA, and any of the deployment's registry).
 
 It keeps no request state: latents, schedule and embeddings come with every call, so consecutive
 steps of one video can run on different replicas.
@@ -6,39 +7,67 @@ steps of one video can run on different replicas.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from diffusers import WanTransformer3DModel
 
-from .lora import LoraFuser
+from .errors import InvalidRequest
+from .lora import LoraFuser, LoraStack
+from .loras import PUSA
 from .sampler import Guide, denoise_step, guided_velocity
 from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame
 
 
 class DiTStage:
-    """Runs denoising steps; `lora_alpha` sets the fused LoRA strength (never accumulating).
+    """Runs denoising steps; `set_loras` fuses a combination of LoRAs (never accumulating).
 
-    `options` (attention kernel, fused QKV, compile) are applied to `transformer` here, in place;
-    None leaves the model as it is.
+    `lora` holds the LoRAs (a `LoraStack`, the Pusa LoRA named ``pusa``; a `LoraFuser` is its Pusa LoRA).
+    `options` (attention kernel, fused QKV, compile, quantized GEMMs) are applied to `transformer` here, in
+    place, after the LoRAs' base weights were taken; None leaves the model as it is.
     """
 
     def __init__(
-        self, transformer: WanTransformer3DModel, lora: LoraFuser | None = None, options: DiTOptions | None = None
+        self, transformer: WanTransformer3DModel, lora: LoraStack | LoraFuser | None = None,
+        options: DiTOptions | None = None,
     ) -> None:
         self.transformer = transformer
-        self.lora = lora
+        self.lora: LoraStack | None = lora.stack if isinstance(lora, LoraFuser) else lora
         self.device = next(transformer.parameters()).device
         self.dtype = transformer.patch_embedding.weight.dtype  # some parameters stay float32
         self._block_fn = block_forward if options is None else apply_options(transformer, options)
         self.guide: Guide = guided_velocity  # how the conditional and unconditional passes combine
 
     @property
-    def lora_alpha(self) -> float | None:
-        return None if self.lora is None else self.lora.alpha
+    def loras(self) -> dict[str, float] | None:
+        """The fused combination (name -> alpha), or None before the first fuse."""
+        return None if self.lora is None else self.lora.combination
 
-    def set_lora_alpha(self, alpha: float) -> None:
-        """Fuse the LoRA at `alpha` from the base weights (no-op when already there or no LoRA)."""
-        if self.lora is not None and self.lora.alpha != alpha:
-            self.lora.fuse(alpha)
+    @property
+    def lora_alpha(self) -> float | None:
+        """The Pusa LoRA's fused alpha (None before the first fuse, or without a Pusa LoRA)."""
+        return (self.loras or {}).get(PUSA)
+
+    @property
+    def fuses(self) -> int:
+        """How many times LoRA weights were written."""
+        return 0 if self.lora is None else self.lora.fuses
+
+    def set_loras(self, combination: Mapping[str, float]) -> bool:
+        """Fuse `combination` (name -> alpha) from the base weights; a no-op when it is fused already.
+        The Pusa LoRA is skipped when the preset has none; any other LoRA this stage does not hold is an
+        `InvalidRequest` naming ``loras``. Returns whether weights were written."""
+        names = self.lora.names if self.lora is not None else ()
+        combination = {n: a for n, a in combination.items() if n in names or n != PUSA}
+        unknown = sorted(set(combination) - set(names))
+        if unknown:
+            held = ", ".join(n for n in names if n != PUSA) or "none"
+            raise InvalidRequest("loras", f"this DiT holds no LoRA {unknown[0]!r} (it holds: {held})")
+        return self.lora is not None and self.lora.fuse(combination)
+
+    def set_lora_alpha(self, alpha: float) -> bool:
+        """Fuse the Pusa LoRA alone at `alpha` (`set_loras`)."""
+        return self.set_loras({PUSA: alpha})
 
     def velocity(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The DiT's velocity for float32 latents, with per-frame `timesteps` ``(B, F)``."""
@@ -58,9 +87,13 @@ class DiTStage:
         negative_embeds: torch.Tensor | None,
         guidance: float,
         lora_alpha: float | None = None,
+        loras: Mapping[str, float] | None = None,
     ) -> torch.Tensor:
-        """Step `step` of the schedule `sigmas` from `latents`; returns the next latents on the CPU."""
-        if lora_alpha is not None:
+        """Step `step` of the schedule `sigmas` from `latents` (with the LoRA combination `loras`, or the
+        Pusa LoRA alone at `lora_alpha`, fused first when given); returns the next latents on the CPU."""
+        if loras is not None:
+            self.set_loras(loras)
+        elif lora_alpha is not None:
             self.set_lora_alpha(lora_alpha)
         x = latents.to(self.device, torch.float32)
         out = denoise_step(

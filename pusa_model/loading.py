@@ -56,6 +56,46 @@ def resolve_source(source: str, cache_dir: Path | None = None, *, s3_endpoint: s
     return fill_once(target, lambda partial: _download(uri, endpoint, partial))
 
 
+def resolve_file(source: str, cache_dir: Path | None = None, *, s3_endpoint: str | None = None) -> Path:
+    """Return a local path of the file `source`: the file itself, or the node-local copy of the object
+    ``s3://bucket/key``, downloaded once into ``cache_dir/<bucket>/<key>-<hash>/`` (endpoint and
+    credentials as for `resolve_source`)."""
+    if not source.startswith("s3://"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"file {source} does not exist")
+        return path
+    bucket, _, key = source.removeprefix("s3://").partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"{source!r} names no object (expected s3://bucket/key)")
+    endpoint = s3_endpoint or os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    digest = hashlib.sha256(f"{source} {endpoint or ''}".encode()).hexdigest()[:12]
+    relative = _relative(key, source)
+    target = Path(cache_dir or default_cache_dir() / "models") / bucket / f"{relative}-{digest}"
+    folder = fill_once(target, lambda partial: _download_object(bucket, key, endpoint, partial))
+    return folder / relative.name
+
+
+def _download_object(bucket: str, key: str, endpoint: str | None, folder: Path) -> dict:
+    """Copy the object `key` into `folder` under its own file name; returns the completion marker."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    uri = f"s3://{bucket}/{key}"
+    log.info("downloading %s into %s", uri, folder)
+    s3 = boto3.session.Session().client("s3", endpoint_url=endpoint)
+    folder.mkdir(parents=True)
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"no object {uri}" + (f" at {endpoint}" if endpoint else "")) from None
+        raise
+    s3.download_file(bucket, key, str(folder / Path(key).name))
+    return {"source": uri, "endpoint": endpoint, "objects": 1, "bytes": head["ContentLength"],
+            "etags": {Path(key).name: head["ETag"].strip('"')}}
+
+
 def fill_once(target: Path, fill: Callable[[Path], dict]) -> Path:
     """Make `target` exactly once per node, safely when several processes ask at the same time.
 

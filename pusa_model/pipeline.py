@@ -17,7 +17,8 @@ from . import media
 from .dit import DiTStage
 from .transformer import DiTOptions
 from .loading import fill_once, load_components, resolve_source
-from .lora import LoraFuser, SafetensorsWeights, load_lora_state_dict
+from .lora import LoraStack, SafetensorsWeights, load_lora_state_dict
+from .loras import PUSA, LoraRegistry, lora_path
 from .presets import TINY_SEED, Preset, build_tiny_checkpoint, get_preset
 from .request import GenerationPlan
 from .sampler import initial_latents, initial_noise
@@ -59,15 +60,32 @@ def model_folder(preset: Preset) -> Path:
     return resolve_source(preset.source)
 
 
-def load_dit_stage(folder: Path, preset: Preset, device: str, options: DiTOptions | None = None) -> DiTStage:
-    """The DiT with the preset's LoRA ready to fuse (base weights are re-read from the checkpoint)
-    and the speed `options` applied."""
+LORA_BASES = ("disk", "cpu", "device")
+
+
+def load_dit_stage(
+    folder: Path, preset: Preset, device: str, options: DiTOptions | None = None,
+    loras: LoraRegistry | None = None, lora_base: str = "disk",
+) -> DiTStage:
+    """The DiT with the preset's LoRA (``pusa``) and the registry's `loras` ready to fuse in any combination,
+    and the speed `options` applied. Base weights for re-fusing: `lora_base` ``disk`` re-reads them from the
+    checkpoint (no memory kept), ``cpu`` / ``device`` keep a copy of every targeted weight in host memory or
+    beside the model (fastest switches, as much memory again as the targeted weights)."""
+    if lora_base not in LORA_BASES:
+        raise ValueError(f"lora_base must be one of {LORA_BASES}, got {lora_base!r}")
     transformer = load_components(folder, preset.torch_dtype, device, parts=("transformer",)).transformer
-    lora = None
+    states = {}
     if preset.lora:
-        state = load_lora_state_dict(folder / preset.lora)
-        lora = LoraFuser(transformer, state, base_weights=SafetensorsWeights(folder / "transformer"))
-    return DiTStage(transformer, lora, options)
+        states[PUSA] = load_lora_state_dict(folder / preset.lora)
+    for name, entry in (loras.root if loras is not None else {}).items():
+        states[name] = load_lora_state_dict(lora_path(entry.path, folder))
+    stack = None
+    if states:
+        if lora_base == "disk":
+            stack = LoraStack(transformer, states, base_weights=SafetensorsWeights(folder / "transformer"))
+        else:
+            stack = LoraStack(transformer, states, base_device="cpu" if lora_base == "cpu" else device)
+    return DiTStage(transformer, stack, options)
 
 
 def load_text_stage(folder: Path, preset: Preset, device: str) -> TextEncoderStage:
@@ -136,8 +154,10 @@ class PusaPipeline:
 
     @classmethod
     def from_preset(
-        cls, name: str, device: str | None = None, dit_options: DiTOptions | None = None
+        cls, name: str, device: str | None = None, dit_options: DiTOptions | None = None,
+        loras: LoraRegistry | None = None, lora_base: str = "disk",
     ) -> "PusaPipeline":
+        """The preset's three stages on `device`; the DiT also holds the registry's `loras`."""
         preset = get_preset(name)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         folder = model_folder(preset)
@@ -145,7 +165,7 @@ class PusaPipeline:
             preset,
             load_text_stage(folder, preset, device),
             load_vae_stage(folder, preset, device),
-            load_dit_stage(folder, preset, device, dit_options),
+            load_dit_stage(folder, preset, device, dit_options, loras, lora_base),
         )
 
     def denoise(
@@ -159,7 +179,7 @@ class PusaPipeline:
         start = time.perf_counter()
         for k in range(req.steps):
             latents = self.dit.step(
-                latents, k, sigmas, multipliers, prompt, negative, req.guidance, lora_alpha=req.lora_alpha
+                latents, k, sigmas, multipliers, prompt, negative, req.guidance, loras=plan.lora_combination
             )
             if on_step is not None:
                 timesteps = frame_timesteps(sigmas, multipliers, k).tolist()

@@ -169,6 +169,42 @@ def build_tiny_lora_state_dict(transformer: torch.nn.Module, rank: int = 4) -> d
     return out
 
 
+def build_tiny_distill_lora_state_dict(
+    transformer: torch.nn.Module, rank: int = 8, seed: int = TINY_SEED + 2, norms: bool = True
+) -> dict[str, torch.Tensor]:
+    """A random stand-in for a step-distillation LoRA (LightX2V's), in its ComfyUI key form: ``diffusion_model.``
+    prefix, ``lora_down``/``lora_up`` with an ``alpha`` (rank / 2) for q, k, v, o of both attentions and
+    the two FFN linears, ``diff_b`` for their biases and the output head's, and (with `norms`) ``diff`` for
+    the cross-attention norm (Wan's ``norm3``), the q/k RMS norms and every block's ``modulation``."""
+    gen = torch.Generator().manual_seed(seed)
+    wan = {"self_attn": "attn1", "cross_attn": "attn2"}
+    proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
+    out: dict[str, torch.Tensor] = {}
+
+    def randn(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    for i, block in enumerate(transformer.blocks):
+        prefix = f"diffusion_model.blocks.{i}"
+        targets = {f"{a}.{p}": block.get_submodule(f"{wan[a]}.{q}") for a in wan for p, q in proj.items()}
+        targets.update({"ffn.0": block.ffn.net[0].proj, "ffn.2": block.ffn.net[2]})
+        for name, linear in targets.items():
+            out[f"{prefix}.{name}.lora_down.weight"] = randn(rank, linear.in_features, scale=linear.in_features**-0.5)
+            out[f"{prefix}.{name}.lora_up.weight"] = randn(linear.out_features, rank, scale=0.1)
+            out[f"{prefix}.{name}.alpha"] = torch.tensor(rank / 2)
+            out[f"{prefix}.{name}.diff_b"] = randn(linear.out_features, scale=0.02)
+        if norms:
+            dim = block.norm2.weight.shape[0]
+            out[f"{prefix}.norm3.diff"] = randn(dim, scale=0.02)  # Wan's norm3: diffusers' norm2
+            out[f"{prefix}.norm3.diff_b"] = randn(dim, scale=0.02)
+            for attn in wan:
+                out[f"{prefix}.{attn}.norm_q.diff"] = randn(dim, scale=0.02)
+                out[f"{prefix}.{attn}.norm_k.diff"] = randn(dim, scale=0.02)
+            out[f"{prefix}.modulation.diff"] = randn(*block.scale_shift_table.shape, scale=0.02)
+    out["diffusion_model.head.head.diff_b"] = randn(transformer.proj_out.out_features, scale=0.02)
+    return out
+
+
 def build_tiny_checkpoint(dest: Path) -> Path:
     """Write the tiny preset's checkpoint to `dest` in diffusers layout (deterministic)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel

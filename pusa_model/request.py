@@ -11,13 +11,15 @@ Positions are latent frame indices (``0 .. F-1``, ``F = (frames - 1) / 4 + 1``);
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidRequest
+from .loras import MAX_ALPHA, NAME_PATTERN, PUSA, LoraRegistry
 from .presets import Preset
 from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps
 
@@ -43,6 +45,21 @@ VAE_SPATIAL = 8
 SIZE_MULTIPLE = 16
 MAX_SIDE = 1920
 MAX_FRAMES = 241
+MAX_LORAS = 4  # LoRAs a request may list beside the Pusa LoRA
+
+# What mode "fast" sets when the request leaves the field out (Pusa's own 4-step scripts: the
+# step-distillation LoRA at guidance 1, so no unconditional pass). The LoRA comes from the registry.
+FAST_FIELDS = {"steps": 4, "guidance": 1.0}
+
+
+class LoraChoice(BaseModel):
+    """A LoRA of the deployment's registry, fused beside the Pusa LoRA for this request."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(pattern=NAME_PATTERN, description="a name of the deployment's LoRA registry")
+    alpha: float | None = Field(default=None, ge=0.0, le=MAX_ALPHA,
+                                description="its strength; the registry's default when left out")
 
 
 class GenerationRequest(BaseModel):
@@ -65,12 +82,39 @@ class GenerationRequest(BaseModel):
     noise_multiplier: float | None = Field(default=None, ge=0.0, le=1.0)
     steps: int = Field(default=10, ge=1, le=50)
     guidance: float = Field(default=5.0, ge=1.0, le=20.0)
-    lora_alpha: float = Field(default=1.4, ge=0.0, le=3.0)
+    lora_alpha: float = Field(default=1.4, ge=0.1, le=MAX_ALPHA, description="strength of the Pusa LoRA")
+    mode: Literal["standard", "fast"] = Field(
+        default="standard", description="fast: 4 steps at guidance 1 with the deployment's distill LoRA, "
+                                        "unless the request sets steps, guidance or that LoRA itself")
+    loras: list[LoraChoice] = Field(default_factory=list, max_length=MAX_LORAS,
+                                    description="LoRAs of the deployment's registry to fuse beside the Pusa LoRA")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     width: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
     frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
     fps: int = Field(default=25, ge=1, le=60)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fast_defaults(cls, data):
+        """Mode ``fast`` fills the fields of `FAST_FIELDS` the request leaves out."""
+        if isinstance(data, dict) and data.get("mode") == "fast":
+            data = dict(data)
+            for name, value in FAST_FIELDS.items():
+                if data.get(name) is None:
+                    data[name] = value
+        return data
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_json(cls, value):
+        """A form field carries the list as JSON text."""
+        if isinstance(value, (str, bytes)):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("expected a list of {\"name\": ..., \"alpha\": ...} objects (JSON)") from None
+        return value
 
 
 @dataclass(frozen=True)
@@ -113,6 +157,18 @@ class GenerationPlan:
         return flow_sigmas(self.request.steps)
 
     @property
+    def lora_combination(self) -> dict[str, float]:
+        """The LoRAs the DiT fuses for this request, name -> alpha: the Pusa LoRA at ``lora_alpha`` and
+        every listed LoRA of non-zero alpha (the request was resolved against the registry)."""
+        combination = {PUSA: self.request.lora_alpha}
+        for i, choice in enumerate(self.request.loras):
+            if choice.alpha is None:
+                raise InvalidRequest(f"loras[{i}].alpha", "no alpha given and no LoRA registry to default it from")
+            if choice.alpha:
+                combination[choice.name] = choice.alpha
+        return combination
+
+    @property
     def multipliers(self) -> torch.Tensor:
         """Noise multiplier of every latent frame ``(F,)``: 1 for free frames."""
         m = torch.ones(self.latent_frames)
@@ -144,6 +200,8 @@ class GenerationPlan:
             "seed": self.seed,
             "guidance": self.request.guidance,
             "lora_alpha": self.request.lora_alpha,
+            "mode": self.request.mode,
+            "loras": [choice.model_dump() for choice in self.request.loras],
             "cfg_passes_per_step": 1 if self.request.guidance == 1.0 else 2,
             "conditioning": [c.__dict__ for c in self.conditioning],
             "video_frames_needed": self.video_frames_needed,
@@ -214,8 +272,34 @@ def _default_multipliers(req: GenerationRequest, count: int, positions_given: bo
     return [DEFAULT_COMPLETION_MULTIPLIER] * count
 
 
-def plan_request(req: GenerationRequest, preset: Preset, default_seed: int | None = None) -> GenerationPlan:
-    """Check `req` and resolve it against `preset`'s defaults. Raises `InvalidRequest`."""
+def resolve_loras(req: GenerationRequest, registry: LoraRegistry) -> GenerationRequest:
+    """`req` with its LoRAs checked against `registry` and their alphas filled in (the registry's default
+    where left out), and in mode ``fast`` the registry's fast LoRA added when the request does not list it."""
+    chosen: list[LoraChoice] = []
+    for i, choice in enumerate(req.loras):
+        field = f"loras[{i}].name"
+        if choice.name == PUSA:
+            raise InvalidRequest(field, f"{PUSA!r} is the Pusa LoRA: set its strength with lora_alpha")
+        if any(c.name == choice.name for c in chosen):
+            raise InvalidRequest(field, f"LoRA {choice.name!r} is listed twice")
+        entry = registry.get(choice.name)
+        if entry is None:
+            known = ", ".join(sorted(registry)) or "none"
+            raise InvalidRequest(field, f"unknown LoRA {choice.name!r} (this deployment has: {known})")
+        chosen.append(LoraChoice(name=choice.name, alpha=entry.alpha if choice.alpha is None else choice.alpha))
+    fast = registry.fast
+    if req.mode == "fast" and fast is not None and all(c.name != fast for c in chosen):
+        chosen.append(LoraChoice(name=fast, alpha=registry.get(fast).alpha))
+    return req.model_copy(update={"loras": chosen})
+
+
+def plan_request(
+    req: GenerationRequest, preset: Preset, default_seed: int | None = None, loras: LoraRegistry | None = None
+) -> GenerationPlan:
+    """Check `req` and resolve it against `preset`'s defaults and the LoRA registry `loras` (None: the
+    request was resolved before, e.g. a stored job's). Raises `InvalidRequest`."""
+    if loras is not None:
+        req = resolve_loras(req, loras)
     width = req.width or preset.width
     height = req.height or preset.height
     frames = req.frames or preset.frames

@@ -190,10 +190,16 @@ def test_bad_files_raise_value_error(tmp_path, peft_sd):
     with pytest.raises(ValueError, match="unsupported LoRA key.*text_encoder.layer.0.weight"):
         load_lora_state_dict(tmp_path / "other.safetensors")
 
-    extra = dict(peft_sd, **{"blocks.0.norm3.diff": torch.zeros(4)})  # diffusers would drop this silently
+    extra = dict(peft_sd, **{"blocks.0.norm3.weight": torch.zeros(4)})  # a weight, not a LoRA entry
     save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(ValueError, match="blocks.0.norm3.diff"):
+    with pytest.raises(ValueError, match="blocks.0.norm3.weight"):
         load_lora_state_dict(tmp_path / "extra.safetensors")
+
+    unknown = dict(peft_sd, **{"blocks.0.self_attn.norm_q.lora_A.default.weight": torch.zeros(RANK, 32),
+                               "blocks.0.self_attn.norm_q.lora_B.default.weight": torch.zeros(32, RANK)})
+    save_file(unknown, str(tmp_path / "unknown.safetensors"))  # no Linear there: diffusers' converter refuses
+    with pytest.raises(ValueError, match="converter refused.*norm_q"):
+        load_lora_state_dict(tmp_path / "unknown.safetensors")
 
     half = {k: v for k, v in peft_sd.items() if k != "blocks.1.cross_attn.q.lora_B.default.weight"}
     save_file(half, str(tmp_path / "half.safetensors"))
