@@ -10,7 +10,8 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +29,7 @@ from .openai_api import ApiError
 from .quotas import Charge, QuotaExceeded
 
 logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
 bearer = HTTPBearer(auto_error=False, description="an API key from `pusa-admin keys create`")
 
 
@@ -132,6 +134,20 @@ class Admission:
             raise ApiError(429, "the queue is full; retry later", kind="rate_limit_exceeded",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         return charge
+
+
+async def owned(load: Callable[[str], T], object_id: str, caller: Caller, created_at_of: Callable[[str], float],
+                what: str) -> T:
+    """`load(object_id)` when it exists for `caller`; else 404, the same for another key's object as for
+    a missing one. A string that is no id of its kind (`created_at_of` raises) costs no database read."""
+    try:
+        created_at_of(object_id)
+        found = await asyncio.to_thread(load, object_id)
+    except (ValueError, KeyError):
+        found = None
+    if found is None or not caller.may_see(found.owner):
+        raise ApiError(404, f"no {what} with id {object_id!r}", param=f"{what}_id", kind="not_found")
+    return found
 
 
 def quota_error(exc: QuotaExceeded) -> ApiError:

@@ -24,7 +24,7 @@ from pusa_batch.rows import read_row
 from pusa_model.errors import InvalidRequest
 from pusa_model.presets import Preset
 
-from .admission import Admission, ApiSettings, bearer, quota_error
+from .admission import Admission, ApiSettings, bearer, owned, quota_error
 from .api_keys import Caller, Quotas
 from .api_schema import (BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject, FileUpload,
                          responses)
@@ -66,24 +66,10 @@ class BatchRoutes:
     preset: Preset
 
     async def _file(self, file_id: str, caller: Caller) -> StoredFile:
-        try:
-            file_created_at(file_id)
-            stored = await asyncio.to_thread(self.batches.get_file, file_id)
-        except (ValueError, KeyError):
-            stored = None
-        if stored is None or not caller.may_see(stored.owner):
-            raise ApiError(404, f"no file with id {file_id!r}", param="file_id", kind="not_found")
-        return stored
+        return await owned(self.batches.get_file, file_id, caller, file_created_at, "file")
 
     async def _batch(self, batch_id: str, caller: Caller) -> Batch:
-        try:
-            batch_created_at(batch_id)
-            batch = await asyncio.to_thread(self.batches.get, batch_id)
-        except (ValueError, KeyError):
-            batch = None
-        if batch is None or not caller.may_see(batch.owner):
-            raise ApiError(404, f"no batch with id {batch_id!r}", param="batch_id", kind="not_found")
-        return batch
+        return await owned(self.batches.get, batch_id, caller, batch_created_at, "batch")
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -163,7 +149,7 @@ class BatchRoutes:
         for row in rows:
             fields = {k: v for k, v in row.items() if k != "custom_id"}
             try:
-                plan, _ = read_row(fields, self.preset, base=None)
+                plan, _ = read_row(fields, self.preset, base=None, loras=self.loras)
             except InvalidRequest:
                 continue
             try:

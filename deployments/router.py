@@ -23,10 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
+from pusa_model.loras import LoraRegistry
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
-from .admission import Admission, ApiSettings, bearer, check_exposure, proxy_host, quota_error
+from .admission import Admission, ApiSettings, bearer, check_exposure, owned, proxy_host, quota_error
 from .api_keys import Caller, KeyStore
 from .api_schema import ModelList, Video, VideoCreate, VideoDeleted, VideoExtend, VideoList, request_body, responses
 from .batch_api import BatchRoutes, batch_routes
@@ -41,6 +42,7 @@ from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key
                          request_fingerprint)
 from .quotas import QuotaExceeded
 from .storage import StoreUnavailable, open_store
+from .web import WebRoutes, web_files, web_routes
 from .webhooks import WebhookSettings, receiver_problem
 
 logger = logging.getLogger("ray.serve")
@@ -84,18 +86,22 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 
 app.include_router(batch_routes)
+app.include_router(web_routes)  # the web page at / and POST /v1/videos/plan
+app.mount("/web", web_files(), name="web")
 
 
 @serve.deployment(name="Router")
 @serve.ingress(app)
-class Router(BatchRoutes):
+class Router(BatchRoutes, WebRoutes):
     """HTTP ingress: authenticates, validates and admits requests, queues jobs, reports them."""
 
     def __init__(
         self, runner: DeploymentHandle, preset: str = "tiny", store: str = "data",
         database: str = "sqlite:///data/jobs.db", api: dict | None = None, webhooks: dict | None = None,
+        loras: dict | None = None,
     ) -> None:
         self.settings = ApiSettings.model_validate(api or {})
+        self.loras = LoraRegistry.model_validate(loras or {})  # what a request's `loras` and mode "fast" resolve to
         check_exposure(self.settings.auth, proxy_host())
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
@@ -113,14 +119,7 @@ class Router(BatchRoutes):
 
     async def _get(self, video_id: str, caller: Caller) -> Job:
         """The job, if it exists for `caller`: another key's job is a 404 like a missing one."""
-        try:
-            job_created_at(video_id)  # not a job id at all: no database round trip
-            job = await asyncio.to_thread(self.jobs.get, video_id)
-        except (ValueError, KeyError):
-            job = None
-        if job is None or not caller.may_see(job.owner):
-            raise ApiError(404, f"no video with id {video_id!r}", param="video_id", kind="not_found")
-        return job
+        return await owned(self.jobs.get, video_id, caller, job_created_at, "video")
 
     def _result_url(self, job_id: str, variant: str) -> str | None:
         """A short-lived URL of a result file on the store's public endpoint (None for a folder store)."""
@@ -174,7 +173,7 @@ class Router(BatchRoutes):
         """Validate; deduplicate by ``Idempotency-Key``; price the request and check the caller's quotas
         and the queue's room; only then decode the media, store them and queue the job, charging it."""
         try:
-            plan = plan_request(parse_request(data), self.preset)
+            plan = plan_request(parse_request(data), self.preset, loras=self.loras)
             options = await self._options(sub)
             key = check_idempotency_key(idempotency_key)
         except InvalidRequest as exc:
