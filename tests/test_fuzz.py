@@ -45,7 +45,7 @@ def test_schema_documents_every_route(service):
     spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
     routes = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
     assert routes == {("POST", "/v1/videos"), ("GET", "/v1/videos"), ("POST", "/v1/videos/extensions"),
-                      ("POST", "/v1/videos/stream"), ("GET", "/v1/videos/{video_id}"),
+                      ("POST", "/v1/videos/stream"), ("POST", "/v1/videos/plan"), ("GET", "/v1/videos/{video_id}"),
                       ("GET", "/v1/videos/{video_id}/content"), ("GET", "/v1/videos/{video_id}/events"),
                       ("POST", "/v1/videos/{video_id}/cancel"), ("DELETE", "/v1/videos/{video_id}"),
                       ("GET", "/v1/models"), ("GET", "/health"),
@@ -57,6 +57,13 @@ def test_schema_documents_every_route(service):
     body = create["requestBody"]["content"]["application/json"]["schema"]
     assert {"prompt", "size", "seconds", "input_reference", "noise_multiplier", "lora_alpha"} <= set(body["properties"])
     assert {"200", "400", "401", "413", "429"} <= set(create["responses"])
+    plan = spec["paths"]["/v1/videos/plan"]["post"]  # the create's body; the plan as the response
+    for media in ("application/json", "multipart/form-data"):
+        plan_body = plan["requestBody"]["content"][media]["schema"]
+        create_body = create["requestBody"]["content"][media]["schema"]
+        assert set(plan_body["properties"]) == set(create_body["properties"]), media
+        assert plan_body["required"] == create_body["required"] == ["prompt"], media
+    assert plan["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/VideoPlan")
     upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert upload["properties"]["file"]["format"] == "binary" and set(upload["required"]) == {"file", "purpose"}
     batch = spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
