@@ -7,10 +7,13 @@ Resources, replicas and autoscaling come from the config's per-deployment settin
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
 from ray.serve import Application
 
 from pusa_batch.run import BatchSettings
+from pusa_model.loras import LoraRegistry
 
 from .dit import DiT
 from .dit_group import DiTParallel
@@ -37,6 +40,11 @@ class AppArgs(BaseModel):
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
     dit_parallel: DiTParallel = DiTParallel()
+    # LoRAs a request may fuse beside the Pusa LoRA, {name: {path, alpha, fast}} (pusa_model/loras.py); the
+    # one with fast: true is what mode "fast" adds. lora_base: where the DiT keeps the base weights it
+    # re-fuses from on a switch: disk (re-read from the checkpoint), cpu or device (a resident copy)
+    loras: LoraRegistry = LoraRegistry()
+    lora_base: Literal["disk", "cpu", "device"] = "disk"
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
     webhooks: WebhookSettings = WebhookSettings()
@@ -47,13 +55,15 @@ class AppArgs(BaseModel):
 def build_app(args: dict) -> Application:
     """Bind the deployments for `args` (see `AppArgs`)."""
     a = AppArgs.model_validate(args)
-    BatchSettings.model_validate({"preset": a.preset, **a.batch})  # a bad batch section fails the deploy here
+    batch = {"loras": a.loras.model_dump(), "lora_base": a.lora_base, **a.batch}  # the app's LoRAs unless set there
+    BatchSettings.model_validate({"preset": a.preset, **batch})  # a bad batch section fails the deploy here
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
-        DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump()),
+        DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
+                 loras=a.loras.model_dump(), lora_base=a.lora_base),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
-        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=a.batch,
+        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch,
     )
     return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
-                       webhooks=a.webhooks.model_dump())
+                       webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump())

@@ -166,7 +166,8 @@ class BatchRun:
             pass
         fields = next(dict(row) for row in self.rows if row.get("custom_id") == record["custom_id"])
         fields.pop("custom_id")
-        plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None)
+        plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None,
+                           loras=self.ctx.settings.loras)
         files = [self.store.get(f"{self.prefix}/{folder}/{record['custom_id']}.{ext}")
                  for folder, ext in (("videos", "mp4"), ("thumbnails", "webp"))]
         self.ctx.files.put_result(video_id, *files)

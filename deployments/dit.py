@@ -1,7 +1,9 @@
 """DiT deployment: one VTA denoising step per call, no request state kept between calls.
 
-The LoRA strength is the multiplexed model id (``alpha=1.4``): Serve routes a request to a replica
-that already holds its alpha when it can; otherwise the replica re-fuses from the base weights.
+The LoRA combination is the multiplexed model id (``pusa=1.4``, ``lightx2v=1.0,pusa=1.4``: the Pusa
+LoRA's alpha and any of the registry's LoRAs, `pusa_model.loras.combination_id`): Serve routes a request
+to a replica that already holds its combination when it can; otherwise the replica re-fuses from the base
+weights (one combination per replica; `stats` counts the fuses).
 
 With ``parallel`` (app arg ``dit_parallel``) of G = cfg·ulysses > 1 the replica holds no model: it
 drives G worker actors, one per GPU of its placement group (`deployments.dit_group`).
@@ -18,50 +20,62 @@ import numpy as np
 import torch
 from ray import serve
 
+from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.transformer import DiTOptions
 
 from .devices import pick_device
 from .dit_group import DiTGroup, DiTParallel, run_step
-from .observability import gpu_kind, job_logging, metrics, timed
+from .observability import gpu_kind, job_logging, metrics
 
 
 def alpha_model_id(alpha: float) -> str:
-    """The multiplexed model id that stands for LoRA strength `alpha`."""
-    return f"alpha={alpha:g}"
+    """The multiplexed model id of the Pusa LoRA alone at strength `alpha`."""
+    return combination_id({PUSA: alpha})
 
 
 @serve.deployment(name="DiT")
 class DiT:
-    """Holds the 14B transformer with the Pusa LoRA fused at one alpha (or a group of G ranks that do)."""
+    """Holds the 14B transformer with one combination of LoRAs fused (or a group of G ranks that do):
+    the Pusa LoRA and the registry's `loras` (app arg ``loras``), base weights per `lora_base`."""
 
     def __init__(
         self, preset: str = "tiny", device: str | None = None, options: dict | None = None,
-        parallel: dict | None = None,
+        parallel: dict | None = None, loras: dict | None = None, lora_base: str = "disk",
     ) -> None:
         layout = DiTParallel.model_validate(parallel or {})
         dit_options = DiTOptions(**(options or {}))
-        self.group = DiTGroup(preset, options or {}, layout) if layout.size > 1 else None
+        registry = LoraRegistry.model_validate(loras or {})
+        self.group = DiTGroup(preset, options or {}, layout, registry.model_dump(), lora_base) if layout.size > 1 else None
         if self.group is None:
             spec = get_preset(preset)
-            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), dit_options)
+            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), dit_options, registry, lora_base)
         self.steps_run = 0
+        self.fuses = 0  # combinations fused on this replica (a request whose combination it held: none)
         # One forward at a time, also when Serve cancels a call whose thread still computes.
         self._compute = threading.Lock()
         self.tags = {"preset": preset, "gpu": gpu_kind()}
         self._compiled = str(bool(dit_options.compile)).lower()
 
     @serve.multiplexed(max_num_models_per_replica=1)
-    async def load_alpha(self, model_id: str) -> float:
-        """Fuse the LoRA at the alpha named by `model_id` (always from the base weights)."""
-        alpha = float(model_id.removeprefix("alpha="))
-        with timed(metrics().lora_fuse, **self.tags):
-            if self.group is not None:
-                await self.group.set_lora_alpha(alpha)
-            else:
-                await asyncio.to_thread(self.stage.set_lora_alpha, alpha)
-        return alpha
+    async def load_loras(self, model_id: str) -> dict[str, float]:
+        """Fuse the combination named by `model_id` (always from the base weights; nothing to do when it
+        is fused already)."""
+        combination = parse_combination_id(model_id)
+        started = time.perf_counter()
+        if self.group is not None:
+            fused = await self.group.set_loras(combination)
+        else:
+            fused = await asyncio.to_thread(self._set_loras, combination)
+        if fused:
+            self.fuses += 1
+            metrics().lora_fuse.observe(time.perf_counter() - started, tags=self.tags)
+        return combination
+
+    def _set_loras(self, combination: dict[str, float]) -> bool:
+        with self._compute:  # never under a forward in flight
+            return self.stage.set_loras(combination)
 
     def _step(self, *args) -> np.ndarray:
         """`run_step` on this replica's stage; at a job's last step (the step before the schedule's final
@@ -94,7 +108,7 @@ class DiT:
         with job_logging(job_id):
             model_id = serve.get_multiplexed_model_id()
             if model_id:
-                await self.load_alpha(model_id)
+                await self.load_loras(model_id)
             args = (latents, clean, seed, step, sigmas, multipliers, text, guidance)
             first = self.steps_run == 0
             started = time.perf_counter()
@@ -110,14 +124,17 @@ class DiT:
             return out
 
     async def stats(self) -> dict:
-        """This replica's pid, steps run and fused alpha (for operators and tests); with a group also its
-        layout (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt)
-        and how often it was rebuilt."""
+        """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's) and
+        how many combinations it fused (for operators and tests); with a group also its layout
+        (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt) and how
+        often it was rebuilt."""
         if self.group is None:
-            return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha}
-        return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.group.lora_alpha,
-                "parallel": self.group.layout.model_dump(), "workers": await self.group.stats(),
-                "rebuilds": self.group.rebuilds}
+            return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha,
+                    "loras": self.stage.loras, "fuses": self.fuses}
+        loras = self.group.loras
+        return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": (loras or {}).get(PUSA),
+                "loras": loras, "fuses": self.fuses, "parallel": self.group.layout.model_dump(),
+                "workers": await self.group.stats(), "rebuilds": self.group.rebuilds}
 
     def check_health(self) -> None:
         """Unhealthy once a lost group could not be rebuilt: Serve then replaces the replica."""

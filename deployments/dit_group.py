@@ -16,7 +16,7 @@ back.
 Failures. When a worker dies, the step in flight fails with that worker's `RayActorError`, which
 reaches the router as one (so it retries the step, from the latents it holds); the replica kills the
 other workers at once (an NCCL peer would otherwise wait in a collective for its timeout) and rebuilds
-the group in the same bundles on its next call, fusing the LoRA alpha it held. An error that is not a
+the group in the same bundles on its next call, fusing the LoRA combination it held. An error that is not a
 lost worker (e.g. out of memory on one rank) is raised as it is, and the group is rebuilt too, since a
 rank may have stopped between collectives. Only a failed rebuild marks the replica unhealthy, so that
 Serve replaces it.
@@ -39,7 +39,8 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pusa_model.errors import ConfigError
+from pusa_model.errors import ConfigError, InvalidRequest
+from pusa_model.loras import PUSA
 from pusa_model.sampler import initial_latents, initial_noise
 
 logger = logging.getLogger("ray.serve")
@@ -109,13 +110,15 @@ class DiTWorker:
         self.stage = None
         self.steps_run = 0
 
-    def load(self, preset: str) -> int:
-        """Load the transformer and the LoRA (no collective: ranks load at their own pace)."""
+    def load(self, preset: str, loras: dict | None = None, lora_base: str = "disk") -> int:
+        """Load the transformer and the LoRAs (no collective: ranks load at their own pace)."""
+        from pusa_model.loras import LoraRegistry
         from pusa_model.pipeline import load_dit_stage, model_folder
         from pusa_model.presets import get_preset
 
         spec = get_preset(preset)
-        self._loaded = load_dit_stage(model_folder(spec), spec, self.device, options=None)  # options: in `join`
+        self._loaded = load_dit_stage(model_folder(spec), spec, self.device, None,  # options: in `join`
+                                      LoraRegistry.model_validate(loras or {}), lora_base)
         return os.getpid()
 
     def address(self) -> tuple[str, int]:
@@ -125,8 +128,8 @@ class DiTWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def join(self, address: tuple[str, int], cfg: int, ulysses: int, options: dict, alpha: float | None) -> None:
-        """Collective: join the group, build the mesh and the parallel stage, fuse `alpha`."""
+    def join(self, address: tuple[str, int], cfg: int, ulysses: int, options: dict, loras: dict | None) -> None:
+        """Collective: join the group, build the mesh and the parallel stage, fuse the combination `loras`."""
         import torch.distributed as dist
 
         from pusa_model.parallel import ParallelDiTStage, init_parallel_groups
@@ -142,20 +145,20 @@ class DiTWorker:
         groups = init_parallel_groups(cfg, ulysses, device_type="cuda" if cuda else "cpu")
         loaded, self._loaded = self._loaded, None
         self.stage = ParallelDiTStage(loaded.transformer, groups, loaded.lora, DiTOptions(**options))
-        if alpha is not None:
-            self.stage.set_lora_alpha(alpha)
+        if loras is not None:
+            self.stage.set_loras(loras)
 
     def step(self, args: tuple) -> np.ndarray | None:
         out = run_step(self.stage, *args)
         self.steps_run += 1
         return out if self.rank == 0 else None  # every rank holds the same latents
 
-    def set_lora_alpha(self, alpha: float) -> None:
-        self.stage.set_lora_alpha(alpha)
+    def set_loras(self, loras: dict[str, float]) -> bool:
+        return self.stage.set_loras(loras)
 
     def stats(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "device": self.device, "steps_run": self.steps_run,
-                "lora_alpha": self.stage.lora_alpha,
+                "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras, "fuses": self.stage.fuses,
                 "resources": ray.get_runtime_context().get_assigned_resources()}
 
 
@@ -163,7 +166,8 @@ class DiTGroup:
     """The workers of one DiT replica, in the replica's placement group. Calls are serialised (the
     ranks must enter collectives in the same order)."""
 
-    def __init__(self, preset: str, options: dict, layout: DiTParallel) -> None:
+    def __init__(self, preset: str, options: dict, layout: DiTParallel, loras: dict | None = None,
+                 lora_base: str = "disk") -> None:
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) != layout.size:
             found = "none" if pg is None else f"{len(pg.bundle_specs)} bundles"
@@ -173,11 +177,12 @@ class DiTGroup:
                 f"STRICT_PACK (found {found})"
             )
         self.preset, self.options, self.layout = preset, options, layout
+        self.lora_registry, self.lora_base = loras or {}, lora_base
         self._pg: PlacementGroup = pg
         self._taken = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
         self._workers: list = []
         self._lock = asyncio.Lock()
-        self.lora_alpha: float | None = None
+        self.loras: dict[str, float] | None = None  # the combination the ranks hold (a rebuild fuses it)
         self.failed: BaseException | None = None
         self.rebuilds = 0
         self._start()
@@ -196,10 +201,10 @@ class DiTGroup:
             for i in range(world)
         ]
         try:
-            pids = ray.get([w.load.remote(self.preset) for w in workers])
+            pids = ray.get([w.load.remote(self.preset, self.lora_registry, self.lora_base) for w in workers])
             address = ray.get(workers[0].address.remote())
             ray.get([
-                w.join.remote(address, self.layout.cfg, self.layout.ulysses, self.options, self.lora_alpha)
+                w.join.remote(address, self.layout.cfg, self.layout.ulysses, self.options, self.loras)
                 for w in workers
             ])
         except BaseException:
@@ -255,11 +260,19 @@ class DiTGroup:
             packed = ray.put(args)  # latents and embeddings go to the object store once, not G times
             return (await self._all([w.step.remote(packed) for w in workers]))[0]
 
-    async def set_lora_alpha(self, alpha: float) -> None:
+    async def set_loras(self, loras: dict[str, float]) -> bool:
+        """Fuse the combination `loras` on every rank; whether weights were written. A LoRA the registry
+        lacks is refused here (an error on the ranks would tear the group down)."""
+        unknown = sorted(set(loras) - set(self.lora_registry) - {PUSA})
+        if unknown:
+            held = ", ".join(sorted(self.lora_registry)) or "none"
+            raise InvalidRequest("loras", f"this DiT holds no LoRA {unknown[0]!r} (it holds: {held})")
         async with self._lock:
+            fused = True
             if self._workers:
-                await self._all([w.set_lora_alpha.remote(alpha) for w in self._workers])
-            self.lora_alpha = alpha  # a rebuilt group fuses it when it starts
+                fused = any(await self._all([w.set_loras.remote(loras) for w in self._workers]))
+            self.loras = dict(loras)  # a rebuilt group fuses it when it starts
+            return fused
 
     async def stats(self) -> list[dict]:
         async with self._lock:

@@ -24,9 +24,9 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pusa_model.errors import InvalidRequest
+from pusa_model.loras import combination_id
 from pusa_model.request import GenerationPlan
 
-from .dit import alpha_model_id
 from .storage import StoreUnavailable
 
 logger = logging.getLogger("ray.serve")
@@ -141,9 +141,9 @@ class Stages:
 
     async def step(self, job_id: str, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None,
                    k: int, text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
-        """Step `k` on some DiT replica that holds the request's LoRA alpha (step 0 takes `clean`)."""
+        """Step `k` on some DiT replica that holds the request's LoRA combination (step 0 takes `clean`)."""
         req = plan.request
-        dit = self.dit.options(multiplexed_model_id=alpha_model_id(req.lora_alpha))
+        dit = self.dit.options(multiplexed_model_id=combination_id(plan.lora_combination))
         sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
         passes = 1 if req.guidance == 1.0 else 2
         return await self.call(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from deployments.openai_api import Submission
 from pusa_model.errors import InvalidRequest
+from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
@@ -14,10 +15,11 @@ MEDIA_FIELDS = ("images", "input_reference", "video")
 NOT_FOR_BATCH = ("webhook_url", "stream")
 
 
-def read_row(fields: dict, preset: Preset, base: str | None) -> tuple[GenerationPlan, dict[str, bytes]]:
-    """A row's fields (its ``custom_id`` left out) checked and planned, and its media's bytes. Media are
-    data URLs, or paths and ``s3://`` URIs read from `base` (None: only data URLs are taken).
-    `InvalidRequest` names the field at fault."""
+def read_row(fields: dict, preset: Preset, base: str | None,
+             loras: LoraRegistry | None = None) -> tuple[GenerationPlan, dict[str, bytes]]:
+    """A row's fields (its ``custom_id`` left out) checked and planned (its LoRAs resolved against the
+    registry `loras`, none when None), and its media's bytes. Media are data URLs, or paths and ``s3://``
+    URIs read from `base` (None: only data URLs are taken). `InvalidRequest` names the field at fault."""
     if "_unreadable" in fields:
         raise InvalidRequest(None, fields["_unreadable"])
     for name in NOT_FOR_BATCH:
@@ -31,4 +33,5 @@ def read_row(fields: dict, preset: Preset, base: str | None) -> tuple[Generation
             if name != "images":
                 value = value[0]
         sub.fields[name] = [value]
-    return plan_request(parse_request(sub.generation_data()), preset), sub.media
+    registry = loras if loras is not None else LoraRegistry()
+    return plan_request(parse_request(sub.generation_data()), preset, loras=registry), sub.media

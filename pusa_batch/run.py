@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import ray
 import yaml
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from deployments.observability import metrics
+from pusa_model.loras import LoraRegistry
 
 from .outputs import CUSTOM_ID, BatchOutputs
 from .sources import parent, read_manifest
@@ -54,6 +56,10 @@ class BatchSettings(BaseModel):
     dit_options: dict = {}
     text_batch_size: int = Field(default=8, ge=1)
     nice: int = Field(default=0, ge=0, le=19)  # CPU priority of the stage actors (higher: yield to others)
+    # LoRAs a row's `loras` and mode "fast" may use (the service's app arg `loras` unless set here), and
+    # where the DiT actors keep the base weights they re-fuse from (pusa_model.pipeline.load_dit_stage)
+    loras: LoraRegistry = LoraRegistry()
+    lora_base: Literal["disk", "cpu", "device"] = "disk"
     conditioning: StageResources = StageResources()
     text: StageResources = StageResources()
     dit: StageResources = StageResources()
@@ -64,11 +70,11 @@ class BatchSettings(BaseModel):
         return cls.model_validate(yaml.safe_load(path.read_text()) or {}) if path else cls()
 
 
-def _alpha(row: dict) -> float:
-    try:
-        return float(row.get("lora_alpha", 1.4))
-    except (TypeError, ValueError):
-        return 1.4
+def _lora_key(row: dict) -> str:
+    """The order rows run in: rows of one LoRA combination (Pusa alpha, mode, listed LoRAs) together, so
+    that a DiT actor re-fuses rarely."""
+    return json.dumps([row.get("lora_alpha", 1.4), row.get("mode", "standard"), row.get("loras", [])],
+                      sort_keys=True, default=str)
 
 
 def _checked_ids(rows: list[dict]) -> tuple[list[str | None], dict[int, dict]]:
@@ -96,11 +102,13 @@ def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: 
     context = ray.data.DataContext.get_current()  # one row per block: a row is a video's worth of work, and
     context.target_max_block_size = context.target_min_block_size = 1  # each streams on as soon as it is done
     items = [{"custom_id": row["custom_id"], "row": json.dumps(row, default=str)} for row in rows]
-    ds = ray.data.from_items(items).map(prepare, fn_kwargs={"preset": preset, "base": base})
+    loras = settings.loras.model_dump()
+    ds = ray.data.from_items(items).map(prepare, fn_kwargs={"preset": preset, "base": base, "loras": loras})
     stages = [
         (Conditioning, {"preset": preset, "device": device}, settings.conditioning, 1),
         (TextEncoding, {"preset": preset, "device": device}, settings.text, settings.text_batch_size),
-        (Denoising, {"preset": preset, "device": device, "dit_options": settings.dit_options}, settings.dit, 1),
+        (Denoising, {"preset": preset, "device": device, "dit_options": settings.dit_options, "loras": loras,
+                     "lora_base": settings.lora_base}, settings.dit, 1),
         (Decoding, {"preset": preset, "output": output, "device": device}, settings.decode, 1),
     ]
     for stage, kwargs, pool, batch_size in stages:
@@ -121,7 +129,7 @@ def run_batch(manifest: str, output: str, settings: BatchSettings, progress: boo
     ids, driver_errors = _checked_ids(rows)
     complete = {cid for cid, record in outputs.records().items() if record["status"] == "completed"}
     pending = sorted((dict(row, custom_id=cid) for n, (row, cid) in enumerate(zip(rows, ids))
-                      if n not in driver_errors and cid not in complete), key=_alpha)
+                      if n not in driver_errors and cid not in complete), key=_lora_key)
     counts = {"total": len(rows), "skipped": len(rows) - len(pending) - len(driver_errors), "pending": len(pending),
               "completed": 0, "failed": 0}
 

@@ -24,6 +24,7 @@ from deployments.dit_group import run_step
 from deployments.vae import plan_from_job
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
+from pusa_model.loras import LoraRegistry
 from pusa_model.pipeline import encode_conditioning, load_dit_stage, load_text_stage, load_vae_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.transformer import DiTOptions
@@ -43,15 +44,15 @@ def failed(custom_id: str, field: str | None, message: str) -> dict:
     return {"custom_id": custom_id, "status": "failed", "error": {"param": field, "message": message}}
 
 
-def prepare(row: dict, preset: str, base: str | None) -> dict:
+def prepare(row: dict, preset: str, base: str | None, loras: dict | None = None) -> dict:
     """A manifest row (``{"custom_id", "row": <its JSON>}``) as the HTTP API would read it: checked,
-    planned (its seed fixed), media read."""
+    planned (its seed fixed, its LoRAs resolved against the registry `loras`), media read."""
     custom_id = row["custom_id"]
     fields = json.loads(row["row"])
     fields.pop("custom_id", None)
     started = time.perf_counter()
     try:
-        plan, media_read = read_row(fields, get_preset(preset), base)
+        plan, media_read = read_row(fields, get_preset(preset), base, LoraRegistry.model_validate(loras or {}))
     except InvalidRequest as exc:
         return {"custom_id": custom_id, "payload": pack(failed(custom_id, exc.field, str(exc)))}
     payload = {"custom_id": custom_id, "request": plan.request.model_dump(), "seed": plan.seed, "media": media_read,
@@ -132,23 +133,24 @@ class TextEncoding(_Stage):
 
 
 class Denoising(_Stage):
-    """Every DiT step of a row, one row at a time; the LoRA is re-fused only when a row's alpha differs
-    from the last one's (the driver orders rows by alpha)."""
+    """Every DiT step of a row, one row at a time; the LoRAs are re-fused only when a row's combination
+    differs from the last one's (the driver orders rows by combination)."""
 
     name = "denoise"
 
-    def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None, nice: int = 0) -> None:
+    def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None, nice: int = 0,
+                 loras: dict | None = None, lora_base: str = "disk") -> None:
         super().__init__(nice)
         spec = get_preset(preset)
         self.preset = preset
-        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(dit_options or {})))
+        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(dit_options or {})),
+                                    LoraRegistry.model_validate(loras or {}), lora_base)
         self.refuses = 0
 
     def process(self, payload: dict) -> dict:
         plan = plan_from_job(payload["request"], payload["seed"], self.preset)
         req = plan.request
-        if self.stage.lora_alpha != req.lora_alpha:
-            self.stage.set_lora_alpha(req.lora_alpha)
+        if self.stage.set_loras(plan.lora_combination):
             self.refuses += 1
         sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
         latents, clean, text = None, payload.pop("clean"), payload.pop("text")

@@ -255,3 +255,33 @@ def test_cli_fast_dry_run_and_unknown_lora(tmp_path, files, capsys):
     assert described["loras"] == [{"name": "distill", "alpha": 1.0}] and described["mode"] == "fast"
     assert cli_main([*cmd, "--lora", "anime=0.5"]) == 2
     assert "loras[0].name: unknown LoRA 'anime' (this deployment has: none)" in capsys.readouterr().err
+
+
+def test_batch_rows_take_loras_and_fast_mode_and_run_grouped_by_combination(tiny_folder, files):
+    """A manifest row is read as the API reads a request (`prepare`), and the driver orders rows so that
+    a DiT actor (`Denoising`, here in this process) re-fuses once per combination, not per row or step."""
+    import pickle
+
+    import numpy as np
+
+    from pusa_batch.run import _lora_key
+    from pusa_batch.stages import Denoising, prepare
+
+    registry = {"distill": {"path": str(files["distill"]), "fast": True}}
+    rows = [{"custom_id": f"r{i}", "prompt": "a cat", "seed": i, **fields} for i, fields in enumerate(
+        [{"mode": "fast"}, {"steps": 2, "guidance": 1.0}, {"mode": "fast", "lora_alpha": 1.4}, {"steps": 2, "guidance": 1.0}])]
+    payloads = [pickle.loads(prepare({"custom_id": r["custom_id"], "row": json.dumps(r)}, "tiny", None, registry)["payload"])
+                for r in sorted(rows, key=_lora_key)]
+    assert [p["custom_id"] for p in payloads] == ["r0", "r2", "r1", "r3"]  # grouped by combination
+    fast = payloads[0]["request"]
+    assert (fast["steps"], fast["guidance"], fast["loras"]) == (4, 1.0, [{"name": "distill", "alpha": 1.0}])
+    bad = pickle.loads(prepare({"custom_id": "x", "row": json.dumps({"prompt": "p", "loras": [{"name": "anime"}]})},
+                               "tiny", None, registry)["payload"])
+    assert bad["error"]["param"] == "loras[0].name"
+
+    denoise = Denoising("tiny", "cpu", loras=registry, lora_base="cpu")
+    text = (np.random.default_rng(0).standard_normal((1, 8, 32)).astype(np.float32), None)
+    for payload in payloads:
+        shape = (1, 16, 5, 8, 8)
+        denoise.process({**payload, "clean": np.zeros(shape, np.float32), "text": text})
+    assert denoise.refuses == 2 and denoise.stage.fuses == 2  # 4 rows, 12 steps, 2 combinations
