@@ -58,11 +58,16 @@ def load_lora_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not raw:
         raise ValueError(f"{path}: the LoRA file holds no tensors")
     try:
-        comfy, diffs = _split_keys(raw)
-        out = _convert_matrices(comfy) if comfy else {}
-        out.update(_convert_diffs(diffs))
+        return convert_lora_state_dict(raw)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def convert_lora_state_dict(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`load_lora_state_dict` on a state dict in memory (PEFT, ComfyUI or LightX2V keys)."""
+    comfy, diffs = _split_keys(raw)
+    out = _convert_matrices(comfy) if comfy else {}
+    out.update(_convert_diffs(diffs))
     return out
 
 
@@ -205,7 +210,9 @@ class LoraStack:
     """Named LoRAs fusable in any combination into `transformer`: each parameter any of them touches is
     written as ``W0 + Σ alpha_i · ΔW_i`` over the combination's LoRAs (in name order), from the base weights
     each time (``base_weights[name]``, e.g. ``blocks.0.attn1.to_q.weight``; when None, a snapshot of the
-    targeted parameters taken now, on `base_device`, default the CPU)."""
+    targeted parameters taken now, on `base_device`, default the CPU). The LoRAs' own tensors stay where
+    they are given (the CPU, as loaded) unless `lora_device` names where to keep them (e.g. the GPU, so
+    that a switch moves nothing over PCIe)."""
 
     def __init__(
         self,
@@ -213,12 +220,13 @@ class LoraStack:
         loras: Mapping[str, Mapping[str, torch.Tensor]],
         base_weights: Mapping[str, torch.Tensor] | None = None,
         base_device: str | torch.device = "cpu",
+        lora_device: str | torch.device | None = None,
     ) -> None:
         self._deltas: dict[str, dict[str, _Delta]] = {}
         self._targets: dict[str, tuple[torch.nn.Module, str]] = {}
         for lora_name, lora in loras.items():
             try:
-                deltas = _parse_lora(lora)
+                deltas = _parse_lora(lora if lora_device is None else {k: v.to(lora_device) for k, v in lora.items()})
             except ValueError as e:
                 raise ValueError(f"{e}" if len(loras) == 1 else f"LoRA {lora_name!r}: {e}") from None
             for name, delta in deltas.items():

@@ -69,8 +69,9 @@ def load_dit_stage(
 ) -> DiTStage:
     """The DiT with the preset's LoRA (``pusa``) and the registry's `loras` ready to fuse in any combination,
     and the speed `options` applied. Base weights for re-fusing: `lora_base` ``disk`` re-reads them from the
-    checkpoint (no memory kept), ``cpu`` / ``device`` keep a copy of every targeted weight in host memory or
-    beside the model (fastest switches, as much memory again as the targeted weights)."""
+    checkpoint (no memory kept), ``cpu`` keeps a copy of every targeted weight in host memory, ``device`` keeps
+    it beside the model together with the LoRAs' tensors (fastest switches; as much device memory again as
+    the targeted weights, plus the LoRAs)."""
     if lora_base not in LORA_BASES:
         raise ValueError(f"lora_base must be one of {LORA_BASES}, got {lora_base!r}")
     transformer = load_components(folder, preset.torch_dtype, device, parts=("transformer",)).transformer
@@ -84,7 +85,9 @@ def load_dit_stage(
         if lora_base == "disk":
             stack = LoraStack(transformer, states, base_weights=SafetensorsWeights(folder / "transformer"))
         else:
-            stack = LoraStack(transformer, states, base_device="cpu" if lora_base == "cpu" else device)
+            on_device = lora_base == "device"
+            stack = LoraStack(transformer, states, base_device=device if on_device else "cpu",
+                              lora_device=device if on_device else None)
     return DiTStage(transformer, stack, options)
 
 
