@@ -195,6 +195,7 @@ def test_request_loras_resolve_against_the_registry():
     p = plan(lora_alpha=4.5, loras=[{"name": "style"}, {"name": "distill", "alpha": 2.5}])
     assert p.lora_combination == {PUSA: 4.5, "style": 0.5, "distill": 2.5}
     assert [c.model_dump() for c in p.request.loras] == [{"name": "style", "alpha": 0.5}, {"name": "distill", "alpha": 2.5}]
+    assert plan(loras='[{"name": "style"}]').lora_combination == {PUSA: 1.4, "style": 0.5}  # a form field: JSON
     # the stored request is resolved: re-planned without the registry (as runners do) it fuses the same
     stored = plan_request(parse_request(p.request.model_dump()), TINY)
     assert stored.lora_combination == p.lora_combination
