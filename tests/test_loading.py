@@ -218,3 +218,23 @@ def test_missing_prefix_names_the_uri(s3_server: S3Server, uploaded: str, tmp_pa
     with pytest.raises(FileNotFoundError, match=re.escape(uri)):
         resolve_source(uri, tmp_path / "cache", s3_endpoint=s3_server.endpoint)
     assert not list((tmp_path / "cache").rglob(MARKER))
+
+
+def test_s3_object_is_copied_once_as_a_file(s3_server: S3Server, uploaded: str, ckpt: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """`resolve_file`: one object (e.g. a LoRA of the registry) copied once per node, under its own name."""
+    from pusa_model.loading import resolve_file
+
+    caplog.set_level(logging.INFO, logger="pusa_model.loading")
+    uri = f"{uploaded}/pusa_v1.safetensors"
+    path = resolve_file(uri, tmp_path / "cache", s3_endpoint=s3_server.endpoint)
+    assert path.name == "pusa_v1.safetensors" and path.read_bytes() == (ckpt / "pusa_v1.safetensors").read_bytes()
+    assert resolve_file(uri, tmp_path / "cache", s3_endpoint=s3_server.endpoint) == path
+    assert len(downloads(caplog)) == 1  # the second resolve found the completed copy
+    assert resolve_file(str(ckpt / "pusa_v1.safetensors")) == ckpt / "pusa_v1.safetensors"  # a local file as is
+    with pytest.raises(FileNotFoundError, match="no object .*/missing.safetensors"):
+        resolve_file(f"{uploaded}/missing.safetensors", tmp_path / "cache", s3_endpoint=s3_server.endpoint)
+    with pytest.raises(ValueError, match="names no object"):
+        resolve_file(f"{uploaded}/", tmp_path / "cache", s3_endpoint=s3_server.endpoint)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_file(str(tmp_path / "nope.safetensors"))

@@ -17,7 +17,7 @@ from pusa_model.cli import main as cli_main
 from pusa_model.dit import DiTStage
 from pusa_model.errors import InvalidRequest
 from pusa_model.lora import LoraStack, load_lora_state_dict
-from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
+from pusa_model.loras import PUSA, LoraRegistry, combination_id, lora_path, parse_combination_id
 from pusa_model.pipeline import load_dit_stage
 from pusa_model.presets import (
     build_tiny_distill_lora_state_dict,
@@ -209,7 +209,7 @@ def test_request_loras_resolve_against_the_registry():
         assert info.value.field == field and reason in info.value.reason
 
 
-def test_registry_and_combination_ids():
+def test_registry_and_combination_ids(files):
     for bad, reason in [({"pusa": {"path": "x"}}, "Pusa LoRA"), ({"a=b": {"path": "x"}}, "letters"),
                         ({"a": {"path": "x", "fast": True}, "b": {"path": "y", "fast": True}}, "only one"),
                         ({"a": {"path": "x", "alpha": 9}}, "less than or equal to 5")]:
@@ -219,6 +219,11 @@ def test_registry_and_combination_ids():
     assert combination_id(combo) == "distill=1.0,pusa=1.4,style=0.30000000000000004"
     assert parse_combination_id(combination_id(combo)) == combo
     assert parse_combination_id("alpha=1.4") == {PUSA: 1.4}  # an older runner's id
+    # a registry path: absolute, or relative to the model folder (s3:// objects: tests/test_loading.py)
+    folder = files["distill"].parent
+    assert lora_path("distill.safetensors", folder) == lora_path(str(files["distill"]), Path("/elsewhere")) == files["distill"]
+    with pytest.raises(ValueError, match="does not exist"):
+        lora_path("missing.safetensors", folder)
 
 
 @pytest.fixture(scope="module")
