@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pusa_model.cli import lora_choice
+
 from .http import Api, ApiError, Unreachable, Upload
 from .watch import watch
 
@@ -63,6 +65,9 @@ def _generation() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--lora-alpha", type=float)
+    parser.add_argument("--fast", action="store_true", help="4 steps at guidance 1 with the service's distill LoRA")
+    parser.add_argument("--lora", type=lora_choice, action="append", default=[], metavar="NAME[=ALPHA]",
+                        help="a LoRA of the service's registry to fuse beside the Pusa LoRA (repeat for more)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16")
     parser.add_argument("--seconds", type=float, help="duration (frames = seconds x fps, rounded to 4k+1)")
@@ -122,6 +127,10 @@ def _fields(args: argparse.Namespace) -> dict:
     fields = {name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name, None) is not None}
     if args.pixel_positions:
         fields["positions_unit"] = "pixel"
+    if args.fast:
+        fields["mode"] = "fast"
+    if args.lora:
+        fields["loras"] = args.lora
     return fields
 
 

@@ -60,7 +60,10 @@ def parse_sse(lines: Iterable[str]) -> Iterator[dict]:
 
 
 def form_value(value: object) -> str:
-    """A field as a multipart form value: lists comma-separated, the way the API reads them."""
+    """A field as a multipart form value: lists of numbers comma-separated, the way the API reads them;
+    lists of objects (``loras``) as JSON."""
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return json.dumps(value)
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

@@ -32,7 +32,8 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _lora(text: str) -> dict:
+def lora_choice(text: str) -> dict:
+    """``NAME`` or ``NAME=ALPHA`` as a request's ``loras`` entry."""
     name, sep, alpha = text.partition("=")
     if not sep:
         return {"name": name}
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora-alpha", type=float, help="strength of the Pusa LoRA, 0.1 to 5 (default 1.4)")
     gen.add_argument("--fast", action="store_true",
                      help="mode fast: 4 steps at guidance 1 with the registry's fast (distill) LoRA")
-    gen.add_argument("--lora", type=_lora, action="append", default=[], metavar="NAME[=ALPHA]",
+    gen.add_argument("--lora", type=lora_choice, action="append", default=[], metavar="NAME[=ALPHA]",
                      help="a LoRA of --lora-registry to fuse beside the Pusa LoRA (repeat for more)")
     gen.add_argument("--lora-registry", type=Path, metavar="FILE",
                      help="YAML or JSON {name: {path, alpha, fast}}, as the service's app arg loras")

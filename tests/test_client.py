@@ -210,8 +210,10 @@ def test_failed_job_exits_1(service):
     (["--image", "a.png", "--image", "a.png", "--positions", "0,100", "--pixel-positions", "--frames", "9"],
      "positions: pixel frame 100 is outside 0..8"),
     (["--image", "/nonexistent/x.png"], "images: cannot read /nonexistent/x.png: No such file or directory"),
+    (["--lora", "nope=1.0"], "loras[0].name: "),
+    (["--image", "a.png", "--lora", "nope"], "loras[0].name: "),  # multipart carries loras as JSON
 ], ids=["steps", "size", "guidance", "lora-alpha", "noise-multiplier", "fps", "negative-prompt", "webhook-url",
-        "pixel-positions", "missing-file"])
+        "pixel-positions", "missing-file", "lora", "lora-multipart"])
 def test_refused_request_is_one_line_naming_the_field(service, tmp_path, monkeypatch, args, line):
     """Each option reaches the API under its field's name: the API's refusal names it."""
     (tmp_path / "a.png").write_bytes(image_bytes("PNG"))
@@ -227,6 +229,12 @@ def test_seconds_fps_and_idempotency_key(service):
     first, again = (json.loads(pusa(*args).stdout) for _ in range(2))
     assert again["id"] == first["id"] and (first["pusa"]["frames"], first["pusa"]["fps"]) == (5, 10)
     assert pusa("watch", first["id"]).returncode == 0
+
+
+def test_fast_mode(service):
+    job = json.loads(pusa("submit", "--prompt", "quick", "--fast", "--json").stdout)
+    assert job["pusa"]["steps"] == 4  # the fast mode's steps (the tiny service has no distill LoRA to add)
+    assert pusa("watch", job["id"]).returncode == 0
 
 
 def test_bad_api_key_and_no_service(service):
