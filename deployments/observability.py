@@ -115,7 +115,7 @@ class Metrics:
                                boundaries=SECONDS, tag_keys=("stage", "deployment", "preset", "gpu"))
         self.stage_retries = Counter("pusa_stage_retries", "Stage calls retried, by stage and cause.",
                                      tag_keys=("stage", "cause"))
-        self.lora_fuse = Histogram("pusa_lora_fuse_seconds", "LoRA re-fuses for a new alpha (from the base "
+        self.lora_fuse = Histogram("pusa_lora_fuse_seconds", "LoRA re-fuses for a new combination (from the base "
                                    "weights) on a DiT replica.", boundaries=SECONDS, tag_keys=("preset", "gpu"))
         self.first_step = Histogram("pusa_dit_first_step_seconds", "A DiT replica's first step: its warm-up "
                                     "(compile included when configured).", boundaries=SECONDS,
