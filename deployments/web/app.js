@@ -439,6 +439,8 @@ async function refreshPlan() {
 // -- a job -----------------------------------------------------------------------------------------
 
 function logLine(type, text) {
+  const last = $("#job-log").lastElementChild;
+  if (type === "queued" && last?.textContent === text) return; // the stored event, then the stream's position
   const li = document.createElement("li");
   li.dataset.type = type;
   li.textContent = text;
