@@ -4,21 +4,32 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
+# Debian packages are installed as root, or through sudo when there is one.
+as_root() {
+  if [[ $EUID -eq 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    echo "install.sh: $* needs root; run as root or with sudo" >&2
+    exit 1
+  fi
+}
+
 # The PostgreSQL server the tests start (tests/pgserver.py), from Debian, when none is installed.
 # Its default cluster is neither created nor started: the tests run their own throwaway servers.
 if ! compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null; then
-  if [[ $EUID -eq 0 ]]; then
-    as_root() { "$@"; }
-  elif command -v sudo >/dev/null; then
-    as_root() { sudo "$@"; }
-  else
-    echo "install.sh: the PostgreSQL server is missing; run as root or with sudo to apt-get install postgresql" >&2
-    exit 1
-  fi
   as_root mkdir -p /etc/postgresql-common/createcluster.d
   echo "create_main_cluster = false" | as_root tee /etc/postgresql-common/createcluster.d/50-pusa.conf >/dev/null
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+fi
+
+# The headless browser of tests/test_web.py: Debian's Chromium and its matching WebDriver (Selenium is
+# given both paths, so nothing is downloaded at run time).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
