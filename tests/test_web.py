@@ -83,7 +83,8 @@ def wait(driver, predicate, timeout: float = 60, message: str = ""):
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: predicate(d))
     except TimeoutException:
-        driver.save_screenshot(str(DOCS.parent / "out" / "test_web_failure.png"))
+        (DOCS.parent / "out").mkdir(exist_ok=True)
+        driver.save_screenshot(str(DOCS.parent / "out" / "test_web_failure.png"))  # what the page showed
         raise AssertionError(f"timed out: {message}") from None
 
 
@@ -244,6 +245,8 @@ def test_i2v_heatmap_progress_and_playback(browser, service, files):
     click_cell(browser, 2)  # place the image on latent frame 2
     wait(browser, lambda d: cell(d, 2).find_elements(By.CSS_SELECTOR, ".chip img"), 10, "the image on latent frame 2")
     assert "latent 2 = pixel frame 8" in css(browser, "#position-list").text
+    wait(browser, lambda d: css(d, "#position-list input.mult").get_attribute("placeholder") == "0.2 (default)",
+         20, "the plan's default multiplier shown")
     css(browser, "#f-positions_unit option[value='pixel']").click()  # sent as pixel frame 8
 
     rows = wait_plan(browser, "i2v", 3, lambda rows: rows[0][2] < rows[0][0])
