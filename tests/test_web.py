@@ -6,7 +6,7 @@ Covered: the key field (kept in localStorage, sent as a bearer token, media fetc
 defaults from the OpenAPI schema; the i2v tab with an upload placed on the latent strip, its heat map the
 plan endpoint's, the progress of every step, the video playing; extending the result; cancelling a slow
 job while its steps advance; the multi-frames tab with two images clicked and dragged to positions; a 400
-shown next to the field it names; video-to-video from the gallery; the gallery's pages. Each tab's
+shown next to the field it names, then a text-to-video job; video-to-video from the gallery; the gallery's pages. Each tab's
 screenshot goes to docs/web-<tab>.png.
 """
 
@@ -346,7 +346,7 @@ def test_multi_frames_two_images_at_chosen_positions(browser, service, files):
     assert len(request["images"]) == 2 and plays(browser, job["id"]) > 0
 
 
-def test_a_create_400_is_shown_next_to_its_field(browser, service):
+def test_a_400_is_shown_next_to_its_field_then_t2v(browser, service):
     open_tab(browser, "t2v")
     set_value(browser, "#f-prompt", "waves")
     set_value(browser, "#f-size", "50x64")
@@ -359,13 +359,15 @@ def test_a_create_400_is_shown_next_to_its_field(browser, service):
     assert field_error(browser, "request") == ""
     set_value(browser, "#f-size", "")
     wait(browser, lambda d: field_error(d, "size") == "", 20, "the error cleared")
+    job = submit_and_wait(browser, service)  # and then a text-to-video job goes through
+    assert job["pusa"]["task"] == "t2v" and job["pusa"]["steps"] == 2 and plays(browser, job["id"]) > 0
 
 
 def test_video_to_video_from_the_gallery_and_its_pages(browser, service):
     css(browser, "#gallery-refresh").click()
-    ids = wait(browser, lambda d: len(gallery(d)) == 4 and gallery(d), 20, "four videos")
+    ids = wait(browser, lambda d: len(gallery(d)) == 5 and gallery(d), 20, "five videos")
     listed = httpx.get(f"{service.url}/v1/videos", params={"limit": 8}, headers=service.headers, timeout=30).json()
-    assert ids == [v["id"] for v in listed["data"]]  # newest first: multi, cancelled t2v, extension, i2v
+    assert ids == [v["id"] for v in listed["data"]]  # newest first: t2v, multi, cancelled t2v, extension, i2v
     wait(browser, lambda d: js(d, "return [...document.querySelectorAll('#gallery-list .card[data-status=completed] img')]"
                                   ".every(i => i.complete && i.naturalWidth > 0)"), 20, "the thumbnails")
     source = ids[-1]  # the i2v video
@@ -384,13 +386,13 @@ def test_video_to_video_from_the_gallery_and_its_pages(browser, service):
     request = service.jobs.get(job["id"]).request
     assert request["task"] == "v2v" and request["positions"] == [0, 2] and plays(browser, job["id"]) > 0
 
-    # pages of four: five videos now, so a second page with the oldest, and back
+    # pages of four: six videos now, so a second page with the two oldest, and back
     select = css(browser, "#gallery-limit")
     select.find_element(By.CSS_SELECTOR, "option[value='4']").click()
     wait(browser, lambda d: gallery(d)[:1] == [job["id"]] and len(gallery(d)) == 4
          and not css(d, "#gallery-older").get_attribute("disabled"), 20, "the first page")
     css(browser, "#gallery-older").click()
-    wait(browser, lambda d: gallery(d) == [source], 20, "the second page")
+    wait(browser, lambda d: gallery(d) == ids[3:], 20, "the second page")
     assert css(browser, "#gallery-older").get_attribute("disabled")
     css(browser, "#gallery-newer").click()
     wait(browser, lambda d: gallery(d) == [job["id"], *ids[:3]], 20, "the first page again")
