@@ -55,7 +55,8 @@ class BatchSettings(BaseModel):
     device: str | None = None  # None: each actor's GPU when it has one
     dit_options: dict = {}
     text_batch_size: int = Field(default=8, ge=1)
-    nice: int = Field(default=0, ge=0, le=19)  # CPU priority of the stage actors (higher: yield to others)
+    # added to the stage actors' niceness (Ray starts its workers at 15; 19 is the lowest priority)
+    nice: int = Field(default=0, ge=0, le=19)
     # LoRAs a row's `loras` and mode "fast" may use (the service's app arg `loras` unless set here), and
     # where the DiT actors keep the base weights they re-fuse from (pusa_model.pipeline.load_dit_stage)
     loras: LoraRegistry = LoraRegistry()
