@@ -78,7 +78,8 @@ class BatchRun:
         self.stop_reason = ""
         self.store = ctx.files.store
         self.prefix = f"batches/{lease.batch.id}/out"
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # the manifest, in input order
+        self.row_of: dict[str, dict] = {}  # by custom_id
 
     @property
     def batch(self) -> Batch:
@@ -87,6 +88,7 @@ class BatchRun:
     async def run(self) -> None:
         try:
             self.rows = await asyncio.to_thread(read_manifest, f"{self.store.uri}/{manifest_key(self.batch.id)}")
+            self.row_of = {row["custom_id"]: row for row in self.rows}
             if self.batch.status == "validating":
                 await asyncio.to_thread(self.ctx.batches.update, self.lease, only_if=("validating",),
                                         status="in_progress", in_progress_at=time.time())
@@ -164,7 +166,7 @@ class BatchRun:
             return self.ctx.jobs.get(video_id)
         except KeyError:
             pass
-        fields = next(dict(row) for row in self.rows if row.get("custom_id") == record["custom_id"])
+        fields = dict(self.row_of[record["custom_id"]])
         fields.pop("custom_id")
         plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None,
                            loras=self.ctx.settings.loras)
