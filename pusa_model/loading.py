@@ -49,11 +49,16 @@ def resolve_source(source: str, cache_dir: Path | None = None, *, s3_endpoint: s
     if not bucket:
         raise ValueError(f"no bucket in {source!r}")
     uri = f"s3://{bucket}/{prefix}"
-    endpoint = s3_endpoint or os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint(s3_endpoint)
     digest = hashlib.sha256(f"{uri} {endpoint or ''}".encode()).hexdigest()[:12]
     name = f"{_relative(prefix, uri)}-{digest}" if prefix else digest
     target = Path(cache_dir or default_cache_dir() / "models") / bucket / name
     return fill_once(target, lambda partial: _download(uri, endpoint, partial))
+
+
+def _endpoint(explicit: str | None) -> str | None:
+    """The S3 endpoint: `explicit`, else ``PUSA_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL`` (None: boto3's)."""
+    return explicit or os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def resolve_file(source: str, cache_dir: Path | None = None, *, s3_endpoint: str | None = None) -> Path:
@@ -68,7 +73,7 @@ def resolve_file(source: str, cache_dir: Path | None = None, *, s3_endpoint: str
     bucket, _, key = source.removeprefix("s3://").partition("/")
     if not bucket or not key or key.endswith("/"):
         raise ValueError(f"{source!r} names no object (expected s3://bucket/key)")
-    endpoint = s3_endpoint or os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint(s3_endpoint)
     digest = hashlib.sha256(f"{source} {endpoint or ''}".encode()).hexdigest()[:12]
     relative = _relative(key, source)
     target = Path(cache_dir or default_cache_dir() / "models") / bucket / f"{relative}-{digest}"
