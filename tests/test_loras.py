@@ -12,6 +12,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders import WanLoraLoaderMixin
 from safetensors.torch import save_file
+from test_lora import forward
 
 from pusa_model.cli import main as cli_main
 from pusa_model.dit import DiTStage
@@ -33,17 +34,6 @@ TINY = get_preset("tiny")
 def make_transformer(dtype: torch.dtype = torch.float32) -> WanTransformer3DModel:
     torch.manual_seed(0)
     return WanTransformer3DModel(**tiny_transformer_config()).to(dtype).eval().requires_grad_(False)
-
-
-def forward(transformer: WanTransformer3DModel) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(1, 16, 3, 8, 8, generator=gen),
-            timestep=torch.tensor([500.0]),
-            encoder_hidden_states=torch.randn(1, 8, 32, generator=gen),
-            return_dict=False,
-        )[0]
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
