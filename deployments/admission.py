@@ -19,7 +19,7 @@ from ray import serve
 
 from pusa_model.media import MediaLimits
 from pusa_model.presets import Preset
-from pusa_model.request import GenerationPlan
+from pusa_model.request import MAX_FRAMES, GenerationPlan
 
 from .api_keys import Caller, KeyStore, Quotas
 from .batch_files import BatchLimits
@@ -43,6 +43,7 @@ class ApiSettings(BaseModel):
     cost: CostSettings = CostSettings()
     media: MediaLimits = MediaLimits()
     max_upload_bytes: int = Field(default=64 << 20, ge=1)  # media of one request; its body may be 4/3 + 1 MiB
+    max_frames: int = Field(default=401, ge=1, le=MAX_FRAMES)  # of a video; more than a window is a long video
     max_queued_jobs: int = Field(default=32, ge=1)  # jobs waiting for a runner, all routers together; more: 429
     retry_after_s: int = Field(default=30, ge=1)
     result_url_ttl_s: int = Field(default=900, ge=1, le=7 * 86400)  # presigned result URLs in a job object
@@ -107,7 +108,10 @@ class Admission:
 
     def price(self, plan: GenerationPlan) -> float:
         """The request's estimated GPU-seconds; 400 naming what makes it too large when it exceeds the
-        deployment's maximum."""
+        deployment's maximum (of cost, or of frames)."""
+        if plan.frames > self.settings.max_frames:
+            raise ApiError(400, f"frames: {plan.frames} frames; this deployment makes videos of at most "
+                                f"{self.settings.max_frames}", param="frames")
         cost = estimate_gpu_seconds(plan, self.settings.cost.table)
         limit = self.settings.cost.max_gpu_seconds
         if limit is not None and cost > limit:

@@ -3,6 +3,7 @@
 A DiT forward over ``M`` million pixel-frames (width × height × frames / 10⁶) takes ``a·M + b·M²``
 seconds (the square term is attention); a request makes ``steps × passes`` of them (two passes with
 guidance, one without), plus a VAE decode of ``d·M`` and ``fixed_s`` of text and conditioning encoding.
+A long video costs the sum of its windows.
 `bench/cost_calibration.py` measures a, b and d on a device.
 """
 
@@ -68,9 +69,13 @@ def passes(plan: GenerationPlan) -> int:
 
 
 def estimate_gpu_seconds(plan: GenerationPlan, calibration: Calibration) -> float:
-    """The GPU-seconds `plan` is expected to take."""
-    m, c = megapixel_frames(plan), calibration
-    return plan.request.steps * passes(plan) * (c.a * m + c.b * m * m) + c.d * m + c.fixed_s
+    """The GPU-seconds `plan` is expected to take (a long video: the sum of its windows)."""
+    return sum(_window_gpu_seconds(window, calibration) for window in plan.windows)
+
+
+def _window_gpu_seconds(window: GenerationPlan, c: Calibration) -> float:
+    m = megapixel_frames(window)
+    return window.request.steps * passes(window) * (c.a * m + c.b * m * m) + c.d * m + c.fixed_s
 
 
 def cost_drivers(plan: GenerationPlan, preset: Preset) -> list[str]:

@@ -2,7 +2,10 @@
 
     inputs/{job}/{field}                 uploaded media, as the request named them
     results/{job}/video.mp4, thumbnail.webp
+    results/{job}/windows/{i}.mp4            window i of a long video, as soon as it is decoded
     checkpoints/{job}/e{epoch}-s{step}.npy   latents after `step` steps, written under lease `epoch`
+    checkpoints/{job}/window-{i}.npy         window i's decoded frames (uint8), for the window after and the
+                                             stitched video
 
 Checkpoint keys carry the lease epoch, so a runner that lost its lease never overwrites the checkpoint the
 new holder resumes from; the job row points at the one that counts.
@@ -58,14 +61,30 @@ class JobFiles:
 
     def put_checkpoint(self, job_id: str, epoch: int, step: int, latents: np.ndarray) -> str:
         """Store the latents after `step` steps (float32, exact); returns the key."""
-        key = f"checkpoints/{_id(job_id)}/e{epoch}-s{step}.npy"
-        buffer = io.BytesIO()
-        np.save(buffer, latents, allow_pickle=False)
-        self.store.put(key, buffer.getvalue())
-        return key
+        return self._put_array(f"checkpoints/{_id(job_id)}/e{epoch}-s{step}.npy", latents)
 
     def get_checkpoint(self, key: str) -> np.ndarray:
         return np.load(io.BytesIO(self.store.get(key)), allow_pickle=False)
+
+    def window_key(self, job_id: str, window: int) -> str:
+        return f"results/{_id(job_id)}/windows/{int(window)}.mp4"
+
+    def window_frames_key(self, job_id: str, window: int) -> str:
+        return f"checkpoints/{_id(job_id)}/window-{int(window)}.npy"
+
+    def put_window(self, job_id: str, window: int, video: bytes, frames: np.ndarray) -> str:
+        """Store window `window` of a long video: its frames (the marker that it is done), then its MP4;
+        returns the MP4's key."""
+        self._put_array(self.window_frames_key(job_id, window), frames)
+        key = self.window_key(job_id, window)
+        self.store.put(key, video, RESULT_FILES["video"][1])
+        return key
+
+    def _put_array(self, key: str, array: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        self.store.put(key, buffer.getvalue())
+        return key
 
     def delete_checkpoints(self, job_id: str) -> None:
         """Remove every checkpoint of the job (it ended)."""

@@ -70,6 +70,7 @@ class JobRun:
         self.lease = lease
         self.let_go = False  # the job has ended or was released: its lease is gone on purpose
         self._write: asyncio.Future | None = None
+        self._checkpoint_key = lease.job.checkpoint_key  # the latest, which the job row points at
 
     @property
     def job_id(self) -> str:
@@ -143,55 +144,103 @@ class JobRun:
                      "message": f"the runner replica running this job was lost {job.takeovers} times; given up"}
             return await self._end("failed", {"type": "failed", "error": error}, error=error)
         plan = plan_from_job(job.request, job.plan["seed"], ctx.preset)
+        windows, steps = plan.windows, plan.request.steps
         start = job.checkpoint_step or 0
         if self.lease.resumed:
             await self._record({"type": "queued", "requeued": True, "resume_step": start})
         if await self._stop(await self._record({"type": "encoding"}, progress=max(job.progress, 1)), start):
             return
         text = await ctx.stages.encode_text(job.id, plan, self._on_retry)
-        if start == 0:
-            clean = await ctx.stages.encode_conditioning(job.id, job.request, plan, job.inputs, self._on_retry)
-            latents = None
-        else:
-            clean, latents = None, await self._persist(ctx.files.get_checkpoint, job.checkpoint_key)
-        latents = await self._denoise(plan, start, latents, clean, text)
-        if latents is None:
-            return
+        # Resume in the window of the last checkpoint: after its last step, it still has to be decoded.
+        first, k = divmod(start, steps)
+        if k == 0 and first > 0:
+            first, k = first - 1, steps
+        for i in range(first, len(windows)):
+            if len(windows) > 1 and await self._persist(ctx.files.store.exists, ctx.files.window_frames_key(job.id, i)):
+                continue  # decoded before this runner took the job over
+            latents = await self._window(plan, i, k, text)
+            if latents is None:
+                return
+            if len(windows) > 1:
+                url = await self._decode_window(plan, i, latents)
+                if await self._stop(await self._record({"type": "segment", "segment": i, "segments": len(windows),
+                                                        "frames": windows[i].frames, "url": url}),
+                                    (i + 1) * steps):
+                    return
+            k = 0
         await self._record({"type": "decoding"}, progress=96)
-        await ctx.stages.decode(job.id, plan, latents, self._on_retry)
+        if len(windows) > 1:
+            await ctx.stages.stitch(job.id, plan, self._on_retry)
+        else:
+            await ctx.stages.decode(job.id, plan, latents, self._on_retry)
         await self._end("completed", {"type": "completed", "url": f"/v1/videos/{job.id}/content"}, progress=100)
 
-    async def _denoise(self, plan: GenerationPlan, start: int, latents, clean, text) -> Any | None:
-        """Steps `start`.. of the plan; the final latents, or None when the job stopped or was released."""
+    async def _window(self, plan: GenerationPlan, i: int, k: int, text) -> Any | None:
+        """Window `i`'s final latents, from its step `k` (0: from its conditioning, else from the checkpoint);
+        None when the job stopped or was released. A window whose stages gave up is run again from its start,
+        up to ``window_retries`` times, without redoing the windows before it."""
+        ctx, job, window = self.ctx, self.lease.job, plan.windows[i]
+        for attempt in range(ctx.settings.window_retries + 1):
+            try:
+                if k == 0:
+                    latents = None
+                    if i == 0:
+                        clean = await ctx.stages.encode_conditioning(job.id, window.request.model_dump(), window,
+                                                                     job.inputs, self._on_retry)
+                    else:
+                        previous = ctx.files.window_frames_key(job.id, i - 1)
+                        clean = await ctx.stages.encode_extension(job.id, window, previous, self._on_retry)
+                else:
+                    clean, latents = None, await self._persist(ctx.files.get_checkpoint, self._checkpoint_key)
+                return await self._denoise(plan, i, k, latents, clean, text)
+            except StageFailed as exc:
+                if len(plan.windows) == 1 or not exc.code.endswith("_unavailable") \
+                        or attempt == ctx.settings.window_retries:
+                    raise
+                await self._on_retry("window", attempt + 1, "stage_failed", str(exc), step=i * plan.request.steps)
+                k = 0
+        raise AssertionError("unreachable")
+
+    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> str:
+        """Decode window `i` of a long video to the store; the URL of its MP4."""
+        await self.ctx.stages.decode_window(self.job_id, i, plan.windows[i], latents, self._on_retry)
+        return f"/v1/videos/{self.job_id}/content?segment={i}"
+
+    async def _denoise(self, plan: GenerationPlan, window: int, start: int, latents, clean, text) -> Any | None:
+        """Steps `start`.. of window `window`; its final latents, or None when the job stopped or was released.
+        Steps are counted over every window of a long video."""
         ctx, job, steps = self.ctx, self.lease.job, plan.request.steps
-        checkpoint = job.checkpoint_key
+        windowed, total, offset = len(plan.windows) > 1, steps * len(plan.windows), window * steps
+        wplan = plan.windows[window]
         loop_start = time.monotonic()
         for k in range(start, steps):
             async def on_retry(stage: str, attempt: int, cause: str, reason: str, k: int = k) -> None:
-                await self._on_retry(stage, attempt, cause, reason, step=k + 1)
+                await self._on_retry(stage, attempt, cause, reason, step=offset + k + 1)
 
             step_started = time.monotonic()
-            latents = await ctx.stages.step(job.id, plan, latents, clean if k == 0 else None, k, text, on_retry)
+            latents = await ctx.stages.step(job.id, wplan, latents, clean if k == 0 else None, k, text, on_retry)
             step_s = time.monotonic() - step_started
             metrics().step.observe(step_s, tags=self._tags)
-            done = k + 1
+            done = offset + k + 1
             elapsed = time.monotonic() - loop_start
-            event = {"type": "step", "step": done, "total": steps,
-                     "timesteps": [round(t, 3) for t in frame_timesteps(plan.sigmas, plan.multipliers, k).tolist()],
-                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (done - start) * (steps - done), 3)}
-            changes: dict[str, Any] = {"progress": progress_after(done, steps)}
-            if done % ctx.settings.checkpoint_every == 0 or done == steps:
+            event = {"type": "step", "step": done, "total": total,
+                     "timesteps": [round(t, 3) for t in frame_timesteps(wplan.sigmas, wplan.multipliers, k).tolist()],
+                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (k + 1 - start) * (total - done), 3)}
+            if windowed:
+                event["segment"] = window
+            changes: dict[str, Any] = {"progress": progress_after(done, total)}
+            if done % ctx.settings.checkpoint_every == 0 or k + 1 == steps:
                 changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
             signals = await self._record(event, **changes)
-            log_job_event("step", job.id, step=done, total=steps, seconds=round(step_s, 4),
+            log_job_event("step", job.id, step=done, total=total, seconds=round(step_s, 4),
                           elapsed_s=event["elapsed_s"], checkpoint="checkpoint_key" in changes)
             if "checkpoint_key" in changes:
-                if checkpoint is not None:  # the pointer moved on: the old latents are garbage
-                    await self._persist(ctx.files.store.delete, checkpoint)
-                checkpoint = changes["checkpoint_key"]
+                if self._checkpoint_key is not None:  # the pointer moved on: the old latents are garbage
+                    await self._persist(ctx.files.store.delete, self._checkpoint_key)
+                self._checkpoint_key = changes["checkpoint_key"]
             if await self._stop(signals, done):
                 return None
-            if ctx.draining.is_set() and done < steps:
+            if ctx.draining.is_set() and done < total:
                 await self._release(done, latents)
                 return None
         return latents

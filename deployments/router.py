@@ -12,7 +12,7 @@ import logging
 
 from typing import Literal
 
-from fastapi import FastAPI, Header, Request, Security
+from fastapi import FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -341,14 +341,25 @@ class Router(BatchRoutes, WebRoutes):
     @app.get("/v1/videos/{video_id}/content", response_class=Response,
              responses=responses(None, 400, 404, 409, 503, media=RESULT_MEDIA))
     async def content(self, video_id: str, variant: Literal["video", "thumbnail"] = "video",
+                      segment: int | None = Query(default=None, ge=0, description="a window of a long video: "
+                                                  "its MP4, as soon as its `segment` event was sent"),
                       credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> Response:
         caller = await self.admission.caller(credentials)
         if variant not in RESULT_FILES:
             raise ApiError(400, f"variant: must be one of {', '.join(RESULT_FILES)}", param="variant")
+        if segment is not None and variant != "video":
+            raise ApiError(400, "segment: a segment has only the video variant", param="segment")
         job = await self._get(video_id, caller)
-        if job.status != "completed":
+        if segment is not None:
+            key = self.files.window_key(video_id, segment)
+            if not await asyncio.to_thread(self.files.store.exists, key):
+                raise ApiError(409, f"segment {segment} of video {video_id} is not finished (or does not exist)",
+                               param="segment")
+        elif job.status != "completed":
             raise ApiError(409, f"video {video_id} is {job.status}, not completed", param="video_id")
-        data = await asyncio.to_thread(self.files.store.get, self.files.result_key(video_id, variant))
+        else:
+            key = self.files.result_key(video_id, variant)
+        data = await asyncio.to_thread(self.files.store.get, key)
         return Response(data, media_type=RESULT_FILES[variant][1])
 
     @app.get("/v1/videos/{video_id}/events", response_class=StreamingResponse,

@@ -47,6 +47,7 @@ class RunnerSettings(BaseModel):
     renew_s: float = 5.0
     max_takeovers: int = 3  # a job adopted more often than this (its holders keep dying) fails runner_lost
     checkpoint_every: int = 1  # steps between checkpoints of the latents
+    window_retries: int = 1  # a long video's window whose stages gave up runs again from its start
     drain_wait_s: float = 30.0  # on shutdown, how long a job may finish its step before it is released
     outage_s: float = 600.0  # how long a job waits out an unreachable database or store
     sweep_s: float = 60.0  # how often expired jobs are deleted

@@ -139,6 +139,14 @@ class Stages:
             "vae", lambda: self.vae.encode_conditioning.remote(request, plan.seed, inputs, job_id),
             self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
 
+    async def encode_extension(self, job_id: str, plan: GenerationPlan, previous_key: str, on_retry: OnRetry
+                               ) -> np.ndarray:
+        """Clean latents of `plan`, a later window of a long video, from the stored frames of the one before."""
+        request = plan.request.model_dump()
+        return await self.call(
+            "vae", lambda: self.vae.encode_extension.remote(request, plan.seed, previous_key, job_id),
+            self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
+
     async def step(self, job_id: str, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None,
                    k: int, text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
         """Step `k` on some DiT replica that holds the request's LoRA combination (step 0 takes `clean`)."""
@@ -154,6 +162,19 @@ class Stages:
     async def decode(self, job_id: str, plan: GenerationPlan, latents: np.ndarray, on_retry: OnRetry) -> dict:
         return await self.call("vae", lambda: self.vae.decode_to_store.remote(job_id, latents, plan.request.fps),
                                self.settings.vae_decode.seconds(_megavoxels(plan)), plan, on_retry)
+
+
+    async def decode_window(self, job_id: str, window: int, plan: GenerationPlan, latents: np.ndarray,
+                            on_retry: OnRetry) -> str:
+        return await self.call(
+            "vae", lambda: self.vae.decode_window_to_store.remote(job_id, window, latents, plan.request.fps),
+            self.settings.vae_decode.seconds(_megavoxels(plan)), plan, on_retry)
+
+    async def stitch(self, job_id: str, plan: GenerationPlan, on_retry: OnRetry) -> dict:
+        """The long video of `plan` from its stored windows."""
+        return await self.call(
+            "vae", lambda: self.vae.stitch_to_store.remote(job_id, len(plan.windows), plan.request.fps),
+            self.settings.vae_decode.seconds(_megavoxels(plan)), plan, on_retry)
 
 
 async def _result(response: DeploymentResponse) -> Any:

@@ -12,7 +12,7 @@ import torch
 from ray import serve
 
 from pusa_model import media
-from pusa_model.pipeline import encode_conditioning, load_vae_stage, model_folder
+from pusa_model.pipeline import encode_conditioning, encode_extension, load_vae_stage, model_folder, stitch_windows
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
 
@@ -43,6 +43,16 @@ class VAE:
         sources = {field: self.files.store.get(key) for field, key in inputs.items()}
         return encode_conditioning(self.stage, plan, sources).numpy()
 
+    def _encode_extension(self, request: dict, seed: int, previous_key: str) -> np.ndarray:
+        plan = plan_from_job(request, seed, self.preset)
+        return encode_extension(self.stage, plan, self.files.get_checkpoint(previous_key)).numpy()
+
+    async def encode_extension(self, request: dict, seed: int, previous_key: str, job_id: str | None = None
+                               ) -> np.ndarray:
+        """Clean latents of a later window of a long video, from the stored frames of the window before."""
+        with job_logging(job_id), timed(metrics().stage, stage="conditioning_encode", **self.tags):
+            return await asyncio.to_thread(self._encode_extension, request, seed, previous_key)
+
     async def encode_conditioning(self, request: dict, seed: int, inputs: dict[str, str],
                                   job_id: str | None = None) -> np.ndarray:
         """Clean latents ``(1, 16, F, h, w)`` with the job's images or clip at their latent indices."""
@@ -59,3 +69,24 @@ class VAE:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""
         with job_logging(job_id):
             return await asyncio.to_thread(self._decode, job_id, latents, fps)
+
+    def _decode_window(self, job_id: str, window: int, latents: np.ndarray, fps: int) -> str:
+        with timed(metrics().stage, stage="decode", **self.tags):
+            frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+        with timed(metrics().stage, stage="write", **self.tags):
+            return self.files.put_window(job_id, window, media.video_files(frames, fps)[0], frames)
+
+    async def decode_window_to_store(self, job_id: str, window: int, latents: np.ndarray, fps: int) -> str:
+        """Decode window `window` of a long video; store its frames and its MP4 (whose key it returns)."""
+        with job_logging(job_id):
+            return await asyncio.to_thread(self._decode_window, job_id, window, latents, fps)
+
+    def _stitch(self, job_id: str, windows: int, fps: int) -> dict[str, str]:
+        pieces = [self.files.get_checkpoint(self.files.window_frames_key(job_id, i)) for i in range(windows)]
+        with timed(metrics().stage, stage="write", **self.tags):
+            return self.files.put_result(job_id, *media.video_files(stitch_windows(pieces), fps))
+
+    async def stitch_to_store(self, job_id: str, windows: int, fps: int) -> dict[str, str]:
+        """Write a long video's MP4 and thumbnail from its stored windows; returns their keys."""
+        with job_logging(job_id):
+            return await asyncio.to_thread(self._stitch, job_id, windows, fps)

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--multipliers", type=_float_list, help="noise multiplier per position, e.g. 0.2,0.5")
     gen.add_argument("--noise-multiplier", type=float)
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (preset default)")
-    gen.add_argument("--frames", type=int, help="4k+1 (preset default)")
+    gen.add_argument("--frames", type=int, help="4k+1 (preset default); more than a window makes a long video")
+    gen.add_argument("--window-frames", type=int, help="frames of one window of a long video (preset default)")
+    gen.add_argument("--extension-multipliers", type=_float_list,
+                     help="noise multipliers of the 4 latent frames each later window takes from the one before")
     gen.add_argument("--fps", type=int, default=25)
     gen.add_argument("--steps", type=int, help="denoising steps (default 10; 4 with --fast)")
     gen.add_argument("--guidance", type=float, help="guidance scale (default 5; 1 with --fast)")
@@ -106,6 +109,8 @@ def request_from_args(args: argparse.Namespace) -> dict:
         "multipliers": args.multipliers,
         "noise_multiplier": args.noise_multiplier,
         "frames": args.frames,
+        "window_frames": args.window_frames,
+        "extension_multipliers": args.extension_multipliers,
         "fps": args.fps,
         "seed": args.seed,
         "loras": args.lora,
@@ -159,7 +164,7 @@ def _generate(args: argparse.Namespace) -> int:
     options = DiTOptions(compile=args.compile, attention=args.attention)
     pipe = PusaPipeline.from_preset(args.preset, device=args.device, dit_options=options, loras=registry,
                                     lora_base=args.lora_base)
-    with tqdm(total=plan.request.steps, desc="denoising", unit="step", disable=args.json) as bar:
+    with tqdm(total=plan.request.steps * len(plan.windows), desc="denoising", unit="step", disable=args.json) as bar:
         result = pipe.generate(plan, args.output, on_step=lambda event: bar.update(1))
     summary = {
         "video": str(result.video_path),

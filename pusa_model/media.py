@@ -57,7 +57,7 @@ def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
 
 
-def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+def frames_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float32 channels-first in [-1, 1]: (3, H, W) or (3, T, H, W)."""
     tensor = torch.tensor(pixels, dtype=torch.float32).div_(127.5).sub_(1.0)
     return tensor.movedim(-1, 0).contiguous()
@@ -97,7 +97,7 @@ def load_image(source: Source, width: int, height: int, field: str = "image",
         raise InvalidRequest(field, f"the image exceeds the limit of {limits.max_pixels} pixels") from None
     except (OSError, ValueError) as exc:
         raise InvalidRequest(field, f"cannot read image: {exc}") from exc
-    return _to_tensor(np.asarray(_fit(rgb, width, height)))
+    return frames_to_tensor(np.asarray(_fit(rgb, width, height)))
 
 
 @contextmanager
@@ -178,7 +178,7 @@ def load_video(
         fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in kept]
     if len(fitted) < num_frames:
         raise InvalidRequest(field, f"video has {len(fitted)} frames; this request needs at least {num_frames}")
-    return _to_tensor(np.stack(fitted))
+    return frames_to_tensor(np.stack(fitted))
 
 
 def frames_to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -7,10 +7,12 @@ and the CLI's engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import media
@@ -20,7 +22,7 @@ from .loading import fill_once, load_components, resolve_source
 from .lora import LoraStack, SafetensorsWeights, load_lora_state_dict
 from .loras import PUSA, LoraRegistry, lora_path
 from .presets import TINY_SEED, Preset, build_tiny_checkpoint, get_preset
-from .request import GenerationPlan
+from .request import OVERLAP_FRAMES, GenerationPlan
 from .sampler import initial_latents, initial_noise
 from .schedule import frame_timesteps
 from .text import TextEncoderStage
@@ -31,10 +33,11 @@ from .vae import VAEStage
 class StepEvent:
     """Progress of one finished denoising step."""
 
-    step: int  # 0-based
+    step: int  # 0-based, counted over every window of a long video
     total: int
     timesteps: list[float]  # per latent frame
     elapsed_s: float
+    window: int = 0  # the window of a long video
 
 
 StepCallback = Callable[[StepEvent], None]
@@ -146,6 +149,19 @@ def encode_conditioning(
     return conditioning_latents(plan, {"images": images})
 
 
+def encode_extension(vae: VAEStage, plan: GenerationPlan, previous: np.ndarray) -> torch.Tensor:
+    """Clean latents of a later window of a long video from the uint8 (T, H, W, 3) frames of the window
+    before: its last frames, encoded as the window's first latent frames."""
+    pixels = media.frames_to_tensor(previous[-plan.video_frames_needed:])
+    return conditioning_latents(plan, {"video": vae.encode(pixels)})
+
+
+def stitch_windows(windows: Sequence[np.ndarray]) -> np.ndarray:
+    """One video from the uint8 frames of a long video's windows: the first, then each later one after the
+    frames it shares with the window before."""
+    return np.concatenate([windows[0], *(w[OVERLAP_FRAMES:] for w in windows[1:])])
+
+
 class PusaPipeline:
     """Text encoder, VAE and DiT of one preset in this process."""
 
@@ -190,23 +206,35 @@ class PusaPipeline:
         return latents
 
     def generate(self, plan: GenerationPlan, output: Path, on_step: StepCallback | None = None) -> GenerationResult:
-        """Generate the planned video; write ``output`` (MP4) and a WebP thumbnail beside it."""
-        req = plan.request
+        """Generate the planned video (a long one window by window); write ``output`` (MP4) and a WebP
+        thumbnail beside it."""
+        req, windows = plan.request, plan.windows
+        timings: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         negative_prompt = req.negative_prompt if req.guidance != 1.0 else None
         prompt, negative = self.text.encode(req.prompt, negative_prompt)
-        t1 = time.perf_counter()
-        clean = encode_conditioning(self.vae, plan)
-        t2 = time.perf_counter()
-        latents = self.denoise(plan, clean, prompt, negative, on_step)
-        t3 = time.perf_counter()
-        frames = media.frames_to_uint8(self.vae.decode(latents))
+        timings["text"] = time.perf_counter() - t0
+        pieces: list[np.ndarray] = []
+        for i, window in enumerate(windows):
+            t1 = time.perf_counter()
+            clean = encode_conditioning(self.vae, window) if i == 0 else encode_extension(self.vae, window, pieces[-1])
+            t2 = time.perf_counter()
+            steps = window.request.steps
+            on_window_step = None if on_step is None else (
+                lambda event, i=i: on_step(replace(event, step=i * steps + event.step, total=steps * len(windows),
+                                                   window=i)))
+            latents = self.denoise(window, clean, prompt, negative, on_window_step)
+            t3 = time.perf_counter()
+            pieces.append(media.frames_to_uint8(self.vae.decode(latents)))
+            timings["conditioning"] += t2 - t1
+            timings["denoise"] += t3 - t2
+            timings["decode"] += time.perf_counter() - t3
         t4 = time.perf_counter()
+        frames = stitch_windows(pieces)
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         thumbnail = output.with_suffix(".webp")
         media.write_mp4(frames, output, req.fps)
         media.write_thumbnail(frames, thumbnail)
-        t5 = time.perf_counter()
-        timings = {"text": t1 - t0, "conditioning": t2 - t1, "denoise": t3 - t2, "decode": t4 - t3, "write": t5 - t4}
-        return GenerationResult(output, thumbnail, plan, timings)
+        timings["write"] = time.perf_counter() - t4
+        return GenerationResult(output, thumbnail, plan, dict(timings))

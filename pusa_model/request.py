@@ -7,13 +7,20 @@ is an `InvalidRequest` naming the field.
 
 Positions are latent frame indices (``0 .. F-1``, ``F = (frames - 1) / 4 + 1``); with
 ``positions_unit="pixel"`` they are pixel frame indices, mapped to latent ``(p + 3) // 4``.
+
+A request for more frames than one window (``window_frames``, the preset's frames by default) is a long
+video: a chain of windows. Window 0 is the request itself at the window's length; each later window is a
+v2v extension conditioned on the last `OVERLAP_FRAMES` frames of the window before (its first
+`OVERLAP_LATENTS` latent frames, noise multipliers ``extension_multipliers``, the reference demo's
+extension defaults when left out) with its own seed (the request's plus its index), and the last window
+is shortened to end at ``frames``. The video is window 0 followed by each later window after its overlap.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,7 +51,11 @@ VAE_TEMPORAL = 4
 VAE_SPATIAL = 8
 SIZE_MULTIPLE = 16
 MAX_SIDE = 1920
-MAX_FRAMES = 241
+MAX_FRAMES = 1201  # a long video, as a chain of windows; a deployment may set a lower maximum
+MAX_WINDOW_FRAMES = 241
+OVERLAP_LATENTS = len(DEFAULT_EXTENSION[0])  # latent frames a later window of a long video takes from the one before
+OVERLAP_FRAMES = VAE_TEMPORAL * (OVERLAP_LATENTS - 1) + 1  # the pixel frames they encode
+PREVIOUS_WINDOW = "window:previous"  # the `video` of a later window's request: the frames of the window before
 MAX_LORAS = 4  # LoRAs a request may list beside the Pusa LoRA
 
 # What mode "fast" sets when the request leaves the field out (Pusa's own 4-step scripts: the
@@ -91,7 +102,14 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     width: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
-    frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES)
+    frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES,
+                               description="more than window_frames makes a long video, a chain of windows")
+    window_frames: int | None = Field(default=None, ge=OVERLAP_FRAMES + VAE_TEMPORAL, le=MAX_WINDOW_FRAMES,
+                                      description="frames of one window of a long video (the preset's when left out)")
+    extension_multipliers: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
+        default=None, min_length=OVERLAP_LATENTS, max_length=OVERLAP_LATENTS,
+        description="noise multipliers of the latent frames each later window of a long video takes from the "
+                    "window before (default 0, 0.3, 0.4, 0.5)")
     fps: int = Field(default=25, ge=1, le=60)
 
     @model_validator(mode="before")
@@ -136,7 +154,25 @@ class GenerationPlan:
     height: int
     frames: int
     seed: int
-    conditioning: tuple[ConditioningFrame, ...]
+    conditioning: tuple[ConditioningFrame, ...]  # a long video's: its first window's
+    window_frames: int | None = None  # set when the request is a long video (frames > window_frames)
+
+    @property
+    def windows(self) -> tuple[GenerationPlan, ...]:
+        """The plan of every window this request runs as: itself, or a long video's chain. A window's
+        request plans as that window alone (its frames, its seed)."""
+        if self.window_frames is None:
+            return (self,)
+        extension = dict(task="v2v", v2v_mode="extension", video_anchor="end", video=PREVIOUS_WINDOW, images=[],
+                         positions=None, positions_unit="latent", multipliers=self.request.extension_multipliers,
+                         noise_multiplier=None)
+        plans = []
+        for i, frames in enumerate(window_frame_counts(self.frames, self.window_frames)):
+            seed = (self.seed + i) % 2**63
+            req = self.request.model_copy(update={**(extension if i else {}), "frames": frames,
+                                                  "window_frames": frames, "seed": seed})
+            plans.append(_plan_window(req, self.width, self.height, frames, seed))
+        return tuple(plans)
 
     @property
     def latent_frames(self) -> int:
@@ -189,6 +225,12 @@ class GenerationPlan:
             }
             for k in range(self.request.steps)
         ]
+        if self.window_frames is not None:
+            windows = self.windows
+            return {**windows[0].describe(), "frames": self.frames, "window_frames": self.window_frames,
+                    "windows": [{"frames": w.frames, "new_frames": w.frames - (OVERLAP_FRAMES if i else 0),
+                                 "seed": w.seed, "conditioning": [c.__dict__ for c in w.conditioning]}
+                                for i, w in enumerate(windows)]}
         return {
             "task": self.request.task,
             "width": self.width,
@@ -293,6 +335,15 @@ def resolve_loras(req: GenerationRequest, registry: LoraRegistry) -> GenerationR
     return req.model_copy(update={"loras": chosen})
 
 
+def window_frame_counts(frames: int, window: int) -> list[int]:
+    """The frames of each window of a long video of `frames` frames in windows of `window` (both 4k+1):
+    full windows, the last one shortened; each after the first adds all but its `OVERLAP_FRAMES`."""
+    counts = [window]
+    while (made := window + sum(c - OVERLAP_FRAMES for c in counts[1:])) < frames:
+        counts.append(min(window, frames - made + OVERLAP_FRAMES))
+    return counts
+
+
 def plan_request(
     req: GenerationRequest, preset: Preset, default_seed: int | None = None, loras: LoraRegistry | None = None
 ) -> GenerationPlan:
@@ -303,10 +354,30 @@ def plan_request(
     width = req.width or preset.width
     height = req.height or preset.height
     frames = req.frames or preset.frames
-    _check_size("width", width)
-    _check_size("height", height)
+    window = req.window_frames or preset.frames
+    seed = req.seed if req.seed is not None else default_seed
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    if frames > window:
+        if (window - 1) % VAE_TEMPORAL or window < OVERLAP_FRAMES + VAE_TEMPORAL:
+            raise InvalidRequest("window_frames", f"a window of a long video must have 4k+1 frames, at least "
+                                                  f"{OVERLAP_FRAMES + VAE_TEMPORAL}; got {window}")
+        _check_frames(frames)
+        first = _plan_window(req, width, height, window, seed)
+        return GenerationPlan(req, width, height, frames, seed, first.conditioning, window_frames=window)
+    return _plan_window(req, width, height, frames, seed)
+
+
+def _check_frames(frames: int) -> None:
     if (frames - 1) % VAE_TEMPORAL:
         raise InvalidRequest("frames", f"{frames} is not of the form 4k+1 (e.g. 81)")
+
+
+def _plan_window(req: GenerationRequest, width: int, height: int, frames: int, seed: int) -> GenerationPlan:
+    """The plan of one window of `frames` frames: every check of the request's task and conditioning."""
+    _check_size("width", width)
+    _check_size("height", height)
+    _check_frames(frames)
     latent_frames = (frames - 1) // VAE_TEMPORAL + 1
 
     if req.task in ("t2v", "v2v") and req.images:
@@ -346,7 +417,4 @@ def plan_request(
             for i, (p, m) in enumerate(zip(positions, multipliers))
         )
 
-    seed = req.seed if req.seed is not None else default_seed
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
     return GenerationPlan(req, width, height, frames, seed, conditioning)

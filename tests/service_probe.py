@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import ray
+import torch
 from ray import serve
 from ray.exceptions import RayError
 from sqlalchemy import update
@@ -19,6 +22,7 @@ from deployments.db import Database
 from deployments.job_store import JobStore
 from deployments.jobs import Job
 from deployments.schema import jobs
+from deployments.vae import plan_from_job
 
 PREFIX = "SERVE_REPLICA::pusa#{}#"
 
@@ -26,6 +30,17 @@ PREFIX = "SERVE_REPLICA::pusa#{}#"
 def steps_done(job: Job | list[dict]) -> int:
     """Step events of a job (from its record's events or a list of events)."""
     return sum(1 for e in job if e["type"] == "step")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: CPU matmuls sum in a different order with another thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class ServiceProbe:
@@ -108,6 +123,13 @@ class ServiceProbe:
         job = self.wait_ended(job_id, timeout)
         assert job.status == "completed", job.error
         return job_id, self.content(job_id)
+
+    def reference_video(self, pipeline, job_id: str, folder: Path) -> bytes:
+        """The job's video made by the in-process `pipeline` from the job's own request and seed."""
+        job = self.record(job_id)
+        plan = plan_from_job(job.request, job.plan["seed"], "tiny")
+        with one_thread():  # as the service's replicas and workers run (under one CPU: one thread)
+            return pipeline.generate(plan, folder / f"{job_id}.mp4").video_path.read_bytes()
 
     # -- Ray -----------------------------------------------------------------------------------
 

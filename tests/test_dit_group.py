@@ -19,13 +19,11 @@ import copy
 import os
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from ray import serve
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
@@ -36,10 +34,9 @@ from deployments.app import AppArgs
 from deployments.dit import alpha_model_id
 from deployments.dit_group import run_step, worker_resources
 from deployments.launch import deploy, node_demands, unplaceable
-from deployments.vae import plan_from_job
 from pusa_model.media import load_video
 from pusa_model.schedule import flow_sigmas
-from service_probe import ServiceProbe
+from service_probe import ServiceProbe, one_thread
 from serving import default_database, local_config, running_service
 
 try:
@@ -147,25 +144,6 @@ def _stats() -> dict:
     return serve.get_deployment_handle("DiT", app_name="pusa").stats.remote().result(timeout_s=60)
 
 
-@contextmanager
-def one_thread():
-    """Run torch on one thread: CPU matmuls sum in a different order with another thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _reference(tiny_pipeline, svc: ServiceProbe, job_id: str, tmp_path: Path) -> bytes:
-    """The job's video made by the in-process pipeline from the job's own request and seed."""
-    job = svc.record(job_id)
-    plan = plan_from_job(job.request, job.plan["seed"], "tiny")
-    with one_thread():  # as the service's replicas and workers run (under one CPU: one thread)
-        return tiny_pipeline.generate(plan, tmp_path / f"{job_id}.mp4").video_path.read_bytes()
-
-
 def _step_inputs(tiny_pipeline, height: int, width: int):
     """One mid-schedule step's arguments: random latents (two conditioning frames), real embeddings."""
     rng = np.random.default_rng(height * width)
@@ -197,7 +175,7 @@ def test_cfg_parallel_job_is_byte_identical_to_the_pipeline(group_service, tiny_
     t0 = time.monotonic()
     job_id, video = svc.run(timeout=120, **REQUEST, steps=4)
     print(f"cfg=2 job: {time.monotonic() - t0:.1f}s")
-    assert video == _reference(tiny_pipeline, svc, job_id, tmp_path)
+    assert video == svc.reference_video(tiny_pipeline, job_id, tmp_path)
 
     stats = _stats()
     workers = stats["workers"]
@@ -227,7 +205,7 @@ def test_lost_worker_costs_one_step_and_the_group_is_rebuilt(group_service, tiny
     retries = [e for e in events if e["type"] == "retry"]
     assert len(retries) == 1 and "ActorDiedError" in retries[0]["reason"], retries
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, STEPS + 1))  # none lost or redone
-    assert svc.content(job_id) == _reference(tiny_pipeline, svc, job_id, tmp_path)
+    assert svc.content(job_id) == svc.reference_video(tiny_pipeline, job_id, tmp_path)
 
     after = _stats()
     assert after["pid"] == before["pid"] and after["rebuilds"] == before["rebuilds"] + 1  # same replica
@@ -251,7 +229,7 @@ def test_ulysses_group_after_a_redeploy(group_service, tiny_pipeline, tmp_path):
     _compare_steps(tiny_pipeline, exact=False)
 
     job_id, video = svc.run(timeout=120, **REQUEST, steps=4)
-    reference = _reference(tiny_pipeline, svc, job_id, tmp_path)
+    reference = svc.reference_video(tiny_pipeline, job_id, tmp_path)
     if video != reference:  # Ulysses sums attention in another order: H.264 may round a few pixels apart
         levels = [(load_video(v, 64, 64, 17).numpy() + 1) * 127.5 for v in (video, reference)]
         diff = np.abs(levels[0] - levels[1])

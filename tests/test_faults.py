@@ -19,6 +19,7 @@ from service_probe import ServiceProbe, steps_done
 from videoapi import image_bytes
 
 from deployments.jobs import TERMINAL
+from pusa_model.media import probe_video
 from serving import default_database, running_service
 
 STAGES = {"retries": 4, "backoff_s": 0.5, "backoff_max_s": 2,
@@ -194,6 +195,46 @@ def test_lora_alpha_switches_refuse_from_the_base_weights(svc):
     # (until Serve learns which replica holds 1.0, a step may go to either and re-fuse there)
     held = {s["lora_alpha"] for s in svc.stats("DiT").values()}
     assert 1.0 in held and held <= {1.0, 2.0}, held
+
+
+def test_a_long_video_is_a_chain_of_windows_that_outlives_a_lost_dit_replica(svc, tiny_pipeline, tmp_path):
+    request = {"prompt": "a long walk", "size": "256x256", "frames": 25, "steps": 4, "seed": 21}  # 3 windows of 17
+    job_id = svc.submit(**request)
+    svc.wait_for(job_id, lambda j, e: j.terminal or any(x["type"] == "step" and x.get("segment") == 1 for x in e),
+                 timeout=60, poll=0.01)
+    killed = None
+    while killed is None:  # a step of the second window is in flight on the replica killed
+        killed = svc.kill_busy("DiT")
+        assert not svc.record(job_id).terminal and steps_done(svc.events(job_id)) < 8, "the second window ended"
+    job = svc.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+
+    events = svc.sse_events(job_id)
+    assert retries(events, "dit") and all(r["step"] in (5, 6, 7, 8) for r in retries(events, "dit"))
+    ordered = [(e["type"], e.get("segment")) for e in events if e["type"] in ("step", "segment")]
+    assert ordered == [x for w in range(3) for x in [("step", w)] * 4 + [("segment", w)]]  # window by window
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 13))  # counted over the windows
+    segments = [e for e in events if e["type"] == "segment"]
+    assert [(s["segments"], s["frames"]) for s in segments] == [(3, 17)] * 3
+    for s in segments:  # each window's own MP4, at the URL its event gave
+        response = svc.http.get(s["url"])
+        assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+        assert video_frames(response.content, tmp_path) == 17
+    video = svc.content(job_id)
+    assert video_frames(video, tmp_path) == 25
+    assert video == svc.reference_video(tiny_pipeline, job_id, tmp_path)  # one MP4, the in-process chain's to the byte, though a replica died in window 2
+
+    assert svc.http.get(f"/v1/videos/{job_id}/content?segment=3").status_code == 409
+    assert svc.http.get(f"/v1/videos/{job_id}/content?segment=0&variant=thumbnail").json()["error"]["param"] == \
+        "segment"
+    refused = svc.http.post("/v1/videos", json={**request, "frames": 405})  # over the deployment's api.max_frames
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "frames"
+
+
+def video_frames(data: bytes, folder: Path) -> int:
+    path = folder / "probe.mp4"
+    path.write_bytes(data)
+    return probe_video(path)["frames"]
 
 
 def test_concurrent_jobs_with_one_seed_make_one_video(svc):
