@@ -5,6 +5,10 @@ conditioning latents (`Conditioning`), the prompt embeddings (`TextEncoding`), t
 (`Denoising`) and at last its record (`Decoding`). A row that failed carries ``error`` instead and
 passes every later stage untouched. Each stage runs the service's own code: `read_row` (the API's
 `Submission` and `plan_request`) for the request, `encode_conditioning`, `run_step` for every DiT step, `video_files`.
+
+A long video (more frames than a window) is conditioned for its first window; the DiT actor runs every
+window, decoding each but the last and encoding its end as the next one's conditioning (with a VAE it loads
+for the first such row), and the decode stage stitches the windows' frames.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from deployments.vae import plan_from_job
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
-from pusa_model.pipeline import encode_conditioning, load_dit_stage, load_text_stage, load_vae_stage, model_folder
+from pusa_model.pipeline import (encode_conditioning, encode_extension, load_dit_stage, load_text_stage,
+                                 load_vae_stage, model_folder, stitch_windows)
 from pusa_model.presets import get_preset
 from pusa_model.transformer import DiTOptions
 
@@ -102,7 +107,7 @@ class Conditioning(_Stage):
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
 
     def process(self, payload: dict) -> dict:
-        plan = plan_from_job(payload["request"], payload["seed"], self.preset)
+        plan = plan_from_job(payload["request"], payload["seed"], self.preset).windows[0]
         payload["clean"] = encode_conditioning(self.stage, plan, payload.pop("media")).numpy()  # media limits apply
         return payload
 
@@ -142,23 +147,41 @@ class Denoising(_Stage):
                  loras: dict | None = None, lora_base: str = "disk") -> None:
         super().__init__(nice)
         spec = get_preset(preset)
-        self.preset = preset
-        self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), DiTOptions(**(dit_options or {})),
+        self.preset, self.device = preset, pick_device(device)
+        self.stage = load_dit_stage(model_folder(spec), spec, self.device, DiTOptions(**(dit_options or {})),
                                     LoraRegistry.model_validate(loras or {}), lora_base)
+        self.vae = None  # loaded for the first long video
         self.refuses = 0
 
     def process(self, payload: dict) -> dict:
         plan = plan_from_job(payload["request"], payload["seed"], self.preset)
-        req = plan.request
         if self.stage.set_loras(plan.lora_combination):
             self.refuses += 1
+        clean, text = payload.pop("clean"), payload.pop("text")
+        windows: list[np.ndarray] = []
+        for i, window in enumerate(plan.windows):
+            if i:
+                windows.append(media.frames_to_uint8(self._vae().decode(torch.from_numpy(latents))))
+                clean = encode_extension(self._vae(), window, windows[-1]).numpy()
+            latents = self._denoise(window, clean, text)
+        payload["latents"] = latents
+        if windows:
+            payload["windows"] = windows  # the frames of every window but the last
+        return payload
+
+    def _denoise(self, plan, clean: np.ndarray, text) -> np.ndarray:
+        req, latents = plan.request, None
         sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
-        latents, clean, text = None, payload.pop("clean"), payload.pop("text")
         for k in range(req.steps):
             latents = run_step(self.stage, latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
                                req.guidance)
-        payload["latents"] = latents
-        return payload
+        return latents
+
+    def _vae(self):
+        if self.vae is None:
+            spec = get_preset(self.preset)
+            self.vae = load_vae_stage(model_folder(spec), spec, self.device)
+        return self.vae
 
 
 class Decoding(_Stage):
@@ -186,6 +209,8 @@ class Decoding(_Stage):
     def process(self, payload: dict) -> dict:
         request = payload["request"]
         frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(payload.pop("latents"))))
+        if "windows" in payload:  # a long video: the windows before, then this last one
+            frames = stitch_windows([*payload.pop("windows"), frames])
         uris = self.outputs.write_result(payload["custom_id"], *media.video_files(frames, request["fps"]))
         payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris, "seed": payload["seed"],
                              "timings_s": payload["timings_s"], "error": None}

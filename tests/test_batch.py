@@ -141,17 +141,22 @@ def test_manifest_formats_read_alike(tmp_path):
 
 def test_a_row_is_byte_identical_to_the_http_api(service, s3, tmp_path):
     image = image_bytes("PNG", seed=9)
-    request = {"prompt": "a boat", "steps": 3, "seed": 42, "noise_multiplier": 0.3}
-    r = httpx.post(f"{service}/v1/videos", files={"input_reference": ("a.png", image, "image/png")},
-                   data={k: str(v) for k, v in request.items()}, timeout=30)
-    assert r.status_code == 200, r.text
-    assert wait_done(service, r.json()["id"])["status"] == "completed"
-    online = httpx.get(f"{service}/v1/videos/{r.json()['id']}/content", timeout=30).content
+    requests = {"same": {"prompt": "a boat", "steps": 3, "seed": 42, "noise_multiplier": 0.3},
+                "long": {"prompt": "a boat", "steps": 2, "seed": 43, "frames": 25}}  # 3 windows of 17 frames
+    online = {}
+    for custom_id, request in requests.items():
+        r = httpx.post(f"{service}/v1/videos", files={"input_reference": ("a.png", image, "image/png")},
+                       data={k: str(v) for k, v in request.items()}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert wait_done(service, r.json()["id"])["status"] == "completed"
+        online[custom_id] = httpx.get(f"{service}/v1/videos/{r.json()['id']}/content", timeout=30).content
     (tmp_path / "a.png").write_bytes(image)
-    (tmp_path / "m.jsonl").write_bytes(jsonl([{"custom_id": "same", "input_reference": "a.png", **request}]))
+    (tmp_path / "m.jsonl").write_bytes(jsonl([{"custom_id": custom_id, "input_reference": "a.png", **request}
+                                              for custom_id, request in requests.items()]))
     summary = run_batch(str(tmp_path / "m.jsonl"), str(tmp_path / "out"), BatchSettings(), progress=False)
-    assert summary["completed_total"] == 1
-    assert (tmp_path / "out" / "videos" / "same.mp4").read_bytes() == online
+    assert summary["completed_total"] == 2
+    for custom_id in requests:
+        assert (tmp_path / "out" / "videos" / f"{custom_id}.mp4").read_bytes() == online[custom_id]
 
 
 def _many(n: int, **fields) -> bytes:
