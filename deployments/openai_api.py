@@ -25,7 +25,7 @@ from pusa_model.errors import InvalidRequest
 from pusa_model.request import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
 
 MODEL_NAME = "pusa-v1"
-LIST_FIELDS = ("images", "positions", "multipliers")
+LIST_FIELDS = ("images", "positions", "multipliers", "extension_multipliers")
 JOB_OPTIONS = ("webhook_url",)  # fields about the job rather than the video
 MAX_URL_LENGTH = 2048
 MAX_IDEMPOTENCY_KEY = 255  # the column's size

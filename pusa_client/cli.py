@@ -28,7 +28,7 @@ EXIT = {"completed": 0, "failed": 1, "cancelled": 3}
 BAD_REQUEST, UNREACHABLE = 2, 4
 GENERATION_FIELDS = ("task", "prompt", "negative_prompt", "v2v_mode", "video_anchor", "positions", "multipliers",
                      "noise_multiplier", "steps", "guidance", "lora_alpha", "seed", "size", "seconds", "frames", "fps",
-                     "webhook_url")
+                     "window_frames", "extension_multipliers", "webhook_url")
 
 
 class BadInvocation(Exception):
@@ -71,7 +71,10 @@ def _generation() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16")
     parser.add_argument("--seconds", type=float, help="duration (frames = seconds x fps, rounded to 4k+1)")
-    parser.add_argument("--frames", type=int, help="4k+1 frames")
+    parser.add_argument("--frames", type=int, help="4k+1 frames; more than a window makes a long video")
+    parser.add_argument("--window-frames", type=int, help="frames of one window of a long video")
+    parser.add_argument("--extension-multipliers", type=_list(float),
+                        help="noise multipliers of the 4 latent frames each later window takes from the one before")
     parser.add_argument("--fps", type=int)
     parser.add_argument("--webhook-url", help="receives the job's ending (video.completed, ...)")
     parser.add_argument("--idempotency-key", help="a retried request with the same key returns the same job")
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", parents=[conn], help="save a completed job's video or thumbnail")
     download.add_argument("video_id")
     download.add_argument("--variant", choices=("video", "thumbnail"), default="video")
+    download.add_argument("--segment", type=int, help="a finished window of a long video (0 is the first)")
     download.add_argument("-o", "--output", type=Path, help="default: ID.mp4 (ID.webp for the thumbnail)")
     download.set_defaults(run=_download)
 
@@ -191,7 +195,7 @@ def _get(api: Api, args: argparse.Namespace) -> int:
 
 def _download(api: Api, args: argparse.Namespace) -> int:
     output = args.output or Path(f"{args.video_id}.{'mp4' if args.variant == 'video' else 'webp'}")
-    api.download(args.video_id, args.variant, output)
+    api.download(args.video_id, args.variant, output, args.segment)
     print(output)
     return 0
 

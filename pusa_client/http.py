@@ -125,9 +125,10 @@ class Api:
     def delete(self, video_id: str) -> dict:
         return self._json("DELETE", f"/v1/videos/{video_id}")
 
-    def download(self, video_id: str, variant: str, path: Path) -> None:
-        """Write a completed job's video or thumbnail to `path`."""
-        with self._stream("GET", f"/v1/videos/{video_id}/content", params={"variant": variant}) as response:
+    def download(self, video_id: str, variant: str, path: Path, segment: int | None = None) -> None:
+        """Write a completed job's video or thumbnail (or a finished window of a long video) to `path`."""
+        params = {"variant": variant} if segment is None else {"variant": variant, "segment": segment}
+        with self._stream("GET", f"/v1/videos/{video_id}/content", params=params) as response:
             with path.open("wb") as f:
                 for chunk in response.iter_bytes():
                     f.write(chunk)

@@ -1,5 +1,5 @@
 """Follow a job to its end on its event stream: a progress bar of its steps (step k of N) on stderr, the
-phase (queued, encoding, denoising, decoding) and retries beside it. A dropped connection is resumed
+phase (queued, encoding, denoising, decoding), the window of a long video and retries beside it. A dropped connection is resumed
 after the last event seen (``Last-Event-ID``), so no step is missed or counted twice."""
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ def show(bar: tqdm, event: dict) -> None:
     kind, data = event["event"], event["data"]
     if kind == "step":
         bar.total, bar.n = data["total"], data["step"]
-        bar.set_description("denoising", refresh=False)
+        window = f" window {data['segment'] + 1}" if "segment" in data else ""
+        bar.set_description(f"denoising{window}", refresh=False)
         bar.set_postfix_str("", refresh=False)
+    elif kind == "segment":
+        bar.set_postfix_str(f"window {data['segment'] + 1} of {data['segments']} done: {data['url']}", refresh=False)
     elif kind == "queued":
         bar.set_description(f"queued #{data['position']}" if data.get("position") else "queued", refresh=False)
     elif kind == "retry":

@@ -151,6 +151,22 @@ def test_extend_a_completed_video(t2v, tmp_path):
     assert is_mp4(tmp_path / "longer.mp4", 17)  # the preset's size unless --size says otherwise
 
 
+def test_a_long_video_from_an_upload_and_its_windows(service, tmp_path, monkeypatch):
+    (tmp_path / "start.png").write_bytes(image_bytes("PNG", seed=4))
+    monkeypatch.chdir(tmp_path)
+    res = pusa("submit", "--image", "start.png", "--prompt", "a long pan", "--steps", "1", "--size", "64x48",
+               "--frames", "25", "--extension-multipliers", "0,0.2,0.3,0.4", "--wait", "--json", "-o", "long.mp4")
+    assert res.returncode == 0, res.stderr
+    job = json.loads(res.stdout)
+    assert job["status"] == "completed" and "window 3 of 3 done" in res.stderr and "3/3" in res.stderr
+    assert is_mp4(tmp_path / "long.mp4", 25, (64, 48))  # 17 frames, then 4 more from each later window
+    saved = pusa("download", job["id"], "--segment", "1", "-o", "window.mp4")
+    assert saved.returncode == 0, saved.stderr
+    assert is_mp4(tmp_path / "window.mp4", 17, (64, 48))
+    missing = pusa("download", job["id"], "--segment", "3", "-o", "none.mp4")
+    assert missing.returncode == 2 and "segment" in error_line(missing)
+
+
 def test_list_pages(t2v):
     mine = [pusa("submit", "--prompt", f"list {i}", "--steps", "1", "--frames", "5").stdout.strip() for i in range(3)]
     first = pusa("list", "--limit", "2", "--json")
