@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import re
 import tempfile
 import time
@@ -32,6 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import InvalidRequest
 
 Source = str | Path | bytes
+
+# imageio-ffmpeg starts ffmpeg with `preexec_fn=os.setpgrp` unless told not to, which makes Python fork()
+# the whole process instead of vfork()ing: in a process with many threads (Ray's, gRPC's, torch's) the child
+# can hang or die before it runs ffmpeg (imageio-ffmpeg issue #58), seen as a "Broken pipe" with no ffmpeg
+# output. Its own switch turns that off; ffmpeg then shares this process's group (and its Ctrl-C).
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
 
 # ffmpeg log lines that say what went wrong, e.g. "[in#0 @ 0x55d0] moov atom not found".
 _FFMPEG_PROBLEM = re.compile(r"not found|invalid|error|partial|corrupt|unsupported|no such|matches no", re.I)

@@ -340,3 +340,11 @@ def test_probe_video_reports_gif_and_missing(tmp_path: Path) -> None:
     assert (info["width"], info["height"], info["frames"], info["codec"]) == (96, 32, NUM_FRAMES, "gif")
     with pytest.raises(InvalidRequest, match="file not found"):
         probe_video(tmp_path / "nope.mp4")
+
+
+def test_ffmpeg_is_started_without_a_python_preexec_fn():
+    """A preexec_fn makes Python fork() a process full of threads (Ray, gRPC, torch), whose child can die
+    before exec: ffmpeg then seems to close its input at once (a "Broken pipe" with no output)."""
+    from imageio_ffmpeg._utils import _popen_kwargs
+
+    assert _popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
