@@ -15,7 +15,7 @@ from ray.serve import Application
 from pusa_batch.run import BatchSettings
 from pusa_model.loras import LoraRegistry
 
-from .dit import DiT
+from .dit import DiT, WarmUpShape
 from .dit_group import DiTParallel
 from .admission import ApiSettings
 from .router import Router
@@ -40,6 +40,9 @@ class AppArgs(BaseModel):
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
     dit_parallel: DiTParallel = DiTParallel()
+    # request shapes, [{width, height, frames, guidance}], each DiT replica runs one step at before it reports
+    # healthy: compiled, it compiles for them then (or loads the node's compile cache), not in a user's request
+    dit_warmup: list[WarmUpShape] = []
     # LoRAs a request may fuse beside the Pusa LoRA, {name: {path, alpha, fast}} (pusa_model/loras.py); the
     # one with fast: true is what mode "fast" adds. lora_base: where the DiT keeps the base weights it
     # re-fuses from on a switch: disk (re-read from the checkpoint), cpu or device (a resident copy)
@@ -61,7 +64,8 @@ def build_app(args: dict) -> Application:
         TextEncoder.bind(preset=a.preset),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
-                 loras=a.loras.model_dump(), lora_base=a.lora_base),
+                 loras=a.loras.model_dump(), lora_base=a.lora_base,
+                 warmup=[shape.model_dump() for shape in a.dit_warmup]),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
         webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch,
     )

@@ -12,27 +12,50 @@ drives G worker actors, one per GPU of its placement group (`deployments.dit_gro
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
+from pusa_model.request import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
 from .devices import pick_device
 from .dit_group import DiTGroup, DiTParallel, run_step
 from .observability import gpu_kind, job_logging, metrics
 
+logger = logging.getLogger("ray.serve")
+
 
 def alpha_model_id(alpha: float) -> str:
     """The multiplexed model id of the Pusa LoRA alone at strength `alpha`."""
     return combination_id({PUSA: alpha})
+
+
+class WarmUpShape(BaseModel):
+    """A request shape a DiT replica runs one step at before it reports healthy (app arg ``dit_warmup``):
+    a compiled DiT compiles for it then, or loads its kernels from the node's compile cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    height: int = Field(ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    frames: int = Field(ge=1)
+    guidance: float = Field(default=5.0, ge=1.0)  # 1: the one-pass shape of the fast mode
+
+    @model_validator(mode="after")
+    def _frames_4k_plus_1(self) -> WarmUpShape:
+        if (self.frames - 1) % VAE_TEMPORAL:
+            raise ValueError(f"frames must be of the form 4k+1, got {self.frames}")
+        return self
 
 
 @serve.deployment(name="DiT")
@@ -43,14 +66,23 @@ class DiT:
     def __init__(
         self, preset: str = "tiny", device: str | None = None, options: dict | None = None,
         parallel: dict | None = None, loras: dict | None = None, lora_base: str = "disk",
+        warmup: list[dict] | None = None,
     ) -> None:
         layout = DiTParallel.model_validate(parallel or {})
         dit_options = DiTOptions(**(options or {}))
         registry = LoraRegistry.model_validate(loras or {})
-        self.group = DiTGroup(preset, options or {}, layout, registry.model_dump(), lora_base) if layout.size > 1 else None
-        if self.group is None:
+        shapes = [WarmUpShape.model_validate(shape).model_dump() for shape in warmup or []]
+        started = time.perf_counter()
+        if layout.size > 1:
+            self.group = DiTGroup(preset, options or {}, layout, registry.model_dump(), lora_base, shapes)
+        else:
+            self.group = None
             spec = get_preset(preset)
             self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), dit_options, registry, lora_base)
+            for shape in shapes:
+                self.stage.warm_up(**shape)
+        self.ready_s = time.perf_counter() - started  # loading and warm-up: what Serve waits for
+        logger.info("DiT ready in %.1f s (warm-up at %s)", self.ready_s, shapes or "no shape")
         self.steps_run = 0
         self.fuses = 0  # combinations fused on this replica (a request whose combination it held: none)
         # One forward at a time, also when Serve cancels a call whose thread still computes.
@@ -130,10 +162,10 @@ class DiT:
         often it was rebuilt."""
         if self.group is None:
             return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha,
-                    "loras": self.stage.loras, "fuses": self.fuses}
+                    "loras": self.stage.loras, "fuses": self.fuses, "ready_s": self.ready_s}
         loras = self.group.loras
         return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": (loras or {}).get(PUSA),
-                "loras": loras, "fuses": self.fuses, "parallel": self.group.layout.model_dump(),
+                "loras": loras, "fuses": self.fuses, "ready_s": self.ready_s, "parallel": self.group.layout.model_dump(),
                 "workers": await self.group.stats(), "rebuilds": self.group.rebuilds}
 
     def check_health(self) -> None:

@@ -148,6 +148,10 @@ class DiTWorker:
         if loras is not None:
             self.stage.set_loras(loras)
 
+    def warm_up(self, shape: dict) -> None:
+        """Collective: one step at `shape` (`DiTStage.warm_up`), every rank at once."""
+        self.stage.warm_up(**shape)
+
     def step(self, args: tuple) -> np.ndarray | None:
         out = run_step(self.stage, *args)
         self.steps_run += 1
@@ -167,7 +171,7 @@ class DiTGroup:
     ranks must enter collectives in the same order)."""
 
     def __init__(self, preset: str, options: dict, layout: DiTParallel, loras: dict | None = None,
-                 lora_base: str = "disk") -> None:
+                 lora_base: str = "disk", warmup: list[dict] | None = None) -> None:
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) != layout.size:
             found = "none" if pg is None else f"{len(pg.bundle_specs)} bundles"
@@ -178,6 +182,7 @@ class DiTGroup:
             )
         self.preset, self.options, self.layout = preset, options, layout
         self.lora_registry, self.lora_base = loras or {}, lora_base
+        self.warmup = warmup or []  # shapes every (re)built group runs one step at before it takes calls
         self._pg: PlacementGroup = pg
         self._taken = {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
         self._workers: list = []
@@ -207,6 +212,8 @@ class DiTGroup:
                 w.join.remote(address, self.layout.cfg, self.layout.ulysses, self.options, self.loras)
                 for w in workers
             ])
+            for shape in self.warmup:
+                ray.get([w.warm_up.remote(shape) for w in workers])
         except BaseException:
             self._kill(workers)
             raise

@@ -15,7 +15,10 @@ from diffusers import WanTransformer3DModel
 from .errors import InvalidRequest
 from .lora import LoraFuser, LoraStack
 from .loras import PUSA
+from .request import VAE_SPATIAL, VAE_TEMPORAL
 from .sampler import Guide, denoise_step, guided_velocity
+from .schedule import flow_sigmas
+from .text import MAX_SEQUENCE_LENGTH
 from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame
 
 
@@ -75,6 +78,15 @@ class DiTStage:
         text = text.to(self.device, self.dtype)
         out = forward_per_frame(self.transformer, x, timesteps.to(self.device), text, self._block_fn)
         return out.float()
+
+    def warm_up(self, width: int, height: int, frames: int, guidance: float = 5.0) -> None:
+        """One step on zero inputs at a request's shapes: a compiled DiT compiles for them (or loads the
+        kernels from its compile cache) now rather than in a user's first step."""
+        latent_frames = (frames - 1) // VAE_TEMPORAL + 1
+        config = self.transformer.config
+        x = torch.zeros(1, config.in_channels, latent_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
+        text = torch.zeros(1, MAX_SEQUENCE_LENGTH, config.text_dim)
+        self.step(x, 0, flow_sigmas(2), torch.ones(latent_frames), text, text if guidance != 1.0 else None, guidance)
 
     @torch.no_grad()
     def step(

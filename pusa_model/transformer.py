@@ -16,6 +16,7 @@ traced once and reused by every block.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models import attention_dispatch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
 
+from .presets import default_cache_dir
 from .quantize import QUANTIZE_MODES, enable_sage, model_sage_blocker, quantize_blocks
 
 logger = logging.getLogger(__name__)
@@ -264,4 +266,17 @@ def apply_options(model: WanTransformer3DModel, options: DiTOptions) -> BlockFn:
         "DiT: attention %s, fused QKV %s, GEMMs %s, compiled %s",
         backend, options.fuse_qkv, quantized, options.compile,
     )
-    return compile_block_forward() if options.compile else block_forward
+    if not options.compile:
+        return block_forward
+    use_compile_cache()
+    return compile_block_forward()
+
+
+def use_compile_cache() -> None:
+    """Keep what torch.compile makes (Inductor's FX graph and AOTAutograd caches, Triton's kernels) in the
+    node-local cache folder, ``PUSA_CACHE_DIR/compile``, beside the checkpoints: a restarted process
+    loads its kernels instead of compiling them again. (Inductor reads the folder from the environment
+    when it compiles; importing some libraries already fills in its default, so this sets it.)"""
+    folder = default_cache_dir() / "compile"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
