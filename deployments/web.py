@@ -1,7 +1,8 @@
 """The web page at ``/`` (static files in ``deployments/web``, no build step) and the route its heat map
 draws from: ``POST /v1/videos/plan``, a create request's plan (the per-step, per-latent-frame timesteps
 `plan_request` computes, as ``pusa generate --dry-run`` prints it), checked as a create is checked but
-making no job.
+making no job; and ``GET /v1/loras``, the deployment's LoRA registry (names, default alphas, the fast one)
+for the page's LoRA picker.
 
 The page uses the public API only, so it works in front of any deployment. `WebRoutes` is a mixin of
 the Router (Serve routes the methods of its bases); `web_routes` holds its routes for the Router's app
@@ -47,6 +48,13 @@ class PlanConditioning(BaseModel):
     image_index: int | None
 
 
+class PlanWindow(BaseModel):
+    frames: int
+    new_frames: int = Field(description="frames it adds to the video (a later window's first ones are the overlap)")
+    seed: int
+    conditioning: list[PlanConditioning]
+
+
 class VideoPlan(BaseModel):
     """``POST /v1/videos/plan``: what a create with the same body would run, as ``pusa generate --dry-run``
     prints it. ``seed`` is the request's, else one drawn for this plan only."""
@@ -69,6 +77,23 @@ class VideoPlan(BaseModel):
     video_frames_needed: int
     steps: list[PlanStep]
     cost_gpu_s: float = Field(description="the estimate a create would be admitted and charged with")
+    window_frames: int | None = Field(default=None, description="a long video's window length (only then)")
+    windows: list[PlanWindow] | None = Field(
+        default=None, description="a long video's windows, in order; the fields above (but frames) are the first's")
+
+
+class LoraInfo(BaseModel):
+    object: Literal["lora"]
+    name: str = Field(description="what a request's loras[i].name names")
+    alpha: float = Field(description="its strength when the request gives none")
+    fast: bool = Field(description="the LoRA that mode 'fast' adds")
+
+
+class LoraList(BaseModel):
+    """``GET /v1/loras``: the LoRAs of this deployment's registry, fused beside the Pusa LoRA on request."""
+
+    object: Literal["list"]
+    data: list[LoraInfo]
 
 
 def web_files() -> StaticFiles:
@@ -110,3 +135,11 @@ class WebRoutes:
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from None
         return {"object": "video.plan", **plan.describe(), "cost_gpu_s": round(cost, 3)}
+
+    @web_routes.get("/v1/loras", response_model=None, responses=responses(LoraList, 503))
+    async def list_loras(self, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> dict:
+        """The LoRAs a request may name in ``loras`` (and the one ``mode: "fast"`` adds), with their
+        default alphas; their files are the deployment's business and are not listed."""
+        await self.admission.caller(credentials)
+        return {"object": "list", "data": [{"object": "lora", "name": name, "alpha": entry.alpha, "fast": entry.fast}
+                                           for name, entry in self.loras.root.items()]}
