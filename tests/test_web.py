@@ -6,8 +6,10 @@ Covered: the key field (kept in localStorage, sent as a bearer token, media fetc
 defaults from the OpenAPI schema; the i2v tab with an upload placed on the latent strip, its heat map the
 plan endpoint's, the progress of every step, the video playing; extending the result; cancelling a slow
 job while its steps advance; the multi-frames tab with two images clicked and dragged to positions; a 400
-shown next to the field it names, then a text-to-video job; video-to-video from the gallery; the gallery's pages. Each tab's
-screenshot goes to docs/web-<tab>.png.
+shown next to the field it names, then a text-to-video job; video-to-video from the gallery; the gallery's pages; a
+long video of three windows, each window listed with its MP4 as it is done; fast mode and the LoRA picker (the
+service's registry, `GET /v1/loras`, holds a random tiny distill LoRA as "distill", the fast one, and the same file as
+"style"), a repeated LoRA's 400 by the picker. Each tab's screenshot goes to docs/web-<tab>.png.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from diffusers import WanTransformer3DModel
+from safetensors.torch import save_file
 from videoapi import image_bytes
 
 from deployments.api_keys import KeyStore
 from deployments.db import open_database
 from deployments.job_store import JobStore
+from pusa_model.presets import build_tiny_distill_lora_state_dict
 from serving import running_service
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -38,13 +43,17 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory):
+def service(tmp_path_factory, tiny_folder):
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.fail("Debian's chromium and chromium-driver are missing: run scripts/install.sh")
     folder = tmp_path_factory.mktemp("web")
     database = f"sqlite:///{folder / 'jobs.db'}"
     api = {"auth": "keys", "cost": {"max_gpu_seconds": 100}}
-    with running_service(str(folder / "store"), api=api, database=database) as url:
+    lora = folder / "distill.safetensors"
+    save_file(build_tiny_distill_lora_state_dict(WanTransformer3DModel.from_pretrained(tiny_folder / "transformer")),
+              str(lora))
+    loras = {"distill": {"path": str(lora), "alpha": 1.0, "fast": True}, "style": {"path": str(lora), "alpha": 0.5}}
+    with running_service(str(folder / "store"), api=api, database=database, args={"loras": loras}) as url:
         _, key = KeyStore(open_database(database)).create("browser", "user")
         yield SimpleNamespace(url=url, key=key, jobs=JobStore(open_database(database)),
                               headers={"Authorization": f"Bearer {key}"})
@@ -226,6 +235,13 @@ def test_key_field_and_schema_ranges(browser, service):
     assert [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#f-v2v_mode option")] == \
         schema["v2v_mode"]["enum"]
     assert css(browser, "#f-frames").get_attribute("placeholder").startswith("17")  # the tiny preset's, from a plan
+    frames, window = (schema[name]["anyOf"][0] for name in ("frames", "window_frames"))
+    assert int(css(browser, "#f-frames").get_attribute("max")) == frames["maximum"] > 17  # beyond one window
+    control = css(browser, "#f-window_frames")
+    assert (int(control.get_attribute("min")), int(control.get_attribute("max"))) == (window["minimum"], window["maximum"])
+    overlap = schema["extension_multipliers"]["anyOf"][0]["items"]
+    assert [(float(e.get_attribute("min")), float(e.get_attribute("max")))
+            for e in browser.find_elements(By.CSS_SELECTOR, ".ext-mult")] == [(overlap["minimum"], overlap["maximum"])] * 4
     # every field of the schema has a control (a field without one of its own gets a generic one)
     own = {"task", "images", "input_reference", "video", "positions", "multipliers", "width", "height"}
     missing = [name for name in schema if name not in own and not browser.find_elements(
@@ -396,6 +412,87 @@ def test_video_to_video_from_the_gallery_and_its_pages(browser, service):
     assert css(browser, "#gallery-older").get_attribute("disabled")
     css(browser, "#gallery-newer").click()
     wait(browser, lambda d: gallery(d) == [job["id"], *ids[:3]], 20, "the first page again")
+
+
+def test_a_long_video_window_by_window(browser, service):
+    open_tab(browser, "t2v")
+    set_value(browser, "#f-prompt", "a train crosses a bridge")
+    set_value(browser, "#f-steps", 2)
+    set_value(browser, "#f-frames", 25)  # windows of 17 frames on the tiny preset: 17, then 4 and 4 new ones
+    windows = lambda d: css(d, "#plan-windows").get_attribute("data-windows")  # noqa: E731
+    wait(browser, lambda d: windows(d) == "3", 20, "three windows planned")
+    assert [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#plan-windows .window")] == \
+        ["window 1: 17 frames", "2: +4", "3: +4"]
+    assert "25 frames in 3 windows of 17" in css(browser, "#plan-summary").text
+    overlap = browser.find_elements(By.CSS_SELECTOR, ".ext-mult")
+    assert [e.get_attribute("placeholder") for e in overlap] == ["0", "0.3", "0.4", "0.5"]  # the plan's defaults
+    set_value(browser, "#f-window_frames", 21)
+    wait(browser, lambda d: windows(d) == "2", 20, "two windows of 21 frames")
+    set_value(browser, "#f-window_frames", "")
+    wait(browser, lambda d: windows(d) == "3", 20, "three windows again")
+    overlap[1].send_keys("0.6")  # the others at their defaults
+
+    job = submit_and_wait(browser, service, timeout=120)
+    request = service.jobs.get(job["id"]).request
+    assert job["pusa"]["frames"] == 25 and request["extension_multipliers"] == [0, 0.6, 0.4, 0.5]
+    steps = [li.text.split(" (")[0] for li in browser.find_elements(By.CSS_SELECTOR, '#job-log li[data-type="step"]')]
+    assert steps == [f"window {k // 2 + 1} of 3 · step {k + 1} of 6" for k in range(6)]
+    assert css(browser, "#job-step").text.startswith("window 3 of 3 · step 6 of 6 · ETA")
+    wait(browser, lambda d: js(d, "return [...document.querySelectorAll('#job-windows video')].filter(v => v.readyState >= 1"
+                                  " && v.duration > 0 && v.src.startsWith('blob:')).length") == 3, 20, "three window videos")
+    entries = browser.find_elements(By.CSS_SELECTOR, "#job-windows li")
+    assert [e.find_element(By.TAG_NAME, "span").text for e in entries] == \
+        [f"window {i} of 3 · 17 frames" for i in (1, 2, 3)]
+    longest_window = max(js(browser, "return [...document.querySelectorAll('#job-windows video')].map(v => v.duration)"))
+    assert plays(browser, job["id"]) > longest_window  # the stitched video, longer than any window
+
+
+def test_fast_mode_and_the_lora_picker(browser, service):
+    open_tab(browser, "t2v")
+    set_value(browser, "#f-frames", "")
+    set_value(browser, "#f-steps", 3)
+    wait_plan(browser, "t2v", 3)
+    assert css(browser, "#lora-box").is_displayed()
+    assert css(browser, '.field[data-param="mode"] .hint').text.endswith("the fast LoRA here: distill")
+    css(browser, "#f-mode").click()
+    wait_plan(browser, "t2v", 4)  # fast: the API's 4 steps at guidance 1, with the registry's fast LoRA
+    assert css(browser, "#f-steps").get_attribute("value") == "" and css(browser, "#f-guidance").get_attribute("value") == ""
+    assert css(browser, "#f-steps").get_attribute("placeholder") == "4 (fast mode)"
+    wait(browser, lambda d: "4 steps × 1 passes, fast, LoRAs distill 1," in css(d, "#plan-summary").text, 20, "fast's plan")
+
+    css(browser, "#add-lora").click()
+    css(browser, "#add-lora").click()  # the first registry name not chosen yet: distill, then style
+    selects = browser.find_elements(By.CSS_SELECTOR, "#lora-list select")
+    assert [s.get_attribute("value") for s in selects] == ["distill", "style"]
+    assert [o.text for o in selects[0].find_elements(By.TAG_NAME, "option")] == ["distill (fast)", "style"]
+    alphas = browser.find_elements(By.CSS_SELECTOR, "#lora-list input.alpha")
+    assert [a.get_attribute("placeholder") for a in alphas] == ["1 (default)", "0.5 (default)"]
+    alphas[1].send_keys("0.7")
+    wait(browser, lambda d: "LoRAs distill 1, style 0.7," in css(d, "#plan-summary").text, 20, "both LoRAs planned")
+    selects[1].find_element(By.CSS_SELECTOR, "option[value='distill']").click()  # distill twice: a 400 by the picker
+    wait(browser, lambda d: "listed twice" in field_error(d, "loras"), 20, "the 400 at loras")
+    assert "invalid" in css(browser, '.field[data-param="loras"]').get_attribute("class")
+    browser.find_elements(By.CSS_SELECTOR, "#lora-list li button")[1].click()
+    wait(browser, lambda d: field_error(d, "loras") == "", 20, "the error cleared")
+
+    job = submit_and_wait(browser, service)
+    request = service.jobs.get(job["id"]).request
+    assert request["mode"] == "fast" and request["steps"] == 4 and request["guidance"] == 1.0
+    assert request["loras"] == [{"name": "distill", "alpha": 1.0}] and plays(browser, job["id"]) > 0
+    css(browser, "#f-mode").click()  # off: steps and guidance come back
+    assert css(browser, "#f-steps").get_attribute("value") == "3"
+    wait_plan(browser, "t2v", 3)
+
+
+def test_v1_loras_lists_the_registry_without_its_files(service):
+    listed = httpx.get(f"{service.url}/v1/loras", headers=service.headers, timeout=30)
+    assert listed.status_code == 200 and listed.json() == {"object": "list", "data": [
+        {"object": "lora", "name": "distill", "alpha": 1.0, "fast": True},
+        {"object": "lora", "name": "style", "alpha": 0.5, "fast": False}]}
+    assert httpx.get(f"{service.url}/v1/loras", timeout=30).status_code == 401
+    spec = httpx.get(f"{service.url}/openapi.json", timeout=30).json()["paths"]["/v1/loras"]["get"]
+    ok = spec["responses"]["200"]["content"]["application/json"]["schema"]
+    assert "401" in spec["responses"] and ok.get("$ref", "").endswith("/LoraList")
 
 
 def test_the_plan_is_checked_as_a_create_and_makes_no_job(service):

@@ -1,5 +1,5 @@
 // The Pusa web page: four tabs over one form, the plan's heat map, a job's live progress, its result and
-// the caller's gallery. Public API only: /health, /openapi.json and /v1/videos*. Every field's range and
+// the caller's gallery. Public API only: /health, /openapi.json, /v1/loras and /v1/videos*. Every field's range and
 // default comes from the OpenAPI schema of POST /v1/videos (the API's own validation), every error is
 // shown next to the field the API's 400 names (`error.param`).
 
@@ -24,8 +24,12 @@ const state = {
   planAbort: null,
   planTimer: null,
   touched: false, // the plan's errors show once the user has changed something
-  job: null, // {id, abort, lastEventId, retries, total}
+  job: null, // {id, abort, lastEventId, retries, step, total, steps (a window's), segment, windows}
   resultUrls: [],
+  windowUrls: [], // the finished windows of a long video, as blob URLs
+  loras: [], // the deployment's LoRA registry: [{name, alpha, fast}], from GET /v1/loras
+  loraRows: [], // the picker's choices: [{name, alpha}] (alpha "" for the registry's default)
+  extensionDefaults: null, // the overlap's noise multipliers when left out, from a long video's plan
   gallery: { cursors: [null], lastId: null, urls: [] },
 };
 
@@ -132,6 +136,16 @@ function applySchema(spec) {
     if (el.tagName === "SELECT") {
       el.replaceChildren(...[...(s.default == null ? [""] : []), ...s.enum].map((value) => new Option(value, value)));
       el.value = s.default ?? s.enum[0];
+    } else if (el.type === "checkbox") {
+      // sends its own value (one of the enum's) when checked, nothing (the default) when not
+    } else if (!["INPUT", "TEXTAREA"].includes(el.tagName)) {
+      // a group of controls for a list: its number inputs take the range of the list's items
+      const item = s.items || {};
+      for (const input of el.querySelectorAll("input[type=number]")) {
+        if (item.minimum != null) input.min = item.minimum;
+        if (item.maximum != null) input.max = item.maximum;
+        input.step = "any";
+      }
     } else {
       if (s.type === "integer" || s.type === "number") {
         if (s.minimum != null) el.min = s.minimum;
@@ -192,13 +206,15 @@ function setTask(task) {
   schedulePlan();
 }
 
-/** Latent frames of the current form (the plan's number once it has one). */
+/** Latent frames of the current form (of its first window when it is a long video). */
 function latentFrames() {
   const fps = Number(form.elements.fps.value) || 25;
   let frames = Number(form.elements.frames.value);
   const seconds = Number(form.elements.seconds.value);
   if (!frames && seconds > 0) frames = 4 * Math.max(0, Math.round((seconds * fps) / 4)) + 1;
   if (!frames) frames = state.defaults?.frames || 1;
+  const windowFrames = Number(form.elements.window_frames.value) || state.defaults?.frames || frames;
+  frames = Math.min(frames, windowFrames); // positions are in the first window
   return Math.max(1, Math.floor((frames - 1) / 4) + 1);
 }
 
@@ -366,6 +382,71 @@ function renderMedia() {
   $("#position-list").replaceChildren(...rows);
 }
 
+/** The LoRA picker: one row per chosen LoRA, a name of the registry and an alpha (empty: its default). */
+function renderLoras() {
+  const alphaRange = variant(state.schema.loras?.items?.properties?.alpha || {});
+  const rows = state.loraRows.map((row, i) => {
+    const li = document.createElement("li");
+    const select = document.createElement("select");
+    select.append(...state.loras.map((l) => new Option(l.fast ? `${l.name} (fast)` : l.name, l.name)));
+    select.value = row.name;
+    select.setAttribute("aria-label", `LoRA ${i + 1}`);
+    const alpha = document.createElement("input");
+    Object.assign(alpha, { type: "number", step: "any", value: row.alpha, className: "alpha",
+                           min: alphaRange.minimum ?? 0, max: alphaRange.maximum ?? 5 });
+    alpha.setAttribute("aria-label", `alpha of LoRA ${i + 1}`);
+    const showDefault = () => {
+      alpha.placeholder = `${state.loras.find((l) => l.name === row.name)?.alpha ?? ""} (default)`;
+    };
+    showDefault();
+    select.addEventListener("change", () => {
+      row.name = select.value;
+      showDefault();
+      schedulePlan();
+    });
+    alpha.addEventListener("input", () => { row.alpha = alpha.value.trim(); });
+    li.append(select, alpha, button("✕", `remove LoRA ${i + 1}`, () => {
+      state.loraRows.splice(i, 1);
+      renderLoras();
+      schedulePlan();
+    }));
+    return li;
+  });
+  $("#lora-list").replaceChildren(...rows);
+  $("#add-lora").disabled = state.loraRows.length >= (state.schema.loras?.maxItems ?? 4);
+}
+
+/** GET /v1/loras: the picker's names; no picker when the registry is empty (or the route is missing). */
+async function loadLoras() {
+  try {
+    state.loras = (await getJSON("v1/loras")).data;
+  } catch (error) {
+    state.loras = [];
+    if (!(error instanceof ApiError && error.status === 404)) showError(error);
+  }
+  $("#lora-box").hidden = state.loras.length === 0;
+  const fast = state.loras.find((l) => l.fast);
+  const hint = $('.field[data-param="mode"] .hint');
+  hint.dataset.description ??= hint.textContent; // the schema's
+  hint.textContent = `${hint.dataset.description} · ${fast ? `the fast LoRA here: ${fast.name}` : "no fast LoRA here"}`;
+  state.loraRows = state.loraRows.filter((row) => state.loras.some((l) => l.name === row.name));
+  renderLoras();
+}
+
+/** Fast mode leaves steps and guidance to the API (4 and 1) unless the user sets them; off again, they come back. */
+function setFast(on) {
+  for (const el of [form.elements.steps, form.elements.guidance]) {
+    if (on) {
+      el.dataset.standard = el.value;
+      el.value = "";
+      el.placeholder = "set by fast mode";
+    } else {
+      if (el.value === "") el.value = el.dataset.standard ?? "";
+      el.placeholder = "";
+    }
+  }
+}
+
 function button(text, label, onClick) {
   const b = document.createElement("button");
   b.type = "button";
@@ -377,15 +458,31 @@ function button(text, label, onClick) {
 
 // -- requests --------------------------------------------------------------------------------------
 
+/** Whether a named control of the form sends nothing: hidden, empty or unchecked. */
+function unset(el) {
+  return isHidden(el) || el.value.trim() === "" || (el.type === "checkbox" && !el.checked);
+}
+
+/** The fields of the controls that have no name: the LoRA picker's list and the overlap's multipliers. */
+function appendLists(body) {
+  const loras = state.loraRows.map((row) => (row.alpha === "" ? { name: row.name } : { name: row.name, alpha: row.alpha }));
+  if (loras.length && !isHidden($("#lora-box"))) body.append("loras", JSON.stringify(loras));
+  const overlap = [...form.querySelectorAll(".ext-mult")].map((el) => el.value.trim());
+  if (overlap.some((v) => v !== "")) { // the ones left empty at their defaults, when a plan told them
+    body.append("extension_multipliers", overlap.map((v, i) => v || (state.extensionDefaults?.[i] ?? "")).join(","));
+  }
+}
+
 /** The form as the multipart body of POST /v1/videos for the current tab. */
 function requestBody() {
   const body = new FormData();
   const task = state.task;
   body.append("task", task);
   for (const el of form.querySelectorAll("[name]")) {
-    if (el.name === "positions_unit" || isHidden(el) || el.value.trim() === "") continue;
+    if (el.name === "positions_unit" || unset(el)) continue;
     body.append(el.name, el.value.trim());
   }
+  appendLists(body);
   const list = items();
   if (task === "i2v" && list[0].file) body.append("input_reference", list[0].file, list[0].file.name);
   if (task === "multi_frame") for (const it of list) body.append("images", it.file, it.file.name);
@@ -423,8 +520,18 @@ async function refreshPlan() {
     drawHeatmap(canvas, plan);
     canvas.classList.remove("stale");
     canvas.dataset.task = plan.task;
-    $("#plan-summary").textContent = `${plan.width}×${plan.height}, ${plan.frames} frames (${plan.latent_frames} latent), ` +
-      `${plan.steps.length} steps × ${plan.cfg_passes_per_step} passes, about ${plan.cost_gpu_s} GPU-s`;
+    const length = plan.windows
+      ? `${plan.frames} frames in ${plan.windows.length} windows of ${plan.window_frames} (${plan.latent_frames} latent), ` +
+        `${plan.steps.length} steps each`
+      : `${plan.frames} frames (${plan.latent_frames} latent), ${plan.steps.length} steps`;
+    const loras = plan.loras.map((l) => `${l.name} ${l.alpha}`).join(", ");
+    $("#plan-summary").textContent = `${plan.width}×${plan.height}, ${length} × ${plan.cfg_passes_per_step} passes` +
+      `${plan.mode === "fast" ? ", fast" : ""}${loras ? `, LoRAs ${loras}` : ""}, about ${plan.cost_gpu_s} GPU-s`;
+    if (plan.mode === "fast") {
+      if (form.elements.steps.value === "") form.elements.steps.placeholder = `${plan.steps.length} (fast mode)`;
+      if (form.elements.guidance.value === "") form.elements.guidance.placeholder = `${plan.guidance} (fast mode)`;
+    }
+    showWindows(plan);
     showPlanned();
     return plan;
   } catch (error) {
@@ -433,6 +540,28 @@ async function refreshPlan() {
     canvas.classList.add("stale");
     if (state.touched || !(error instanceof ApiError)) showError(error); // not before the user did anything
     throw error;
+  }
+}
+
+/** A long video's windows under the heat map (which shows the first one's steps), as wide as the frames each adds. */
+function showWindows(plan) {
+  const box = $("#plan-windows");
+  const windows = plan.windows || [];
+  box.hidden = windows.length === 0;
+  box.dataset.windows = String(windows.length || 1);
+  box.replaceChildren(...windows.map((w, i) => {
+    const div = document.createElement("div");
+    div.className = "window";
+    div.style.flexGrow = String(w.new_frames);
+    div.textContent = i ? `${i + 1}: +${w.new_frames}` : `window 1: ${w.frames} frames`;
+    div.title = `window ${i + 1} of ${windows.length}: ${w.frames} frames, ${w.new_frames} new, seed ${w.seed}`;
+    return div;
+  }));
+  const overlap = [...form.querySelectorAll(".ext-mult")];
+  if (windows.length > 1 && overlap.every((el) => el.value.trim() === "")) {
+    state.extensionDefaults = [...windows[1].conditioning].sort((a, b) => a.latent_index - b.latent_index)
+      .map((c) => c.multiplier);
+    overlap.forEach((el, i) => { el.placeholder = `${state.extensionDefaults[i] ?? ""}`; });
   }
 }
 
@@ -454,8 +583,12 @@ function showStatus(status) {
   $("#cancel").disabled = TERMINAL.has(status);
 }
 
+function windowOf(job) {
+  return job.segment == null ? "" : `window ${job.segment + 1} of ${job.windows} · `;
+}
+
 function stepLine(job) {
-  const parts = [`step ${job.step} of ${job.total}`];
+  const parts = [`${windowOf(job)}step ${job.step} of ${job.total}`];
   if (job.eta != null) parts.push(`ETA ${job.eta.toFixed(1)} s`);
   parts.push(`retries ${job.retries}`);
   return parts.join(" · ");
@@ -473,10 +606,11 @@ function onEvent(job, event) {
       logLine("encoding", "encoding the prompt and the inputs");
       break;
     case "step":
-      Object.assign(job, { step: event.step, total: event.total, eta: event.eta_s });
+      Object.assign(job, { step: event.step, total: event.total, eta: event.eta_s, segment: event.segment ?? null });
+      if (event.segment != null) job.windows = Math.max(1, Math.round(event.total / (job.steps || event.total)));
       $("#job-progress").value = Math.round((100 * event.step) / event.total);
       $("#job-step").textContent = stepLine(job);
-      logLine("step", `step ${event.step} of ${event.total} (${event.elapsed_s} s)`);
+      logLine("step", `${windowOf(job)}step ${event.step} of ${event.total} (${event.elapsed_s} s)`);
       showStatus("in_progress");
       break;
     case "retry":
@@ -487,8 +621,13 @@ function onEvent(job, event) {
     case "released":
       logLine("released", `handed to another runner${event.step != null ? ` after step ${event.step}` : ""}`);
       break;
+    case "segment":
+      job.windows = event.segments;
+      logLine("segment", `window ${event.segment + 1} of ${event.segments} done: ${event.frames} frames`);
+      showWindow(job, event);
+      break;
     case "decoding":
-      logLine("decoding", "decoding the video");
+      logLine("decoding", job.windows ? "joining the windows" : "decoding the video");
       break;
     case "completed":
       logLine("completed", "completed");
@@ -504,15 +643,43 @@ function onEvent(job, event) {
   }
 }
 
+/** A finished window of a long video: a player and a link of its MP4 (fetched with the key). */
+async function showWindow(job, event) {
+  const li = document.createElement("li");
+  li.dataset.segment = String(event.segment);
+  const title = document.createElement("span");
+  title.textContent = `window ${event.segment + 1} of ${event.segments} · ${event.frames} frames`;
+  li.append(title);
+  $("#job-windows").append(li);
+  try {
+    const url = await blobUrl(`v1/videos/${job.id}/content?segment=${event.segment}`, job.abort.signal);
+    if (state.job !== job) return URL.revokeObjectURL(url);
+    state.windowUrls.push(url);
+    const player = document.createElement("video");
+    Object.assign(player, { src: url, controls: true, muted: true, loop: true, playsInline: true });
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `${job.id}-window-${event.segment}.mp4`;
+    link.textContent = "MP4";
+    li.append(player, link);
+  } catch (error) {
+    if (!job.abort.signal.aborted) showError(error, $('[data-param="extend"]'));
+  }
+}
+
 /** Show the job and follow its events until it ends, resuming a dropped stream from Last-Event-ID. */
 async function follow(video) {
   state.job?.abort.abort();
   const job = (state.job = { id: video.id, abort: new AbortController(), lastEventId: null, retries: 0,
-                             step: 0, total: video.pusa?.steps ?? 0, eta: null });
+                             step: 0, total: video.pusa?.steps ?? 0, steps: video.pusa?.steps, eta: null,
+                             segment: null, windows: null });
   $("#job").hidden = false;
   $("#result").hidden = true;
   $("#job-id").textContent = video.id;
   $("#job-log").replaceChildren();
+  $("#job-windows").replaceChildren();
+  for (const url of state.windowUrls) URL.revokeObjectURL(url);
+  state.windowUrls = [];
   $("#job-progress").value = video.progress ?? 0;
   $("#job-step").textContent = job.total ? `step 0 of ${job.total}` : "";
   clearErrors($("#job"));
@@ -588,9 +755,10 @@ async function extendJob() {
   body.append("video", source);
   body.append("prompt", $("#extend-prompt").value.trim() || form.elements.prompt.value.trim());
   for (const el of form.querySelectorAll("[name]")) { // the fields every tab has: sampling, size, length
-    if (el.name === "prompt" || el.closest("[data-tasks]") || el.value.trim() === "") continue;
+    if (el.name === "prompt" || el.closest("[data-tasks]") || unset(el)) continue;
     body.append(el.name, el.value.trim());
   }
+  appendLists(body);
   try {
     const video = await getJSON("v1/videos/extensions", { method: "POST", body });
     await follow(video);
@@ -662,6 +830,7 @@ async function connect() {
     showError(error);
     return;
   }
+  await loadLoras();
   renderMedia();
   schedulePlan();
   loadGallery().catch(showError);
@@ -673,7 +842,7 @@ async function start() {
   form.addEventListener("input", (event) => {
     if (event.target.closest("#job")) return; // the job panel sits in the form's last column
     state.touched = true;
-    if (["frames", "seconds", "fps"].includes(event.target.name)) renderMedia();
+    if (["frames", "seconds", "fps", "window_frames"].includes(event.target.name)) renderMedia();
     if (event.target.type !== "file") schedulePlan();
   });
   form.addEventListener("change", (event) => {
@@ -683,6 +852,8 @@ async function start() {
       event.target.value = "";
     } else if (event.target.id === "f-video" || event.target.id === "f-positions_unit") {
       schedulePlan();
+    } else if (event.target.id === "f-mode") {
+      setFast(event.target.checked);
     }
   });
   form.addEventListener("submit", async (event) => {
@@ -709,6 +880,12 @@ async function start() {
     const cell = cellAt($("#heatmap"), event);
     $("#heatmap-tip").textContent = cell
       ? `step ${cell.step + 1}, latent frame ${cell.frame} (pixel ${pixelFrame(cell.frame)}): timestep ${cell.timestep}` : "";
+  });
+  $("#add-lora").addEventListener("click", () => {
+    const free = state.loras.find((l) => !state.loraRows.some((row) => row.name === l.name)) || state.loras[0];
+    state.loraRows.push({ name: free.name, alpha: "" });
+    renderLoras();
+    schedulePlan();
   });
   $("#cancel").addEventListener("click", cancelJob);
   $("#extend").addEventListener("click", extendJob);
