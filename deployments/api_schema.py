@@ -51,6 +51,7 @@ class PusaView(BaseModel):
     task: str | None
     seed: int | None
     steps: int | None
+    windows: int = Field(description="windows of a long video (1: one window); it runs steps x windows steps")
     frames: int
     fps: int
     queue_position: int | None

@@ -46,7 +46,7 @@ def job_plan(plan: GenerationPlan, cost_gpu_s: float | None = None) -> dict:
     """The plan fields a job record keeps (sizes, seed, steps, the cost estimate) for views and for
     rebuilding the plan."""
     return {"width": plan.width, "height": plan.height, "frames": plan.frames, "fps": plan.request.fps,
-            "seed": plan.seed, "steps": plan.request.steps, "task": plan.request.task,
+            "seed": plan.seed, "steps": plan.request.steps, "windows": len(plan.windows), "task": plan.request.task,
             "latent_frames": plan.latent_frames, "cost_gpu_s": cost_gpu_s}
 
 
@@ -115,6 +115,7 @@ class Job(BaseModel):
                 "task": self.request.get("task"),
                 "seed": plan.get("seed"),
                 "steps": plan.get("steps"),
+                "windows": plan.get("windows", 1),  # a long video's chain of windows: steps x windows in all
                 "frames": plan["frames"],
                 "fps": plan["fps"],
                 "queue_position": queue_position,

@@ -38,7 +38,7 @@ def watch(api: Api, video_id: str) -> dict:
     """Show the job's progress until it ends; return its final object."""
     job = api.get(video_id)
     last_id, failures = None, 0
-    with tqdm(total=job["pusa"]["steps"], unit="step", desc=job["status"]) as bar:
+    with tqdm(total=job["pusa"]["steps"] * job["pusa"].get("windows", 1), unit="step", desc=job["status"]) as bar:
         while True:
             try:
                 for event in api.events(video_id, last_id):

@@ -158,7 +158,8 @@ def test_a_long_video_from_an_upload_and_its_windows(service, tmp_path, monkeypa
                "--frames", "25", "--extension-multipliers", "0,0.2,0.3,0.4", "--wait", "--json", "-o", "long.mp4")
     assert res.returncode == 0, res.stderr
     job = json.loads(res.stdout)
-    assert job["status"] == "completed" and "window 3 of 3 done" in res.stderr and "3/3" in res.stderr
+    assert job["status"] == "completed" and job["pusa"]["windows"] == 3 and job["pusa"]["frames"] == 25
+    assert "window 3 of 3 done" in res.stderr and "3/3" in res.stderr
     assert is_mp4(tmp_path / "long.mp4", 25, (64, 48))  # 17 frames, then 4 more from each later window
     saved = pusa("download", job["id"], "--segment", "1", "-o", "window.mp4")
     assert saved.returncode == 0, saved.stderr

@@ -50,7 +50,7 @@ def test_to_openai_completed(frames: int, fps: int, seconds: str) -> None:
     assert (video.created_at, video.completed_at) == (int(T0), int(T0) + 99)
     assert (video.size, video.model) == ("1280x720", "pusa-v1")
     assert video.prompt == "a cat on the grass" and video.error is None and video.object == "video"
-    assert data["pusa"] == {"task": "t2v", "seed": 7, "steps": 10, "frames": frames, "fps": fps,
+    assert data["pusa"] == {"task": "t2v", "seed": 7, "steps": 10, "windows": 1, "frames": frames, "fps": fps,
                             "queue_position": None, "extended_from": "video_0", "cost_gpu_s": 412.5}
     json.dumps(data)
 

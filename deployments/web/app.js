@@ -671,8 +671,8 @@ async function showWindow(job, event) {
 async function follow(video) {
   state.job?.abort.abort();
   const job = (state.job = { id: video.id, abort: new AbortController(), lastEventId: null, retries: 0,
-                             step: 0, total: video.pusa?.steps ?? 0, steps: video.pusa?.steps, eta: null,
-                             segment: null, windows: null });
+                             step: 0, total: (video.pusa?.steps ?? 0) * (video.pusa?.windows ?? 1), steps: video.pusa?.steps, eta: null,
+                             segment: null, windows: video.pusa?.windows ?? null });
   $("#job").hidden = false;
   $("#result").hidden = true;
   $("#job-id").textContent = video.id;
