@@ -158,12 +158,12 @@ class Denoising(_Stage):
         if self.stage.set_loras(plan.lora_combination):
             self.refuses += 1
         clean, text = payload.pop("clean"), payload.pop("text")
+        first, *later = plan.windows
+        latents = self._denoise(first, clean, text)
         windows: list[np.ndarray] = []
-        for i, window in enumerate(plan.windows):
-            if i:
-                windows.append(media.frames_to_uint8(self._vae().decode(torch.from_numpy(latents))))
-                clean = encode_extension(self._vae(), window, windows[-1]).numpy()
-            latents = self._denoise(window, clean, text)
+        for window in later:  # a long video: decode the window before, condition this one on its end
+            windows.append(media.frames_to_uint8(self._vae().decode(torch.from_numpy(latents))))
+            latents = self._denoise(window, encode_extension(self._vae(), window, windows[-1]).numpy(), text)
         payload["latents"] = latents
         if windows:
             payload["windows"] = windows  # the frames of every window but the last
