@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise-multiplier", type=float)
     gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (preset default)")
     gen.add_argument("--frames", type=int, help="4k+1 (preset default); more than a window makes a long video")
-    gen.add_argument("--window-frames", type=int, help="frames of one window of a long video (preset default)")
+    gen.add_argument("--window-frames", type=int, help="frames of one window of a long video (default 81)")
     gen.add_argument("--extension-multipliers", type=_float_list,
                      help="noise multipliers of the 4 latent frames each later window takes from the one before")
     gen.add_argument("--fps", type=int, default=25)

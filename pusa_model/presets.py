@@ -48,6 +48,7 @@ class Preset:
     width: int = 832
     height: int = 480
     frames: int = 81
+    window_frames: int = 81  # the longest video made in one window; longer ones are chains of windows
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
 

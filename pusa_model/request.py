@@ -8,7 +8,7 @@ is an `InvalidRequest` naming the field.
 Positions are latent frame indices (``0 .. F-1``, ``F = (frames - 1) / 4 + 1``); with
 ``positions_unit="pixel"`` they are pixel frame indices, mapped to latent ``(p + 3) // 4``.
 
-A request for more frames than one window (``window_frames``, the preset's frames by default) is a long
+A request for more frames than one window (``window_frames``, the preset's, 81, by default) is a long
 video: a chain of windows. Window 0 is the request itself at the window's length; each later window is a
 v2v extension conditioned on the last `OVERLAP_FRAMES` frames of the window before (its first
 `OVERLAP_LATENTS` latent frames, noise multipliers ``extension_multipliers``, the reference demo's
@@ -105,7 +105,7 @@ class GenerationRequest(BaseModel):
     frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES,
                                description="more than window_frames makes a long video, a chain of windows")
     window_frames: int | None = Field(default=None, ge=OVERLAP_FRAMES + VAE_TEMPORAL, le=MAX_WINDOW_FRAMES,
-                                      description="frames of one window of a long video (the preset's when left out)")
+                                      description="frames of one window of a long video (the preset's, 81, when left out)")
     extension_multipliers: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
         default=None, min_length=OVERLAP_LATENTS, max_length=OVERLAP_LATENTS,
         description="noise multipliers of the latent frames each later window of a long video takes from the "
@@ -354,7 +354,7 @@ def plan_request(
     width = req.width or preset.width
     height = req.height or preset.height
     frames = req.frames or preset.frames
-    window = req.window_frames or preset.frames
+    window = req.window_frames or preset.window_frames
     seed = req.seed if req.seed is not None else default_seed
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()).item())

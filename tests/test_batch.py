@@ -142,7 +142,7 @@ def test_manifest_formats_read_alike(tmp_path):
 def test_a_row_is_byte_identical_to_the_http_api(service, s3, tmp_path):
     image = image_bytes("PNG", seed=9)
     requests = {"same": {"prompt": "a boat", "steps": 3, "seed": 42, "noise_multiplier": 0.3},
-                "long": {"prompt": "a boat", "steps": 2, "seed": 43, "frames": 25}}  # 3 windows of 17 frames
+                "long": {"prompt": "a boat", "steps": 2, "seed": 43, "frames": 25, "window_frames": 17}}  # 3 windows
     online = {}
     for custom_id, request in requests.items():
         r = httpx.post(f"{service}/v1/videos", files={"input_reference": ("a.png", image, "image/png")},

@@ -155,7 +155,8 @@ def test_a_long_video_from_an_upload_and_its_windows(service, tmp_path, monkeypa
     (tmp_path / "start.png").write_bytes(image_bytes("PNG", seed=4))
     monkeypatch.chdir(tmp_path)
     res = pusa("submit", "--image", "start.png", "--prompt", "a long pan", "--steps", "1", "--size", "64x48",
-               "--frames", "25", "--extension-multipliers", "0,0.2,0.3,0.4", "--wait", "--json", "-o", "long.mp4")
+               "--frames", "25", "--window-frames", "17", "--extension-multipliers", "0,0.2,0.3,0.4", "--wait", "--json",
+               "-o", "long.mp4")
     assert res.returncode == 0, res.stderr
     job = json.loads(res.stdout)
     assert job["status"] == "completed" and job["pusa"]["windows"] == 3 and job["pusa"]["frames"] == 25

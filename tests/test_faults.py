@@ -198,7 +198,8 @@ def test_lora_alpha_switches_refuse_from_the_base_weights(svc):
 
 
 def test_a_long_video_is_a_chain_of_windows_that_outlives_a_lost_dit_replica(svc, tiny_pipeline, tmp_path):
-    request = {"prompt": "a long walk", "size": "256x256", "frames": 25, "steps": 4, "seed": 21}  # 3 windows of 17
+    request = {"prompt": "a long walk", "size": "256x256", "frames": 25, "window_frames": 17, "steps": 4,
+               "seed": 21}  # 3 windows of 17 frames
     job_id = svc.submit(**request)
     svc.wait_for(job_id, lambda j, e: j.terminal or any(x["type"] == "step" and x.get("segment") == 1 for x in e),
                  timeout=60, poll=0.01)

@@ -33,7 +33,7 @@ from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 
 STEPS = 3
-REQUEST = {"prompt": "a long walk", "frames": 25, "steps": STEPS, "seed": 5}  # 3 windows of 17 frames on tiny
+REQUEST = {"prompt": "a long walk", "frames": 25, "window_frames": 17, "steps": STEPS, "seed": 5}  # 3 windows
 
 
 class LocalResponse:

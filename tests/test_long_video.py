@@ -21,11 +21,13 @@ from pusa_model.presets import get_preset
 from pusa_model.request import (DEFAULT_EXTENSION, OVERLAP_FRAMES, parse_request, plan_request,
                                 window_frame_counts)
 
-TINY = get_preset("tiny")  # windows of 17 frames: each later one adds 17 - 13 = 4
+TINY = get_preset("tiny")
 
 
 def long_plan(**fields):
-    return plan_request(parse_request({"prompt": "a long walk", "seed": 21, "steps": 3, **fields}), TINY)
+    """A plan in windows of 17 frames (each later one adds 17 - 13 = 4) unless `fields` say otherwise."""
+    fields = {"prompt": "a long walk", "seed": 21, "steps": 3, "window_frames": 17, **fields}
+    return plan_request(parse_request(fields), TINY)
 
 
 @pytest.mark.parametrize(("frames", "window", "counts"), [

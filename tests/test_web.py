@@ -418,8 +418,10 @@ def test_a_long_video_window_by_window(browser, service):
     open_tab(browser, "t2v")
     set_value(browser, "#f-prompt", "a train crosses a bridge")
     set_value(browser, "#f-steps", 2)
-    set_value(browser, "#f-frames", 25)  # windows of 17 frames on the tiny preset: 17, then 4 and 4 new ones
+    set_value(browser, "#f-frames", 25)
     windows = lambda d: css(d, "#plan-windows").get_attribute("data-windows")  # noqa: E731
+    wait(browser, lambda d: windows(d) == "1", 20, "one window (81 frames by default)")
+    set_value(browser, "#f-window_frames", 17)  # windows of 17 frames: 17, then 4 and 4 new ones
     wait(browser, lambda d: windows(d) == "3", 20, "three windows planned")
     assert [w.text for w in browser.find_elements(By.CSS_SELECTOR, "#plan-windows .window")] == \
         ["window 1: 17 frames", "2: +4", "3: +4"]
@@ -428,7 +430,7 @@ def test_a_long_video_window_by_window(browser, service):
     assert [e.get_attribute("placeholder") for e in overlap] == ["0", "0.3", "0.4", "0.5"]  # the plan's defaults
     set_value(browser, "#f-window_frames", 21)
     wait(browser, lambda d: windows(d) == "2", 20, "two windows of 21 frames")
-    set_value(browser, "#f-window_frames", "")
+    set_value(browser, "#f-window_frames", 17)
     wait(browser, lambda d: windows(d) == "3", 20, "three windows again")
     overlap[1].send_keys("0.6")  # the others at their defaults
 

@@ -627,7 +627,7 @@ function onEvent(job, event) {
       showWindow(job, event);
       break;
     case "decoding":
-      logLine("decoding", job.windows ? "joining the windows" : "decoding the video");
+      logLine("decoding", job.windows > 1 ? "joining the windows" : "decoding the video");
       break;
     case "completed":
       logLine("completed", "completed");
