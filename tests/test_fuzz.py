@@ -48,7 +48,7 @@ def test_schema_documents_every_route(service):
                       ("POST", "/v1/videos/stream"), ("POST", "/v1/videos/plan"), ("GET", "/v1/videos/{video_id}"),
                       ("GET", "/v1/videos/{video_id}/content"), ("GET", "/v1/videos/{video_id}/events"),
                       ("POST", "/v1/videos/{video_id}/cancel"), ("DELETE", "/v1/videos/{video_id}"),
-                      ("GET", "/v1/models"), ("GET", "/health"),
+                      ("GET", "/v1/models"), ("GET", "/v1/loras"), ("GET", "/health"),
                       ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
                       ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"),
                       ("POST", "/v1/batches"), ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
