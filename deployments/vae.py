@@ -59,9 +59,13 @@ class VAE:
         with job_logging(job_id), timed(metrics().stage, stage="conditioning_encode", **self.tags):
             return await asyncio.to_thread(self._encode, request, seed, inputs)
 
-    def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
+    def _frames(self, latents: np.ndarray) -> np.ndarray:
+        """The decoded uint8 (T, H, W, 3) frames of `latents`."""
         with timed(metrics().stage, stage="decode", **self.tags):
-            frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+            return media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+
+    def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
+        frames = self._frames(latents)
         with timed(metrics().stage, stage="write", **self.tags):
             return self.files.put_result(job_id, *media.video_files(frames, fps))
 
@@ -71,10 +75,9 @@ class VAE:
             return await asyncio.to_thread(self._decode, job_id, latents, fps)
 
     def _decode_window(self, job_id: str, window: int, latents: np.ndarray, fps: int) -> str:
-        with timed(metrics().stage, stage="decode", **self.tags):
-            frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
+        frames = self._frames(latents)
         with timed(metrics().stage, stage="write", **self.tags):
-            return self.files.put_window(job_id, window, media.video_files(frames, fps)[0], frames)
+            return self.files.put_window(job_id, window, media.mp4_bytes(frames, fps), frames)
 
     async def decode_window_to_store(self, job_id: str, window: int, latents: np.ndarray, fps: int) -> str:
         """Decode window `window` of a long video; store its frames and its MP4 (whose key it returns)."""

@@ -220,18 +220,24 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
     writer.close()
 
 
-def write_thumbnail(frames: np.ndarray, path: str | Path) -> None:
+def write_thumbnail(frames: np.ndarray, path: str | Path | io.BytesIO) -> None:
     """Write the middle frame of uint8 (T, H, W, 3) frames as a WebP image."""
     Image.fromarray(frames[len(frames) // 2]).save(path, format="WEBP", quality=90)
 
 
-def video_files(frames: np.ndarray, fps: int) -> tuple[bytes, bytes]:
-    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`write_mp4`) and WebP thumbnail."""
+def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
+    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`write_mp4`)."""
     with tempfile.TemporaryDirectory(prefix="pusa-video-") as folder:
-        video, thumbnail = Path(folder) / "video.mp4", Path(folder) / "thumbnail.webp"
+        video = Path(folder) / "video.mp4"
         write_mp4(frames, video, fps)
-        write_thumbnail(frames, thumbnail)
-        return video.read_bytes(), thumbnail.read_bytes()
+        return video.read_bytes()
+
+
+def video_files(frames: np.ndarray, fps: int) -> tuple[bytes, bytes]:
+    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`mp4_bytes`) and WebP thumbnail."""
+    thumbnail = io.BytesIO()
+    write_thumbnail(frames, thumbnail)
+    return mp4_bytes(frames, fps), thumbnail.getvalue()
 
 
 def probe_video(path: str | Path) -> dict:
