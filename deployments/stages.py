@@ -163,7 +163,6 @@ class Stages:
         return await self.call("vae", lambda: self.vae.decode_to_store.remote(job_id, latents, plan.request.fps),
                                self.settings.vae_decode.seconds(_megavoxels(plan)), plan, on_retry)
 
-
     async def decode_window(self, job_id: str, window: int, plan: GenerationPlan, latents: np.ndarray,
                             on_retry: OnRetry) -> str:
         return await self.call(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Literal
 
 import torch
@@ -157,7 +158,7 @@ class GenerationPlan:
     conditioning: tuple[ConditioningFrame, ...]  # a long video's: its first window's
     window_frames: int | None = None  # set when the request is a long video (frames > window_frames)
 
-    @property
+    @cached_property
     def windows(self) -> tuple[GenerationPlan, ...]:
         """The plan of every window this request runs as: itself, or a long video's chain. A window's
         request plans as that window alone (its frames, its seed)."""
