@@ -21,6 +21,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -194,30 +195,68 @@ def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     return pixels.permute(1, 2, 3, 0).cpu().numpy()
 
 
-def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
-    """Write uint8 (T, H, W, 3) frames as a browser-playable H.264 MP4 (yuv420p, faststart).
+class Mp4Writer:
+    """A browser-playable H.264 MP4 (yuv420p, faststart) written from uint8 ``(t, H, W, 3)`` chunks as they
+    come: a thread feeds ffmpeg, which encodes earlier frames while the caller makes later ones.
 
-    H and W must be multiples of 16, so frames are stored exactly as given, never rescaled.
-    """
+    H and W must be multiples of 16, so frames are stored exactly as given, never rescaled. Use as a
+    context manager; the file is complete when it exits (an error in ffmpeg is raised there, or by the
+    next `write`)."""
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: int) -> None:
+        if height % 16 or width % 16:
+            raise ValueError(f"frame size {width}x{height} is not a multiple of 16")
+        self.shape = (height, width, 3)
+        self.path = Path(path)
+        self._writer = imageio_ffmpeg.write_frames(
+            str(path), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
+            macro_block_size=16, output_params=["-crf", "18", "-movflags", "+faststart"],
+        )
+        self._writer.send(None)
+        self._feeder = ThreadPoolExecutor(1, thread_name_prefix="mp4-writer")  # one thread: frames stay in order
+        self._sent: Future | None = None
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        """Queue uint8 ``(t, H, W, 3)`` frames for the encoder; returns at once."""
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != self.shape:
+            raise ValueError(f"expected uint8 frames (t, {', '.join(map(str, self.shape))}), got {frames.dtype} {frames.shape}")
+        if self._sent is not None and self._sent.done():
+            self._sent.result()  # an earlier chunk failed: say so now
+        self._sent = self._feeder.submit(self._send, frames)
+        self.frames += len(frames)
+
+    def _send(self, frames: np.ndarray) -> None:
+        for frame in frames:
+            self._writer.send(np.ascontiguousarray(frame))
+
+    def close(self) -> None:
+        """Wait for every queued frame to be encoded and finish the file."""
+        self._feeder.shutdown(wait=True)
+        try:
+            if self._sent is not None:
+                self._sent.result()
+            if not self.frames:
+                raise ValueError("an MP4 needs at least one frame")
+        finally:
+            self._writer.close()
+        if not self.path.is_file() or not self.path.stat().st_size:  # imageio-ffmpeg ignores ffmpeg's exit code
+            raise OSError(f"ffmpeg wrote no video to {self.path}")
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
+    """Write uint8 (T, H, W, 3) frames as an MP4 (`Mp4Writer`'s format)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"expected uint8 frames (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}")
     _, height, width, _ = frames.shape
-    if height % 16 or width % 16:
-        raise ValueError(f"frame size {width}x{height} is not a multiple of 16")
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (width, height),
-        fps=fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=16,
-        output_params=["-crf", "18", "-movflags", "+faststart"],
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with Mp4Writer(path, width, height, fps) as writer:
+        writer.write(frames)
 
 
 def write_thumbnail(frames: np.ndarray, path: str | Path | io.BytesIO) -> None:
@@ -233,11 +272,16 @@ def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
         return video.read_bytes()
 
 
-def video_files(frames: np.ndarray, fps: int) -> tuple[bytes, bytes]:
-    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`mp4_bytes`) and WebP thumbnail."""
+def thumbnail_bytes(frames: np.ndarray) -> bytes:
+    """The WebP thumbnail (`write_thumbnail`) of uint8 (T, H, W, 3) frames, as bytes."""
     thumbnail = io.BytesIO()
     write_thumbnail(frames, thumbnail)
-    return mp4_bytes(frames, fps), thumbnail.getvalue()
+    return thumbnail.getvalue()
+
+
+def video_files(frames: np.ndarray, fps: int) -> tuple[bytes, bytes]:
+    """uint8 (T, H, W, 3) frames as the bytes of their MP4 (`mp4_bytes`) and WebP thumbnail."""
+    return mp4_bytes(frames, fps), thumbnail_bytes(frames)
 
 
 def probe_video(path: str | Path) -> dict:

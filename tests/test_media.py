@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from pusa_model.errors import InvalidRequest
-from pusa_model.media import frames_to_uint8, load_image, load_video, probe_video, write_mp4, write_thumbnail
+from pusa_model.media import (
+    Mp4Writer,
+    frames_to_uint8,
+    load_image,
+    load_video,
+    probe_video,
+    write_mp4,
+    write_thumbnail,
+)
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 NUM_FRAMES = 8
@@ -316,6 +324,33 @@ def test_write_mp4_rejects_bad_frames(tmp_path: Path, frames: np.ndarray) -> Non
     with pytest.raises(ValueError):
         write_mp4(frames, tmp_path / "bad.mp4", fps=16)
     assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_mp4_writer_in_chunks_writes_the_file_write_mp4_writes_at_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    frames = np.repeat(np.repeat(rng.integers(0, 256, (17, 6, 4, 3), np.uint8), 8, axis=1), 16, axis=2)
+    write_mp4(frames, tmp_path / "whole.mp4", fps=16)
+    with Mp4Writer(tmp_path / "chunks.mp4", 64, 48, fps=16) as writer:
+        for start in (0, 1, 5, 9, 13):  # the VAE's chunks: 1 frame, then 4 per latent frame
+            writer.write(frames[start:start + (1 if start == 0 else 4)])
+    assert writer.frames == 17
+    assert (tmp_path / "chunks.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
+
+
+def test_mp4_writer_refuses_bad_chunks_and_reports_a_failed_ffmpeg(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        Mp4Writer(tmp_path / "a.mp4", 64, 40, fps=8)
+    with Mp4Writer(tmp_path / "b.mp4", 64, 48, fps=8) as writer:
+        with pytest.raises(ValueError, match=r"expected uint8 frames \(t, 48, 64, 3\)"):
+            writer.write(np.zeros((2, 48, 80, 3), np.uint8))
+        writer.write(np.zeros((2, 48, 64, 3), np.uint8))
+    assert probe_video(tmp_path / "b.mp4")["frames"] == 2
+    with pytest.raises(ValueError, match="at least one frame"):
+        with Mp4Writer(tmp_path / "c.mp4", 64, 48, fps=8):
+            pass
+    with pytest.raises(OSError, match="ffmpeg wrote no video"):  # ffmpeg cannot open the output
+        with Mp4Writer(tmp_path / "missing" / "d.mp4", 64, 48, fps=8) as writer:
+            writer.write(np.zeros((2, 48, 64, 3), np.uint8))
 
 
 def test_write_thumbnail_is_middle_frame_webp(tmp_path: Path) -> None:
