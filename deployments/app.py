@@ -36,6 +36,8 @@ class AppArgs(BaseModel):
     database: str = "sqlite:///data/jobs.db"
     retention_s: float = 7 * 86400  # an ended job's record and files are deleted this long after it ended
     vae_tiling: bool = False
+    # the VAE's decoder in this type (its encoder and encodes stay float32); None: float32
+    vae_decode_dtype: Literal["bfloat16", "float16"] | None = None
     dit_options: dict = {}  # pusa_model.transformer.DiTOptions: compile, attention, fuse_qkv
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
@@ -62,7 +64,7 @@ def build_app(args: dict) -> Application:
     BatchSettings.model_validate({"preset": a.preset, **batch})  # a bad batch section fails the deploy here
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset),
-        VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling),
+        VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling, decode_dtype=a.vae_decode_dtype),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
                  loras=a.loras.model_dump(), lora_base=a.lora_base,
                  warmup=[shape.model_dump() for shape in a.dit_warmup]),

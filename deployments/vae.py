@@ -6,13 +6,23 @@ Media bytes come from and go to the shared store, so they never pass through the
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from ray import serve
 
 from pusa_model import media
-from pusa_model.pipeline import encode_conditioning, encode_extension, load_vae_stage, model_folder, stitch_windows
+from pusa_model.pipeline import (
+    decode_to_mp4,
+    encode_conditioning,
+    encode_extension,
+    load_vae_stage,
+    model_folder,
+    stitch_windows,
+)
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
 
@@ -29,12 +39,14 @@ def plan_from_job(request: dict, seed: int, preset: str) -> GenerationPlan:
 
 @serve.deployment(name="VAE")
 class VAE:
-    """Loads the preset's VAE once (tiled when configured)."""
+    """Loads the preset's VAE once (tiled when configured; decoding in `decode_dtype` when set)."""
 
-    def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False) -> None:
+    def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False,
+                 decode_dtype: Literal["bfloat16", "float16"] | None = None) -> None:
         self.preset = preset
         spec = get_preset(preset)
-        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling)
+        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling,
+                                    decode_dtype=decode_dtype)
         self.files = JobFiles(open_store(store))
         self.tags = {"deployment": "VAE", "preset": preset, "gpu": gpu_kind()}
 
@@ -65,9 +77,12 @@ class VAE:
             return media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
 
     def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
-        frames = self._frames(latents)
-        with timed(metrics().stage, stage="write", **self.tags):
-            return self.files.put_result(job_id, *media.video_files(frames, fps))
+        with tempfile.TemporaryDirectory(prefix="pusa-video-") as folder:
+            video = Path(folder) / "video.mp4"
+            with timed(metrics().stage, stage="decode", **self.tags):  # the MP4 encodes as the frames decode
+                frames = decode_to_mp4(self.stage, torch.from_numpy(latents), video, fps)
+            with timed(metrics().stage, stage="write", **self.tags):
+                return self.files.put_result(job_id, video.read_bytes(), media.thumbnail_bytes(frames))
 
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""

@@ -99,8 +99,12 @@ def load_text_stage(folder: Path, preset: Preset, device: str) -> TextEncoderSta
     return TextEncoderStage(parts.tokenizer, parts.text_encoder)
 
 
-def load_vae_stage(folder: Path, preset: Preset, device: str, tiling: bool = False) -> VAEStage:
-    return VAEStage(load_components(folder, preset.torch_dtype, device, parts=("vae",)).vae, tiling=tiling)
+def load_vae_stage(folder: Path, preset: Preset, device: str, tiling: bool = False,
+                   decode_dtype: str | None = None) -> VAEStage:
+    """The preset's VAE (float32, as diffusers' Wan pipelines run it); `decode_dtype` e.g. "bfloat16"
+    casts its decoder to that type (`VAEStage`)."""
+    vae = load_components(folder, preset.torch_dtype, device, parts=("vae",)).vae
+    return VAEStage(vae, tiling=tiling, decode_dtype=getattr(torch, decode_dtype) if decode_dtype else None)
 
 
 def conditioning_sources(plan: GenerationPlan) -> dict[str, media.Source]:
@@ -162,6 +166,19 @@ def stitch_windows(windows: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([windows[0], *(w[OVERLAP_FRAMES:] for w in windows[1:])])
 
 
+def decode_to_mp4(vae: VAEStage, latents: torch.Tensor, output: Path, fps: int) -> np.ndarray:
+    """Decode `latents` into an MP4 at `output`, the encoder working on each chunk of frames while the VAE
+    decodes the next (`VAEStage.decode_chunks`, `media.Mp4Writer`); returns the uint8 (T, H, W, 3) frames."""
+    _, _, _, h, w = latents.shape
+    scale = vae.vae.spatial_compression_ratio
+    chunks = []
+    with media.Mp4Writer(output, w * scale, h * scale, fps) as writer:
+        for pixels in vae.decode_chunks(latents):
+            chunks.append(media.frames_to_uint8(pixels))
+            writer.write(chunks[-1])
+    return np.concatenate(chunks)
+
+
 class PusaPipeline:
     """Text encoder, VAE and DiT of one preset in this process."""
 
@@ -207,13 +224,17 @@ class PusaPipeline:
 
     def generate(self, plan: GenerationPlan, output: Path, on_step: StepCallback | None = None) -> GenerationResult:
         """Generate the planned video (a long one window by window); write ``output`` (MP4) and a WebP
-        thumbnail beside it."""
+        thumbnail beside it. ``timings_s``: text, conditioning, denoise, decode (with the MP4's encoding for
+        a video of one window, which runs while it decodes) and write (the rest of the files)."""
         req, windows = plan.request, plan.windows
         timings: dict[str, float] = defaultdict(float)
         t0 = time.perf_counter()
         negative_prompt = req.negative_prompt if req.guidance != 1.0 else None
         prompt, negative = self.text.encode(req.prompt, negative_prompt)
         timings["text"] = time.perf_counter() - t0
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        thumbnail = output.with_suffix(".webp")
         pieces: list[np.ndarray] = []
         for i, window in enumerate(windows):
             t1 = time.perf_counter()
@@ -225,16 +246,17 @@ class PusaPipeline:
                                                    window=i)))
             latents = self.denoise(window, clean, prompt, negative, on_window_step)
             t3 = time.perf_counter()
-            pieces.append(media.frames_to_uint8(self.vae.decode(latents)))
             timings["conditioning"] += t2 - t1
             timings["denoise"] += t3 - t2
+            if len(windows) == 1:  # the MP4 is encoded while the frames decode: "decode" includes it
+                pieces.append(decode_to_mp4(self.vae, latents, output, req.fps))
+            else:
+                pieces.append(media.frames_to_uint8(self.vae.decode(latents)))
             timings["decode"] += time.perf_counter() - t3
         t4 = time.perf_counter()
         frames = stitch_windows(pieces)
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        thumbnail = output.with_suffix(".webp")
-        media.write_mp4(frames, output, req.fps)
+        if len(windows) > 1:
+            media.write_mp4(frames, output, req.fps)
         media.write_thumbnail(frames, thumbnail)
         timings["write"] = time.perf_counter() - t4
         return GenerationResult(output, thumbnail, plan, dict(timings))

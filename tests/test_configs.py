@@ -81,6 +81,14 @@ def test_serve_config_validates_and_builds_the_five_deployments(path):
     assert set(deployments(config)) == STAGES
 
 
+def test_vae_decode_dtype_reaches_the_vae_deployment():
+    graph = build_app(import_attr("deployments.app:build_app")({"vae_decode_dtype": "bfloat16"}), name="app")
+    (vae,) = (d for d in graph.deployments if d.name == "VAE")
+    assert vae.init_kwargs["decode_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="vae_decode_dtype"):
+        AppArgs.model_validate({"vae_decode_dtype": "float64"})
+
+
 def test_production_app_and_proxies(prod):
     assert prod.proxy_location.value == "EveryNode"
     assert (prod.http_options.host, prod.http_options.port) == ("0.0.0.0", 8000)
