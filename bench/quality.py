@@ -9,7 +9,9 @@ difference of the final latents.
 A request is a line of JSON with the fields of `POST /v1/videos` (media as local paths); without
 ``--requests``, two t2v prompts at the preset's size with fixed seeds. Paths, joined with ``+``:
 ``int8`` and ``fp8`` (the DiT's GEMMs, `DiTOptions.quantize`), ``sage`` (SageAttention), ``fast`` (the
-request in mode fast: 4 steps at guidance 1 with the registry's fast LoRA, from ``--lora-registry``).
+request in mode fast: 4 steps at guidance 1 with the registry's fast LoRA, from ``--lora-registry``),
+``bf16vae`` (the VAE's decoder in bf16, the service's ``vae_decode_dtype: bfloat16``; the latents are
+the standard path's, so only the frames move).
 The standard path is each request as given, with ``--compile`` if asked; every path adds to it. A path
 that cannot run here falls back as the service does (logged), so compare only paths that ran. Random
 weights show whether a path runs and how far its numbers move, not how a video looks: that needs the
@@ -19,6 +21,7 @@ real checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -36,24 +39,28 @@ from pusa_model.cli import load_registry  # noqa: E402
 from pusa_model.pipeline import PusaPipeline, encode_conditioning  # noqa: E402
 from pusa_model.request import GenerationPlan, parse_request, plan_request  # noqa: E402
 from pusa_model.transformer import DiTOptions  # noqa: E402
+from pusa_model.vae import VAEStage  # noqa: E402
 
-PATH_PARTS = {"int8": {"quantize": "int8"}, "fp8": {"quantize": "fp8"}, "sage": {"attention": "sage"}, "fast": {}}
+PATH_PARTS = {"int8": {"quantize": "int8"}, "fp8": {"quantize": "fp8"}, "sage": {"attention": "sage"}, "fast": {},
+              "bf16vae": {}}
 DEFAULT_REQUESTS = [
     {"prompt": "A cat walks on the grass, realistic", "seed": 1},
     {"prompt": "Waves roll onto a rocky beach at sunset", "seed": 2},
 ]
 
 
-def path_settings(path: str, compile_: bool) -> tuple[DiTOptions, dict]:
-    """The DiT options and request fields of a path (``standard`` or parts joined by ``+``)."""
-    options, fields = {"compile": compile_}, {}
+def path_settings(path: str, compile_: bool) -> tuple[DiTOptions, dict, torch.dtype | None]:
+    """The DiT options, request fields and VAE decode type of a path (``standard`` or parts joined by ``+``)."""
+    options, fields, decode_dtype = {"compile": compile_}, {}, None
     for part in [] if path == "standard" else path.split("+"):
         if part not in PATH_PARTS:
             raise SystemExit(f"--paths: unknown path {part!r} (known: {', '.join(PATH_PARTS)})")
         options.update(PATH_PARTS[part])
         if part == "fast":
             fields["mode"] = "fast"
-    return DiTOptions(**options), fields
+        if part == "bf16vae":
+            decode_dtype = torch.bfloat16
+    return DiTOptions(**options), fields, decode_dtype
 
 
 def render(pipe: PusaPipeline, plan: GenerationPlan) -> tuple[torch.Tensor, np.ndarray]:
@@ -94,11 +101,15 @@ def main() -> None:
     outputs: dict[str, list] = {}
     seconds: dict[str, float] = {}
     pipelines: dict[DiTOptions, PusaPipeline] = {}
-    for path, (options, fields) in settings.items():
+    for path, (options, fields, decode_dtype) in settings.items():
         if options not in pipelines:  # quantizing is in place: one pipeline per set of DiT options
             pipelines.clear()
             pipelines[options] = PusaPipeline.from_preset(args.preset, args.device, options, registry)
+            vaes = {None: pipelines[options].vae}
         pipe = pipelines[options]
+        if decode_dtype not in vaes:  # a stage owns its VAE (it casts the decoder): one copy per decode type
+            vaes[decode_dtype] = VAEStage(copy.deepcopy(vaes[None].vae), decode_dtype=decode_dtype)
+        pipe.vae = vaes[decode_dtype]
         started = time.perf_counter()
         outputs[path] = []
         for request in requests:

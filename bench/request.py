@@ -1,4 +1,4 @@
-"""One whole i2v request on one GPU through the in-process `PusaPipeline`, stage by stage.
+"""Whole i2v requests on one GPU through the in-process `PusaPipeline`, stage by stage, per variant.
 
 Wan2.1-14B-size components with random weights, made directly on the GPU: the transformer
 (``WanTransformer3DModel()`` defaults) in bf16 with the checkpoint's float32 modules, UMT5-XXL in bf16,
@@ -8,12 +8,27 @@ preset's tokenizer (its ids are valid UMT5 ids). They are wrapped in the service
 and run through ``PusaPipeline.generate``: 832×480, 81 frames, 10 steps, guidance 5 (two forwards a
 step), a random-pixel PNG as the start frame, a fixed seed.
 
-One warm-up request (``torch.compile`` runs here) and then ``--requests`` timed ones. Per request:
-``generate``'s own ``timings_s`` (text, conditioning, denoise, decode, write), the per-step times from
-its ``on_step`` callback, forwards per step, the total, and the peak GPU memory of each stage (the stage
-methods are wrapped to reset the peak before each call and read it after; nothing else changes).
+Variants (``--variants``, run in this order on the one model):
 
-Then the LoRA fuse: a rank-512 random LoRA on every targeted Linear (q, k, v, o of both attentions,
+- ``standard``: ``steps`` (10) at ``guidance`` (5), the Pusa LoRA fused (rank ``--pusa-rank``, alpha 1.4);
+- ``fast``: 4 steps at guidance 1 (one forward a step), the Pusa LoRA and a step-distillation LoRA in
+  LightX2V's form (rank ``--distill-rank``) fused at 1.4 and 1.0, as mode ``fast`` runs;
+- ``fast_fp8``: ``fast`` with the blocks' GEMMs in FP8 (`quantize_blocks`, after the fuse);
+- ``fast_fp8_bf16vae``: ``fast_fp8`` with the VAE's decoder in bf16 (``vae_decode_dtype: bfloat16``).
+
+The LoRAs are random (`bench/lora_switch.py`'s), fused once before the variant's requests, as on a
+replica that holds the combination (switch times: `lora_switch.py`). Per variant one warm-up request of
+one step (``torch.compile`` runs here, at the same shapes) and then ``--requests`` timed ones. Per
+request: ``generate``'s own ``timings_s`` (text, conditioning, denoise, decode with the MP4 encoded as
+the frames decode, write = the thumbnail), the per-step times from its ``on_step`` callback, forwards per
+step, the total, and the peak GPU memory of each stage (the stage methods are wrapped to reset the peak
+before each call and read it after; nothing else changes).
+
+Then the decode on the last request's final latents, four ways: float32 or bf16, and the MP4 written
+after the decode (serial) or while it decodes (`decode_to_mp4`, what ``generate`` does); the decode
+alone; the MP4 alone of those frames and of smooth ones (random weights decode to noise).
+
+Then (``--lora-blocks`` > 0) the single-LoRA fuse: a rank-512 random LoRA on every targeted Linear (q, k, v, o of both attentions,
 ffn.0, ffn.2) of the first ``--lora-blocks`` blocks (of 40), fused with `LoraFuser` from base weights
 held on the GPU (the arithmetic alone) and from a safetensors file (the service's
 `SafetensorsWeights` path; the file was just written, so it is read from the page cache). The time
@@ -25,6 +40,8 @@ for all 40 blocks is that times 40 / blocks.
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import json
 import statistics
 import sys
@@ -43,10 +60,13 @@ from PIL import Image  # noqa: E402
 from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from dit_forward import build_transformer, environment, sync  # noqa: E402
+from lora_switch import distill_lora, pusa_lora  # noqa: E402
 from stages import UMT5_XXL  # noqa: E402
 from pusa_model.dit import DiTStage  # noqa: E402
-from pusa_model.lora import LoraFuser, SafetensorsWeights, load_lora_state_dict  # noqa: E402
-from pusa_model.pipeline import PusaPipeline, StepEvent  # noqa: E402
+from pusa_model import media  # noqa: E402
+from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501
+from pusa_model.pipeline import PusaPipeline, StepEvent, decode_to_mp4  # noqa: E402
+from pusa_model.quantize import quantize_blocks  # noqa: E402
 from pusa_model.presets import (  # noqa: E402
     Preset,
     build_tiny_lora_state_dict,
@@ -60,11 +80,19 @@ from pusa_model.transformer import DiTOptions  # noqa: E402
 from pusa_model.vae import VAEStage  # noqa: E402
 
 GIB = 2**30
+# name: (fast, GEMMs, VAE decode type); fast = 4 steps at guidance 1 with the distill LoRA beside the Pusa LoRA
+VARIANTS = {
+    "standard": (False, "none", "float32"),
+    "fast": (True, "none", "float32"),
+    "fast_fp8": (True, "fp8", "float32"),
+    "fast_fp8_bf16vae": (True, "fp8", "bfloat16"),
+}
 PROMPT = "A cat walks on the grass, realistic, cinematic lighting"
 
 
-def build_pipeline(args, device: torch.device) -> tuple[PusaPipeline, dict]:
-    """The three stages with random weights at the real sizes (tiny ones with ``--tiny``)."""
+def build_pipeline(args, device: torch.device) -> tuple[PusaPipeline, dict[str, VAEStage], dict]:
+    """The three stages with random weights at the real sizes (tiny ones with ``--tiny``), and the VAE
+    stage of each decode type (float32, bfloat16: two copies of the one random VAE)."""
     dtype = torch.float32 if args.tiny else torch.bfloat16
     seconds: dict[str, float] = {}
 
@@ -96,13 +124,14 @@ def build_pipeline(args, device: torch.device) -> tuple[PusaPipeline, dict]:
     t0 = time.perf_counter()
     dit = DiTStage(transformer, options=DiTOptions(compile=not args.eager, attention=args.attention))
     text = TextEncoderStage(tokenizer, text_encoder)
-    vae_stage = VAEStage(vae, tiling=args.vae_tiling)
+    vae_stages = {"bfloat16": VAEStage(copy.deepcopy(vae), tiling=args.vae_tiling, decode_dtype=torch.bfloat16),
+                  "float32": VAEStage(vae, tiling=args.vae_tiling)}
     seconds["stages"] = time.perf_counter() - t0
 
     width, height, frames = (160, 96, 9) if args.tiny else (832, 480, 81)
     preset = Preset(name="bench", source="unused", lora=None, width=width, height=height, frames=frames,
                     dtype=str(dtype).removeprefix("torch."))
-    return PusaPipeline(preset, text, vae_stage, dit), seconds
+    return PusaPipeline(preset, text, vae_stages["float32"], dit), vae_stages, seconds
 
 
 class StageProbe:
@@ -111,33 +140,57 @@ class StageProbe:
     returns CPU tensors, so the GPU work is finished when the call returns."""
 
     STAGES = {"text": ("text", "encode"), "conditioning": ("vae", "encode"), "denoise": ("dit", "step"),
-              "decode": ("vae", "decode")}
+              "decode": ("vae", "decode_chunks")}
 
-    def __init__(self, pipeline: PusaPipeline, device: torch.device) -> None:
+    def __init__(self, pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], device: torch.device) -> None:
         self.device = device
         self.peak_gib: dict[str, float] = {}
         self.forwards = 0
         self._originals: list[tuple[object, str]] = []
-        # vae.encode and vae.decode are different stages of the same object
+        # vae.encode and vae.decode are different stages of the same object; every decode type's VAE
         for stage, (attr, method) in self.STAGES.items():
-            self._wrap(getattr(pipeline, attr), method, stage)
+            for obj in vae_stages.values() if attr == "vae" else [getattr(pipeline, attr)]:
+                self._wrap(obj, method, stage)
         self._wrap_velocity(pipeline.dit)
+        self._wrap_denoise(pipeline)
+        self.latents: torch.Tensor | None = None  # the last request's final latents
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _read_peak(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            sync(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) / GIB
+            self.peak_gib[stage] = max(self.peak_gib.get(stage, 0.0), peak)
 
     def _wrap(self, obj: object, method: str, stage: str) -> None:
         original = getattr(obj, method)
         self._originals.append((obj, method))
 
         def wrapped(*args, **kwargs):
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
+            self._reset_peak()
             out = original(*args, **kwargs)
-            if self.device.type == "cuda":
-                sync(self.device)
-                peak = torch.cuda.max_memory_allocated(self.device) / GIB
-                self.peak_gib[stage] = max(self.peak_gib.get(stage, 0.0), peak)
+            self._read_peak(stage)
             return out
 
-        setattr(obj, method, wrapped)
+        def wrapped_chunks(*args, **kwargs):  # decode_chunks: the peak over all its chunks
+            self._reset_peak()
+            yield from original(*args, **kwargs)
+            self._read_peak(stage)
+
+        setattr(obj, method, wrapped_chunks if inspect.isgeneratorfunction(original) else wrapped)
+
+    def _wrap_denoise(self, pipeline: PusaPipeline) -> None:
+        original = pipeline.denoise
+        self._originals.append((pipeline, "denoise"))
+
+        def kept(*args, **kwargs):
+            self.latents = original(*args, **kwargs)
+            return self.latents
+
+        pipeline.denoise = kept
 
     def _wrap_velocity(self, dit: DiTStage) -> None:
         original = dit.velocity
@@ -180,6 +233,52 @@ def run_request(pipeline: PusaPipeline, probe: StageProbe, plan, output: Path, d
         "video_bytes": result.video_path.stat().st_size,
         "thumbnail_bytes": result.thumbnail_path.stat().st_size,
     }
+
+
+def smooth_frames(like: np.ndarray) -> np.ndarray:
+    """Frames of `like`'s shape that move smoothly (drifting gradients), as a real video's content does."""
+    frames, height, width, _ = like.shape
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([np.stack([(x + 4 * t) % 256, (y + 2 * t) % 256, ((x + y) // 2 + t) % 256], -1)
+                     for t in range(frames)]).astype(np.uint8)
+
+
+def bench_decode(vae_stages: dict[str, VAEStage], latents: torch.Tensor, fps: int, folder: Path,
+                 device: torch.device, runs: int) -> dict:
+    """Decode `latents` to uint8 frames and write the MP4, with each decode type: written after the
+    decode (serial) or while it decodes (overlapped, `decode_to_mp4`), and the decode alone; then the MP4
+    write alone of its frames and of smooth frames. Each the median of `runs` after one untimed one."""
+    video = folder / "decode.mp4"
+
+    def decoded(vae: VAEStage) -> np.ndarray:
+        return np.concatenate([media.frames_to_uint8(chunk) for chunk in vae.decode_chunks(latents)])
+
+    def timed(work) -> dict:
+        times = []
+        for _ in range(runs + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            work()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return {"s": statistics.median(times[1:]), "runs_s": times[1:]}
+
+    out: dict = {}
+    frames = {}
+    for dtype, vae in vae_stages.items():
+        out[f"{dtype}_serial"] = timed(lambda: media.write_mp4(decoded(vae), video, fps))
+        out[f"{dtype}_overlapped"] = timed(lambda: decode_to_mp4(vae, latents, video, fps))
+        out[f"{dtype}_decode_only"] = timed(lambda: decoded(vae))
+        frames[dtype] = decoded(vae)
+    out["write_only"] = timed(lambda: media.write_mp4(frames["float32"], video, fps))
+    out["write_only"]["mp4_bytes"] = video.stat().st_size
+    smooth = smooth_frames(frames["float32"])
+    out["write_only_smooth"] = timed(lambda: media.write_mp4(smooth, video, fps))
+    out["write_only_smooth"]["mp4_bytes"] = video.stat().st_size
+    f32, bf16 = (frames[k].astype(np.int16) for k in ("float32", "bfloat16"))
+    out["bfloat16_vs_float32_uint8"] = {"max_abs": int(np.abs(bf16 - f32).max()),
+                                        "mean_abs": float(np.abs(bf16 - f32).mean())}
+    return out
 
 
 def bench_lora(pipeline: PusaPipeline, args, device: torch.device, folder: Path) -> dict:
@@ -238,23 +337,23 @@ def write_image(path: Path, width: int, height: int, seed: int) -> None:
 
 
 def report_tables(report: dict) -> str:
-    lines = []
+    stages = ("text", "conditioning", "denoise", "decode", "write")
+    lines = ["| request | forwards | s / forward | " + " | ".join(stages) + " | **total s** | peak GiB |",
+             "|---|---|---|" + "---|" * len(stages) + "---|---|"]
     for name, r in report["requests"].items():
         t = r["timings_s"]
-        peaks = r.get("peak_gib", {})
-        lines += [
-            f"### {name} request: total {r['total_s']:.2f} s; {r['forwards']} forwards "
-            f"({r['forwards_per_step']:g} per step), {r['forward_s_from_steps']:.3f} s per forward (median step / "
-            "forwards per step)",
-            "",
-            "| stage | s | peak GiB |",
-            "|---|---|---|",
-        ]
-        for stage in ("text", "conditioning", "denoise", "decode", "write"):
-            peak = f"{peaks[stage]:.2f}" if stage in peaks else "—"
-            lines.append(f"| {stage} | {t[stage]:.3f} | {peak} |")
-        lines += ["", "steps s: " + ", ".join(f"{s:.3f}" for s in r["step_s"]) +
-                  f" (median {r['step_median_s']:.3f})", ""]
+        lines.append(f"| {name} | {r['forwards']} | {r['forward_s_from_steps']:.3f} | "
+                     + " | ".join(f"{t.get(stage, 0.0):.3f}" for stage in stages)
+                     + f" | **{r['total_s']:.2f}** | {max(r.get('peak_gib', {}).values(), default=0.0):.1f} |")
+    lines.append("")
+    decode = report.get("decode")
+    if decode and "error" not in decode:
+        lines += ["| decode + MP4 | float32 | bfloat16 |", "|---|---|---|"]
+        for way in ("serial", "overlapped", "decode_only"):
+            lines.append(f"| {way} | {decode[f'float32_{way}']['s']:.3f} | {decode[f'bfloat16_{way}']['s']:.3f} |")
+        lines += [f"| MP4 write alone, these frames / smooth frames | {decode['write_only']['s']:.3f} / "
+                  f"{decode['write_only_smooth']['s']:.3f} | |",
+                  "", f"bf16 vs float32 decode, uint8 frames: {decode['bfloat16_vs_float32_uint8']}", ""]
     lora = report.get("lora")
     if lora and "error" not in lora:
         lines += [
@@ -283,18 +382,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eager", action="store_true", help="DiT without torch.compile")
     parser.add_argument("--vae-tiling", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="fewer DiT blocks (quick checks)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--pusa-rank", type=int, default=512, help="the Pusa LoRA's rank (0: no LoRAs fused)")
+    parser.add_argument("--distill-rank", type=int, default=256, help="the distill LoRA's rank")
+    parser.add_argument("--decode-runs", type=int, default=2, help="timed runs of each decode way (0: skip)")
     parser.add_argument("--lora-rank", type=int, default=512)
-    parser.add_argument("--lora-blocks", type=int, default=4, help="blocks the LoRA fuse is measured on (0: skip)")
+    parser.add_argument("--lora-blocks", type=int, default=0, help="blocks the single-LoRA fuse is measured on (0: skip)")
     parser.add_argument("--tiny", action="store_true", help="tiny preset configs, float32, on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="JSON results here; the videos beside it")
     return parser.parse_args(argv)
 
 
+def set_up_variant(pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], stack: LoraStack | None, name: str,
+                   args) -> dict:
+    """Fuse the variant's LoRAs, quantize its GEMMs (after the fuse), put in the VAE of its decode type."""
+    fast, gemms, decode_dtype = VARIANTS[name]
+    out: dict = {}
+    if stack is not None:
+        t0 = time.perf_counter()
+        stack.fuse({"pusa": 1.4, "distill": 1.0} if fast else {"pusa": 1.4})
+        sync(pipeline.dit.device)
+        out["fuse_s"] = time.perf_counter() - t0
+    transformer = pipeline.dit.transformer
+    if gemms != getattr(transformer, "_bench_gemms", "none"):
+        t0 = time.perf_counter()
+        out["gemms"] = quantize_blocks(transformer, gemms)
+        transformer._bench_gemms = gemms
+        out["quantize_s"] = time.perf_counter() - t0
+    pipeline.vae = vae_stages[decode_dtype]
+    out.update(steps=4 if fast else args.steps, guidance=1.0 if fast else args.guidance,
+               loras=["pusa", "distill"] if fast else ["pusa"], decode_dtype=decode_dtype)
+    return out
+
+
+def build_loras(pipeline: PusaPipeline, args, device: torch.device) -> LoraStack | None:
+    """The Pusa-style and LightX2V-style random LoRAs, with the base weights beside them on the GPU."""
+    if args.pusa_rank <= 0:
+        return None
+    transformer = pipeline.dit.transformer
+    gen = torch.Generator(device).manual_seed(args.seed)
+    loras = {"pusa": pusa_lora(transformer, args.pusa_rank, gen, device),
+             "distill": convert_lora_state_dict(distill_lora(transformer, args.distill_rank, gen, device))}
+    return LoraStack(transformer, loras, base_device=device)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device("cpu" if args.tiny else "cuda")
-    report: dict = {**environment(device), "args": {k: str(v) for k, v in vars(args).items()}, "requests": {}}
-    pipeline, report["build_s"] = build_pipeline(args, device)
+    report: dict = {**environment(device), "args": {k: str(v) for k, v in vars(args).items()}, "requests": {},
+                    "variants": {}}
+    pipeline, vae_stages, report["build_s"] = build_pipeline(args, device)
+    t0 = time.perf_counter()
+    stack = build_loras(pipeline, args, device)
+    report["build_s"]["loras"] = time.perf_counter() - t0
     if device.type == "cuda":
         report["weights_gib"] = torch.cuda.memory_allocated(device) / GIB
     print(f"{report['device']}, torch {report['torch']}; built {report['build_s']}", flush=True)
@@ -309,28 +449,37 @@ def main(argv: list[str] | None = None) -> None:
         preset = pipeline.preset
         image = tmp / "start.png"
         write_image(image, preset.width, preset.height, args.seed)
-        request = GenerationRequest(task="i2v", prompt=PROMPT, images=[str(image)], steps=args.steps,
-                                    guidance=args.guidance, seed=args.seed)
-        plan = plan_request(request, preset)
-        report["plan"] = {"width": plan.width, "height": plan.height, "frames": plan.frames,
-                          "latent_shape": list(plan.latent_shape), "steps": args.steps, "guidance": args.guidance,
-                          "multipliers": plan.multipliers.tolist()}
-        videos = tmp  # the MP4s are noise (random weights): sizes are reported, the files stay behind
-        probe = StageProbe(pipeline, device)
-        names = ["warmup"] + [f"timed{i}" if args.requests > 1 else "timed" for i in range(args.requests)]
-        for name in names:
-            print(f"{name} request ...", flush=True)
+        probe = StageProbe(pipeline, vae_stages, device)
+        for variant in args.variants.split(","):
+            print(f"{variant} ...", flush=True)
             try:
-                report["requests"][name] = run_request(pipeline, probe, plan, videos / f"request_{name}.mp4", device)
+                setup = report["variants"][variant] = set_up_variant(pipeline, vae_stages, stack, variant, args)
+                request = GenerationRequest(task="i2v", prompt=PROMPT, images=[str(image)], steps=setup["steps"],
+                                            guidance=setup["guidance"], seed=args.seed)
+                plan = plan_request(request, preset)
+                setup["plan"] = {"width": plan.width, "height": plan.height, "frames": plan.frames,
+                                 "latent_shape": list(plan.latent_shape), "multipliers": plan.multipliers.tolist()}
+                warm_up = plan_request(request.model_copy(update={"steps": 1}), preset)
+                names = ["warmup"] + [f"timed{i}" for i in range(args.requests)]
+                for name in names:
+                    result = run_request(pipeline, probe, warm_up if name == "warmup" else plan,
+                                         tmp / f"{variant}_{name}.mp4", device)
+                    report["requests"][f"{variant}/{name}"] = result
+                    print(json.dumps({k: result[k] for k in ("timings_s", "total_s", "forwards", "peak_gib")},
+                                     default=str), flush=True)
+                    save()
             except Exception as error:  # noqa: BLE001 - keep what was measured
                 traceback.print_exc()
-                report["requests_error"] = f"{name}: {type(error).__name__}: {error}"
-                break
-            r = report["requests"][name]
-            print(json.dumps({k: r[k] for k in ("timings_s", "total_s", "forwards", "peak_gib")}, default=str),
-                  flush=True)
-            save()
+                report["variants"].setdefault(variant, {})["error"] = f"{type(error).__name__}: {error}"
         probe.remove()
+        if probe.latents is not None and args.decode_runs > 0:
+            print("decode ...", flush=True)
+            try:
+                report["decode"] = bench_decode(vae_stages, probe.latents, 16, tmp, device, args.decode_runs)
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                report["decode"] = {"error": f"{type(error).__name__}: {error}"}
+            save()
         if args.lora_blocks > 0:
             print("LoRA fuse ...", flush=True)
             try:
