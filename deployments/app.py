@@ -38,7 +38,8 @@ class AppArgs(BaseModel):
     vae_tiling: bool = False
     # the VAE's decoder in this type (its encoder and encodes stay float32); None: float32
     vae_decode_dtype: Literal["bfloat16", "float16"] | None = None
-    dit_options: dict = {}  # pusa_model.transformer.DiTOptions: compile, attention, fuse_qkv
+    # pusa_model.transformer.DiTOptions: compile, attention, fast_attention (mode fast's), fuse_qkv, quantize
+    dit_options: dict = {}
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
     dit_parallel: DiTParallel = DiTParallel()

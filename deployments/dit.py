@@ -134,14 +134,16 @@ class DiT:
         text: tuple[np.ndarray, np.ndarray | None],
         guidance: float,
         job_id: str | None = None,
+        mode: str = "standard",
     ) -> np.ndarray:
         """Step `step` of a job: returns the next latents. At step 0 pass `latents=None` and the
-        clean conditioning latents; later steps pass the previous step's latents."""
+        clean conditioning latents; later steps pass the previous step's latents. `mode` is the request's:
+        its attention kernel (``dit_options.fast_attention`` for "fast")."""
         with job_logging(job_id):
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.load_loras(model_id)
-            args = (latents, clean, seed, step, sigmas, multipliers, text, guidance)
+            args = (latents, clean, seed, step, sigmas, multipliers, text, guidance, mode)
             first = self.steps_run == 0
             started = time.perf_counter()
             if self.group is None:
@@ -156,13 +158,14 @@ class DiT:
             return out
 
     async def stats(self) -> dict:
-        """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's) and
-        how many combinations it fused (for operators and tests); with a group also its layout
-        (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt) and how
-        often it was rebuilt."""
+        """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's),
+        the attention backend of its last step (``attention``) and how many combinations it fused (for
+        operators and tests); with a group also its layout (``parallel``), every rank's (``workers``; empty
+        while a lost group waits to be rebuilt) and how often it was rebuilt."""
         if self.group is None:
             return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha,
-                    "loras": self.stage.loras, "fuses": self.fuses, "ready_s": self.ready_s}
+                    "loras": self.stage.loras, "fuses": self.fuses, "ready_s": self.ready_s,
+                    "attention": self.stage.attention}
         loras = self.group.loras
         return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": (loras or {}).get(PUSA),
                 "loras": loras, "fuses": self.fuses, "ready_s": self.ready_s, "parallel": self.group.layout.model_dump(),

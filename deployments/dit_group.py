@@ -62,9 +62,9 @@ class DiTParallel(BaseModel):
         return self.cfg * self.ulysses
 
 
-def run_step(stage, latents, clean, seed, step, sigmas, multipliers, text, guidance) -> np.ndarray:
+def run_step(stage, latents, clean, seed, step, sigmas, multipliers, text, guidance, mode="standard") -> np.ndarray:
     """`DiT.step`'s arguments (numpy, lists) through `stage.step`; step 0 (``latents=None``) starts
-    from the seed's noise and the clean conditioning latents."""
+    from the seed's noise and the clean conditioning latents; `mode` is the request's (its attention)."""
     sigmas, multipliers = torch.tensor(sigmas), torch.tensor(multipliers)
     if latents is None:
         clean = torch.from_numpy(clean)
@@ -72,7 +72,7 @@ def run_step(stage, latents, clean, seed, step, sigmas, multipliers, text, guida
     else:
         x = torch.from_numpy(latents)
     prompt, negative = (None if t is None else torch.from_numpy(t) for t in text)
-    return stage.step(x, step, sigmas, multipliers, prompt, negative, guidance).numpy()
+    return stage.step(x, step, sigmas, multipliers, prompt, negative, guidance, mode=mode).numpy()
 
 
 def worker_device() -> str:
@@ -109,6 +109,7 @@ class DiTWorker:
         self.device = worker_device()
         self.stage = None
         self.steps_run = 0
+        self.warm_ups: list[dict] = []  # the shapes it ran its warm-up step at
 
     def load(self, preset: str, loras: dict | None = None, lora_base: str = "disk") -> int:
         """Load the transformer and the LoRAs (no collective: ranks load at their own pace)."""
@@ -151,6 +152,7 @@ class DiTWorker:
     def warm_up(self, shape: dict) -> None:
         """Collective: one step at `shape` (`DiTStage.warm_up`), every rank at once."""
         self.stage.warm_up(**shape)
+        self.warm_ups.append(shape)
 
     def step(self, args: tuple) -> np.ndarray | None:
         out = run_step(self.stage, *args)
@@ -162,6 +164,7 @@ class DiTWorker:
 
     def stats(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "device": self.device, "steps_run": self.steps_run,
+                "warm_ups": self.warm_ups, "attention": self.stage.attention,
                 "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras, "fuses": self.stage.fuses,
                 "resources": ray.get_runtime_context().get_assigned_resources()}
 

@@ -156,7 +156,8 @@ class Stages:
         passes = 1 if req.guidance == 1.0 else 2
         return await self.call(
             "dit",
-            lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance, job_id),
+            lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance, job_id,
+                                    mode=req.mode),
             self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)
 
     async def decode(self, job_id: str, plan: GenerationPlan, latents: np.ndarray, on_retry: OnRetry) -> dict:

@@ -174,7 +174,7 @@ class Denoising(_Stage):
         sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
         for k in range(req.steps):
             latents = run_step(self.stage, latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
-                               req.guidance)
+                               req.guidance, req.mode)
         return latents
 
     def _vae(self):

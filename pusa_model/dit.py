@@ -19,7 +19,7 @@ from .request import VAE_SPATIAL, VAE_TEMPORAL
 from .sampler import Guide, denoise_step, guided_velocity
 from .schedule import flow_sigmas
 from .text import MAX_SEQUENCE_LENGTH
-from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame
+from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame, select_attention_backend
 
 
 class DiTStage:
@@ -38,7 +38,9 @@ class DiTStage:
         self.lora: LoraStack | None = lora.stack if isinstance(lora, LoraFuser) else lora
         self.device = next(transformer.parameters()).device
         self.dtype = transformer.patch_embedding.weight.dtype  # some parameters stay float32
+        self.options = options
         self._block_fn = block_forward if options is None else apply_options(transformer, options)
+        self._attention = None if options is None else options.attention  # the preference the model runs
         self.guide: Guide = guided_velocity  # how the conditional and unconditional passes combine
 
     @property
@@ -79,14 +81,37 @@ class DiTStage:
         out = forward_per_frame(self.transformer, x, timesteps.to(self.device), text, self._block_fn)
         return out.float()
 
+    def use_attention(self, mode: str) -> None:
+        """Run the attention kernel that `options` give requests in `mode` (``fast_attention`` for "fast");
+        switching re-points the model's attention processors (a compiled DiT compiles once per kernel)."""
+        if self.options is None:
+            return
+        preference = self.options.attention_for(mode)
+        if preference != self._attention:
+            select_attention_backend(self.transformer, preference)
+            self._attention = preference
+
+    @property
+    def attention(self) -> str | None:
+        """The attention backend the model runs now (diffusers' name), None when not set by options."""
+        if self.options is None:
+            return None
+        processor = self.transformer.blocks[0].attn1.processor
+        backend = processor._attention_backend
+        return getattr(backend, "value", backend)
+
     def warm_up(self, width: int, height: int, frames: int, guidance: float = 5.0) -> None:
-        """One step on zero inputs at a request's shapes: a compiled DiT compiles for them (or loads the
-        kernels from its compile cache) now rather than in a user's first step."""
+        """One step on zero inputs at a request's shapes, with each attention kernel the options give a
+        request mode: a compiled DiT compiles for them (or loads the kernels from its compile cache) now
+        rather than in a user's first step."""
         latent_frames = (frames - 1) // VAE_TEMPORAL + 1
         config = self.transformer.config
         x = torch.zeros(1, config.in_channels, latent_frames, height // VAE_SPATIAL, width // VAE_SPATIAL)
         text = torch.zeros(1, MAX_SEQUENCE_LENGTH, config.text_dim)
-        self.step(x, 0, flow_sigmas(2), torch.ones(latent_frames), text, text if guidance != 1.0 else None, guidance)
+        modes = ["standard"] + (["fast"] if self.options is not None and self.options.fast_attention else [])
+        for mode in modes:
+            self.step(x, 0, flow_sigmas(2), torch.ones(latent_frames), text, text if guidance != 1.0 else None,
+                      guidance, mode=mode)
 
     @torch.no_grad()
     def step(
@@ -100,9 +125,12 @@ class DiTStage:
         guidance: float,
         lora_alpha: float | None = None,
         loras: Mapping[str, float] | None = None,
+        mode: str = "standard",
     ) -> torch.Tensor:
         """Step `step` of the schedule `sigmas` from `latents` (with the LoRA combination `loras`, or the
-        Pusa LoRA alone at `lora_alpha`, fused first when given); returns the next latents on the CPU."""
+        Pusa LoRA alone at `lora_alpha`, fused first when given; with the attention kernel of request
+        `mode`); returns the next latents on the CPU."""
+        self.use_attention(mode)
         if loras is not None:
             self.set_loras(loras)
         elif lora_alpha is not None:

@@ -215,7 +215,8 @@ class PusaPipeline:
         start = time.perf_counter()
         for k in range(req.steps):
             latents = self.dit.step(
-                latents, k, sigmas, multipliers, prompt, negative, req.guidance, loras=plan.lora_combination
+                latents, k, sigmas, multipliers, prompt, negative, req.guidance, loras=plan.lora_combination,
+                mode=req.mode,
             )
             if on_step is not None:
                 timesteps = frame_timesteps(sigmas, multipliers, k).tolist()

@@ -238,8 +238,13 @@ class DiTOptions:
 
     compile: bool = False  # regional torch.compile of the per-frame block
     attention: str = "auto"  # `select_attention_backend` preference ("sage": SageAttention)
+    fast_attention: str | None = None  # the preference for requests in mode "fast" (None: `attention`)
     fuse_qkv: bool = False  # fused QKV / KV projections (`fuse_qkv`)
     quantize: str = "none"  # GEMMs of the blocks: "none" | "int8" | "fp8" (`pusa_model.quantize`)
+
+    def attention_for(self, mode: str) -> str:
+        """The attention preference of a request in `mode` ("standard" or "fast")."""
+        return self.fast_attention if mode == "fast" and self.fast_attention else self.attention
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_MODES:

@@ -193,3 +193,18 @@ def test_a_cancel_lands_between_windows(replicas, tmp_path):
     assert job.status == "cancelled"
     assert events[-1] == {**events[-1], "type": "cancelled", "step": STEPS}
     assert runner.steps(job_id) == [(0, k) for k in range(1, STEPS + 1)]  # nothing of window 1 ran
+
+
+def test_a_fast_job_steps_with_the_fast_attention_kernel(replicas, tmp_path):
+    text, _ = replicas
+    dit = DiT.func_or_class(options={"fast_attention": "_native_math"})  # dit_options of the app
+    runner = Runner(tmp_path, (text, dit))
+    kernels = []  # the kernel each DiT step finds the model on (the step before left it so)
+    runner.dit_before = lambda name, args: name == "step" and kernels.append(dit.stage.attention)
+    for mode in ("fast", "standard"):
+        job_id = runner.submit({"prompt": "a cat", "frames": 9, "mode": mode, "seed": 2})
+        runner.run()
+        assert runner.jobs.get(job_id).status == "completed"
+        assert dit.stage.attention == {"fast": "_native_math", "standard": "native"}[mode]
+    # 4 fast steps (the first finds the default), then 10 standard ones (the first finds the fast kernel)
+    assert kernels == ["native"] + ["_native_math"] * 4 + ["native"] * 9

@@ -1,5 +1,6 @@
 """8-bit fast paths (pusa_model.quantize) on the CPU with the tiny preset: SageAttention and FP8 fall back
-with a warning naming why, INT8 GEMMs are applied and stay close, and a LoRA is fused first, then quantized."""
+with a warning naming why, INT8 GEMMs are applied and stay close, a LoRA is fused first, then quantized,
+and a request in mode fast runs the ``fast_attention`` kernel (warmed up beside the default one)."""
 
 import logging
 
@@ -208,3 +209,41 @@ def test_dit_stage_with_int8_and_a_lora(model):
         assert ((out - ref).norm() / ref.norm()).item() < INT8_REL_ERROR_BOUND
         outs.append(out)
     assert (outs[0] - outs[1]).abs().max() > 1e-3  # the alpha switch reached the quantized weights
+
+
+def _step(stage, mode):
+    x, text, _ = _inputs(seed=7)
+    sigmas, multipliers = torch.tensor([1.0, 0.6, 0.0]), torch.tensor([1.0, 0.5, 1.0])
+    return stage.step(x, 0, sigmas, multipliers, text, None, 1.0, mode=mode)
+
+
+def test_a_fast_request_runs_the_fast_attention_kernel(model):
+    stage = DiTStage(_copy(model), options=DiTOptions(fast_attention="_native_math"))
+    assert stage.attention == "native"
+    standard = _step(stage, "standard")
+    assert stage.attention == "native" and _backend(stage.transformer) == {"native"}
+    fast = _step(stage, "fast")
+    assert _backend(stage.transformer) == {"_native_math"}  # every block switched, not only the first
+    torch.testing.assert_close(fast, standard, rtol=1e-5, atol=1e-5)  # another kernel, the same attention
+    assert torch.equal(_step(stage, "standard"), standard) and stage.attention == "native"  # and back
+    plain = DiTStage(_copy(model), options=DiTOptions())  # without fast_attention a fast request changes nothing
+    assert torch.equal(_step(plain, "fast"), standard) and plain.attention == "native"
+
+
+def test_fast_attention_sage_falls_back_on_cpu_with_the_reason(model, caplog):
+    stage = DiTStage(_copy(model), options=DiTOptions(fast_attention="sage"))
+    standard = _step(stage, "standard")
+    with caplog.at_level(logging.WARNING, logger="pusa_model"):
+        fast = _step(stage, "fast")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'sage' requested" in w and "CUDA GPUs only" in w and "'native'" in w for w in warnings), warnings
+    assert stage.attention == "native" and torch.equal(fast, standard)
+
+
+def test_warm_up_runs_each_attention_kernel_a_request_mode_gets(model):
+    stage = DiTStage(_copy(model), options=DiTOptions(fast_attention="_native_math"))
+    seen = []
+    velocity = stage.velocity
+    stage.velocity = lambda *args: seen.append(stage.attention) or velocity(*args)
+    stage.warm_up(width=64, height=64, frames=5, guidance=5.0)
+    assert seen == ["native", "native", "_native_math", "_native_math"]  # two passes (guidance) per kernel
