@@ -2,7 +2,8 @@
 
 The service runs on a local Ray with two logical GPUs: the DiT deployment has a placement group of two
 one-GPU bundles (STRICT_PACK) and app arg ``dit_parallel``; its replica starts two worker actors, which
-find no CUDA and join a gloo group. First CFG parallel (``cfg: 2``): a job's MP4 is byte-identical to
+find no CUDA, join a gloo group and run the ``dit_warmup`` step together (again when the group is
+rebuilt). First CFG parallel (``cfg: 2``): a job's MP4 is byte-identical to
 the in-process pipeline's for the same plan, a DiT step equals the single-process step exactly, and a
 worker killed mid-step costs one retried step (same video) and a rebuilt group in the same replica. Then
 the same service is redeployed with Ulysses (``ulysses: 2``; the tiny model has 2 heads): a step equals
@@ -53,6 +54,7 @@ DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 1, "health_ch
 RUNNER = {"poll_s": 0.2}
 CFG2, ULYSSES2 = {"cfg": 2, "ulysses": 1}, {"cfg": 1, "ulysses": 2}
 REQUEST = {"prompt": "a cat walks on the grass", "size": "64x64", "frames": 17, "guidance": 5.0, "seed": 7}
+WARM_UP = {"width": 64, "height": 64, "frames": 17, "guidance": 5.0}  # REQUEST's shapes: each rank's warm-up step
 SLOW, STEPS = {**REQUEST, "size": "1024x1024", "frames": 1}, 8
 
 
@@ -126,7 +128,7 @@ def test_two_gpu_dit_needs_one_node_with_both_cards():
 @pytest.fixture(scope="module")
 def group_service(tmp_path_factory):
     store = str(tmp_path_factory.mktemp("dit-group") / "store")
-    args = {"dit_parallel": CFG2}
+    args = {"dit_parallel": CFG2, "dit_warmup": [WARM_UP]}
     with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, args=args, num_gpus=2) as url:
         svc = ServiceProbe(url, default_database(store), {"DiT": 1, "Runner": 1})
         svc.store = store
@@ -185,6 +187,7 @@ def test_cfg_parallel_job_is_byte_identical_to_the_pipeline(group_service, tiny_
     assert all(w["resources"] == {"CPU": 0.5, "GPU": 1.0} for w in workers), workers
     assert len({w["pid"] for w in workers} | {stats["pid"]}) == 3  # the replica holds no model itself
     assert workers[0]["steps_run"] == workers[1]["steps_run"] == stats["steps_run"] >= 4
+    assert all(w["warm_ups"] == [WARM_UP] for w in workers)  # both ranks ran the collective warm-up step
     _compare_steps(tiny_pipeline, exact=True)
 
 
@@ -212,6 +215,7 @@ def test_lost_worker_costs_one_step_and_the_group_is_rebuilt(group_service, tiny
     old = {w["pid"] for w in before["workers"]}
     assert len(after["workers"]) == 2 and not old & {w["pid"] for w in after["workers"]}
     assert all(w["lora_alpha"] == 1.4 for w in after["workers"])  # the rebuilt group re-fused the alpha
+    assert all(w["warm_ups"] == [WARM_UP] for w in after["workers"])  # and warmed up before its next step
 
 
 def test_ulysses_group_after_a_redeploy(group_service, tiny_pipeline, tmp_path):
