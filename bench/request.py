@@ -66,7 +66,7 @@ from pusa_model.dit import DiTStage  # noqa: E402
 from pusa_model import media  # noqa: E402
 from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501
 from pusa_model.pipeline import PusaPipeline, StepEvent, decode_to_mp4  # noqa: E402
-from pusa_model.quantize import quantize_blocks  # noqa: E402
+from pusa_model.quantize import is_quantized, quantize_blocks  # noqa: E402
 from pusa_model.presets import (  # noqa: E402
     Preset,
     build_tiny_lora_state_dict,
@@ -404,10 +404,12 @@ def set_up_variant(pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], stac
         sync(pipeline.dit.device)
         out["fuse_s"] = time.perf_counter() - t0
     transformer = pipeline.dit.transformer
-    if gemms != getattr(transformer, "_bench_gemms", "none"):
+    quantized = is_quantized(transformer.blocks[0].attn1.to_q)
+    if gemms == "none" and quantized:
+        raise SystemExit("--variants: list the bf16 variants before the FP8 ones (quantizing is in place)")
+    if gemms != "none" and not quantized:
         t0 = time.perf_counter()
         out["gemms"] = quantize_blocks(transformer, gemms)
-        transformer._bench_gemms = gemms
         out["quantize_s"] = time.perf_counter() - t0
     pipeline.vae = vae_stages[decode_dtype]
     out.update(steps=4 if fast else args.steps, guidance=1.0 if fast else args.guidance,
