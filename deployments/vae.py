@@ -6,8 +6,6 @@ Media bytes come from and go to the shared store, so they never pass through the
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -16,7 +14,7 @@ from ray import serve
 
 from pusa_model import media
 from pusa_model.pipeline import (
-    decode_to_mp4,
+    decode_video_files,
     encode_conditioning,
     encode_extension,
     load_vae_stage,
@@ -77,12 +75,10 @@ class VAE:
             return media.frames_to_uint8(self.stage.decode(torch.from_numpy(latents)))
 
     def _decode(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
-        with tempfile.TemporaryDirectory(prefix="pusa-video-") as folder:
-            video = Path(folder) / "video.mp4"
-            with timed(metrics().stage, stage="decode", **self.tags):  # the MP4 encodes as the frames decode
-                frames = decode_to_mp4(self.stage, torch.from_numpy(latents), video, fps)
-            with timed(metrics().stage, stage="write", **self.tags):
-                return self.files.put_result(job_id, video.read_bytes(), media.thumbnail_bytes(frames))
+        with timed(metrics().stage, stage="decode", **self.tags):  # the MP4 encodes as the frames decode
+            files = decode_video_files(self.stage, torch.from_numpy(latents), fps)
+        with timed(metrics().stage, stage="write", **self.tags):
+            return self.files.put_result(job_id, *files)
 
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""

@@ -4,7 +4,8 @@ A payload is a pickled dict that grows as the row moves on: its request and seed
 conditioning latents (`Conditioning`), the prompt embeddings (`TextEncoding`), the final latents
 (`Denoising`) and at last its record (`Decoding`). A row that failed carries ``error`` instead and
 passes every later stage untouched. Each stage runs the service's own code: `read_row` (the API's
-`Submission` and `plan_request`) for the request, `encode_conditioning`, `run_step` for every DiT step, `video_files`.
+`Submission` and `plan_request`) for the request, `encode_conditioning`, `run_step` for every DiT step,
+`decode_video_files` (the MP4 encoded as the frames decode).
 
 A long video (more frames than a window) is conditioned for its first window; the DiT actor runs every
 window, decoding each but the last and encoding its end as the next one's conditioning (with a VAE it loads
@@ -29,8 +30,8 @@ from deployments.vae import plan_from_job
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
-from pusa_model.pipeline import (encode_conditioning, encode_extension, load_dit_stage, load_text_stage,
-                                 load_vae_stage, model_folder, stitch_windows)
+from pusa_model.pipeline import (decode_video_files, encode_conditioning, encode_extension, load_dit_stage,
+                                 load_text_stage, load_vae_stage, model_folder, stitch_windows)
 from pusa_model.presets import get_preset
 from pusa_model.transformer import DiTOptions
 
@@ -207,11 +208,13 @@ class Decoding(_Stage):
         return {"custom_id": out["custom_id"], "record": [pickle.dumps(r) for r in records]}
 
     def process(self, payload: dict) -> dict:
-        request = payload["request"]
-        frames = media.frames_to_uint8(self.stage.decode(torch.from_numpy(payload.pop("latents"))))
+        fps, latents = payload["request"]["fps"], torch.from_numpy(payload.pop("latents"))
         if "windows" in payload:  # a long video: the windows before, then this last one
-            frames = stitch_windows([*payload.pop("windows"), frames])
-        uris = self.outputs.write_result(payload["custom_id"], *media.video_files(frames, request["fps"]))
+            frames = stitch_windows([*payload.pop("windows"), media.frames_to_uint8(self.stage.decode(latents))])
+            files = media.video_files(frames, fps)
+        else:  # the MP4 encodes as the frames decode
+            files = decode_video_files(self.stage, latents, fps)
+        uris = self.outputs.write_result(payload["custom_id"], *files)
         payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris, "seed": payload["seed"],
                              "timings_s": payload["timings_s"], "error": None}
         return payload

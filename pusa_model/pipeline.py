@@ -6,6 +6,7 @@ and the CLI's engine.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -177,6 +178,15 @@ def decode_to_mp4(vae: VAEStage, latents: torch.Tensor, output: Path, fps: int) 
             chunks.append(media.frames_to_uint8(pixels))
             writer.write(chunks[-1])
     return np.concatenate(chunks)
+
+
+def decode_video_files(vae: VAEStage, latents: torch.Tensor, fps: int) -> tuple[bytes, bytes]:
+    """The bytes of the MP4 (`decode_to_mp4`: encoded as the frames decode) and of the WebP thumbnail of
+    `latents`."""
+    with tempfile.TemporaryDirectory(prefix="pusa-video-") as folder:
+        video = Path(folder) / "video.mp4"
+        frames = decode_to_mp4(vae, latents, video, fps)
+        return video.read_bytes(), media.thumbnail_bytes(frames)
 
 
 class PusaPipeline:

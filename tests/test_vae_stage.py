@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from pusa_model import media
-from pusa_model.pipeline import decode_to_mp4
+from pusa_model.pipeline import decode_to_mp4, decode_video_files
 from pusa_model.vae import VAEStage
 
 
@@ -65,3 +65,4 @@ def test_decode_to_mp4_writes_the_frames_as_they_decode(tiny_folder, tmp_path):
     assert np.array_equal(frames, media.frames_to_uint8(stage.decode(latents)))
     media.write_mp4(frames, tmp_path / "after.mp4", fps=16)  # the serial way: decode, then encode
     assert (tmp_path / "streamed.mp4").read_bytes() == (tmp_path / "after.mp4").read_bytes()
+    assert decode_video_files(stage, latents, fps=16) == media.video_files(frames, 16)  # the service's bytes
