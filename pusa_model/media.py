@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -250,13 +250,30 @@ class Mp4Writer:
         self.close()
 
 
+def write_mp4_chunks(chunks: Iterable[np.ndarray], path: str | Path, fps: int) -> np.ndarray:
+    """Write uint8 ``(t, H, W, 3)`` chunks of frames as one MP4 (`Mp4Writer`, sized by the first chunk), each
+    encoded while the next is made; returns all the frames."""
+    kept: list[np.ndarray] = []
+    writer: Mp4Writer | None = None
+    try:
+        for chunk in chunks:
+            if writer is None:
+                writer = Mp4Writer(path, chunk.shape[2], chunk.shape[1], fps)
+            writer.write(chunk)
+            kept.append(chunk)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError("an MP4 needs at least one frame")
+    return np.concatenate(kept)
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> None:
     """Write uint8 (T, H, W, 3) frames as an MP4 (`Mp4Writer`'s format)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"expected uint8 frames (T, H, W, 3) with T >= 1, got {frames.dtype} {frames.shape}")
-    _, height, width, _ = frames.shape
-    with Mp4Writer(path, width, height, fps) as writer:
-        writer.write(frames)
+    write_mp4_chunks([frames], path, fps)
 
 
 def write_thumbnail(frames: np.ndarray, path: str | Path | io.BytesIO) -> None:

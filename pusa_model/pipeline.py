@@ -169,15 +169,8 @@ def stitch_windows(windows: Sequence[np.ndarray]) -> np.ndarray:
 
 def decode_to_mp4(vae: VAEStage, latents: torch.Tensor, output: Path, fps: int) -> np.ndarray:
     """Decode `latents` into an MP4 at `output`, the encoder working on each chunk of frames while the VAE
-    decodes the next (`VAEStage.decode_chunks`, `media.Mp4Writer`); returns the uint8 (T, H, W, 3) frames."""
-    _, _, _, h, w = latents.shape
-    scale = vae.vae.spatial_compression_ratio
-    chunks = []
-    with media.Mp4Writer(output, w * scale, h * scale, fps) as writer:
-        for pixels in vae.decode_chunks(latents):
-            chunks.append(media.frames_to_uint8(pixels))
-            writer.write(chunks[-1])
-    return np.concatenate(chunks)
+    decodes the next (`VAEStage.decode_chunks`, `media.write_mp4_chunks`); returns the uint8 (T, H, W, 3) frames."""
+    return media.write_mp4_chunks((media.frames_to_uint8(pixels) for pixels in vae.decode_chunks(latents)), output, fps)
 
 
 def decode_video_files(vae: VAEStage, latents: torch.Tensor, fps: int) -> tuple[bytes, bytes]:
