@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from pusa_model.presets import tiny_transformer_config  # noqa: E402
+from pusa_model.random_checkpoint import cast_like_checkpoint  # noqa: E402
 from pusa_model.quantize import block_linears, quantize_blocks  # noqa: E402
 from pusa_model.transformer import (  # noqa: E402
     BlockFn,
@@ -163,17 +164,6 @@ class BlockWeights:
             linear.weight = torch.nn.Parameter(self.saved[name].to(device), requires_grad=False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def cast_like_checkpoint(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast as ``from_pretrained(torch_dtype=dtype)`` does: parameters to `dtype` except the model's
-    ``_keep_in_fp32_modules``, float buffers (RoPE tables) to float32."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    for buf in model.buffers():
-        if buf.is_floating_point():
-            buf.data = buf.data.float()
 
 
 def forward_flops(config, frames: int, rows: int, cols: int, text_len: int) -> float:

@@ -61,7 +61,7 @@ from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from dit_forward import build_transformer, environment, sync  # noqa: E402
 from lora_switch import distill_lora, pusa_lora  # noqa: E402
-from stages import UMT5_XXL  # noqa: E402
+from pusa_model.random_checkpoint import UMT5_XXL  # noqa: E402
 from pusa_model.dit import DiTStage  # noqa: E402
 from pusa_model import media  # noqa: E402
 from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501

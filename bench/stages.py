@@ -24,24 +24,13 @@ from dit_forward import environment, measure  # bench/ is on sys.path when this 
 from transformers import UMT5Config, UMT5EncoderModel
 
 from pusa_model.presets import tiny_text_encoder_config, tiny_vae_config
+from pusa_model.random_checkpoint import UMT5_XXL
 
 # Pixel (height, width) per resolution, and frames of a clip; the tiny ones are small enough for a CPU.
 PIXELS = {"480p": (480, 832), "720p": (720, 1280)}
 TINY_PIXELS = {"480p": (48, 80), "720p": (72, 128)}
 FRAMES, TINY_FRAMES = 81, 9
 TEXT_TOKENS = 512
-UMT5_XXL = dict(
-    vocab_size=256384,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    tie_word_embeddings=False,
-)
 
 
 def _row(stage: str, shape: tuple, dtype: torch.dtype, tiled: bool | None, timing) -> dict:

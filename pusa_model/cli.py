@@ -4,6 +4,7 @@ manifest on Ray (`pusa_batch`); `pusa client` calls a running service's HTTP API
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
     pusa generate --fast --lora-registry loras.yaml --prompt "..."      # 4 steps, guidance 1, distill LoRA
+    pusa checkpoint /models/pusa-random --device cuda                 # random weights at the real sizes
     pusa batch requests.jsonl --output out/
     pusa client submit --prompt "..." --wait -o out.mp4
 """
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; run no model")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    ckpt = sub.add_parser("checkpoint", help="write a random-weights checkpoint in the layout pusa-v1 loads")
+    ckpt.add_argument("dest", type=Path, help="folder to write (PUSA_MODEL_SOURCE for --preset pusa-v1)")
+    ckpt.add_argument("--size", choices=("real", "tiny"), default="real",
+                      help="real: Wan2.1-T2V-14B, UMT5-XXL and the Wan VAE; tiny: the tiny preset's sizes")
+    ckpt.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: seconds)")
+    ckpt.add_argument("--layers", type=int, help="keep this many transformer blocks (default: all)")
+    ckpt.add_argument("--pusa-rank", type=int, default=512, help="rank of the Pusa LoRA (released: 512)")
+    ckpt.add_argument("--distill-rank", type=int, default=64, help="rank of the distill LoRA")
     return parser
 
 
@@ -142,6 +152,17 @@ def load_registry(path: Path | None):
         raise ConfigError(f"--lora-registry {path}: {exc}") from None
 
 
+def _checkpoint(args: argparse.Namespace) -> int:
+    from .random_checkpoint import write_random_checkpoint
+
+    if args.dest.exists() and any(args.dest.iterdir()):
+        raise ConfigError(f"{args.dest} is not empty")
+    summary = write_random_checkpoint(args.dest, size=args.size, device=args.device, layers=args.layers,
+                                      pusa_rank=args.pusa_rank, distill_rank=args.distill_rank)
+    print(json.dumps(summary))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -188,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return client_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return _generate(args)
+        return _checkpoint(args) if args.command == "checkpoint" else _generate(args)
     except (InvalidRequest, ConfigError) as exc:
         print(f"pusa: error: {exc}", file=sys.stderr)
         return 2

@@ -149,41 +149,46 @@ def build_tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def build_tiny_lora_state_dict(transformer: torch.nn.Module, rank: int = 4) -> dict[str, torch.Tensor]:
+def build_tiny_lora_state_dict(
+    transformer: torch.nn.Module, rank: int = 4, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """Random Pusa-style LoRA weights for `transformer`, in the released PEFT key form
     (``blocks.N.self_attn.q.lora_A.default.weight``), targeting q, k, v, o of both attentions and
-    the two FFN linears of every block."""
+    the two FFN linears of every block; drawn on `device`, stored on the CPU in `dtype`."""
     names = {"self_attn": "attn1", "cross_attn": "attn2"}
     proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
     ffn = {"ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
-    gen = torch.Generator().manual_seed(TINY_SEED + 1)
+    gen = torch.Generator(device).manual_seed(TINY_SEED + 1)
     out: dict[str, torch.Tensor] = {}
+
     for i, block in enumerate(transformer.blocks):
         targets = {f"{a}.{p}": f"{names[a]}.{q}" for a in names for p, q in proj.items()}
         targets.update(ffn)
         for wan_name, diffusers_name in targets.items():
             linear = block.get_submodule(diffusers_name)
-            a = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features**0.5
-            b = torch.randn(linear.out_features, rank, generator=gen) * 0.1
-            out[f"blocks.{i}.{wan_name}.lora_A.default.weight"] = a
-            out[f"blocks.{i}.{wan_name}.lora_B.default.weight"] = b
+            a = torch.randn(rank, linear.in_features, generator=gen, device=device) / linear.in_features**0.5
+            b = torch.randn(linear.out_features, rank, generator=gen, device=device) * 0.1
+            out[f"blocks.{i}.{wan_name}.lora_A.default.weight"] = a.to("cpu", dtype)
+            out[f"blocks.{i}.{wan_name}.lora_B.default.weight"] = b.to("cpu", dtype)
     return out
 
 
 def build_tiny_distill_lora_state_dict(
-    transformer: torch.nn.Module, rank: int = 8, seed: int = TINY_SEED + 2, norms: bool = True
+    transformer: torch.nn.Module, rank: int = 8, seed: int = TINY_SEED + 2, norms: bool = True,
+    device: str = "cpu", dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
     """A random stand-in for a step-distillation LoRA (LightX2V's), in its ComfyUI key form: ``diffusion_model.``
     prefix, ``lora_down``/``lora_up`` with an ``alpha`` (rank / 2) for q, k, v, o of both attentions and
     the two FFN linears, ``diff_b`` for their biases and the output head's, and (with `norms`) ``diff`` for
-    the cross-attention norm (Wan's ``norm3``), the q/k RMS norms and every block's ``modulation``."""
-    gen = torch.Generator().manual_seed(seed)
+    the cross-attention norm (Wan's ``norm3``), the q/k RMS norms and every block's ``modulation``; drawn
+    on `device`, stored on the CPU in `dtype`."""
+    gen = torch.Generator(device).manual_seed(seed)
     wan = {"self_attn": "attn1", "cross_attn": "attn2"}
     proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
     out: dict[str, torch.Tensor] = {}
 
     def randn(*shape: int, scale: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * scale
+        return (torch.randn(*shape, generator=gen, device=device) * scale).to("cpu", dtype)
 
     for i, block in enumerate(transformer.blocks):
         prefix = f"diffusion_model.blocks.{i}"
@@ -192,7 +197,7 @@ def build_tiny_distill_lora_state_dict(
         for name, linear in targets.items():
             out[f"{prefix}.{name}.lora_down.weight"] = randn(rank, linear.in_features, scale=linear.in_features**-0.5)
             out[f"{prefix}.{name}.lora_up.weight"] = randn(linear.out_features, rank, scale=0.1)
-            out[f"{prefix}.{name}.alpha"] = torch.tensor(rank / 2)
+            out[f"{prefix}.{name}.alpha"] = torch.tensor(rank / 2, dtype=dtype)
             out[f"{prefix}.{name}.diff_b"] = randn(linear.out_features, scale=0.02)
         if norms:
             dim = block.norm2.weight.shape[0]
@@ -209,21 +214,37 @@ def build_tiny_distill_lora_state_dict(
 def build_tiny_checkpoint(dest: Path) -> Path:
     """Write the tiny preset's checkpoint to `dest` in diffusers layout (deterministic)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from safetensors.torch import save_file
     from transformers import UMT5Config, UMT5EncoderModel
 
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(TINY_SEED)
     transformer = WanTransformer3DModel(**tiny_transformer_config())
     vae = AutoencoderKLWan(**tiny_vae_config())
     text_encoder = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(len(tokenizer))))
+    save_checkpoint(dest, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                    files={LORA_FILENAME: build_tiny_lora_state_dict(transformer)})
+    return Path(dest)
+
+
+def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
+                    files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write the four parts in diffusers layout under `dest` with ``model_index.json``, and each state dict of
+    `files` (LoRAs) at its relative path: ``.safetensors`` or, for ``.pt``/``.pth``, ``torch.save``."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dest / "tokenizer")
     transformer.save_pretrained(dest / "transformer")
     vae.save_pretrained(dest / "vae")
     text_encoder.save_pretrained(dest / "text_encoder")
-    save_file(build_tiny_lora_state_dict(transformer), str(dest / LORA_FILENAME))
+    for name, state in files.items():
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file(state, str(path))
+        else:
+            torch.save(state, path)
     model_index = {
         "_class_name": "WanPipeline",
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
@@ -232,4 +253,3 @@ def build_tiny_checkpoint(dest: Path) -> Path:
         "transformer": ["diffusers", "WanTransformer3DModel"],
     }
     (dest / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    return dest
