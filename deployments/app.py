@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 from ray.serve import Application
 
 from pusa_batch.run import BatchSettings
@@ -51,11 +51,21 @@ class AppArgs(BaseModel):
     # re-fuses from on a switch: disk (re-read from the checkpoint), cpu or device (a resident copy)
     loras: LoraRegistry = LoraRegistry()
     lora_base: Literal["disk", "cpu", "device"] = "disk"
+    # GiB of GPU memory each GPU deployment's replica may allocate (torch's per-process cap), e.g.
+    # {DiT: 47.5, TextEncoder: 23.5, VAE: 23.5}: an A6000 layout emulated on one larger card, or replicas
+    # sharing a card kept within their share. Past it a request fails with out of memory, as on that card.
+    gpu_memory_gib: dict[Literal["TextEncoder", "VAE", "DiT"], PositiveFloat] = {}
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
     webhooks: WebhookSettings = WebhookSettings()
     # the pools of batches submitted through /v1/batches (pusa_batch.run.BatchSettings; preset: the app's)
     batch: dict = {}
+
+    @model_validator(mode="after")
+    def _memory_cap_of_one_gpu(self) -> AppArgs:
+        if "DiT" in self.gpu_memory_gib and self.dit_parallel.size > 1:
+            raise ValueError("gpu_memory_gib.DiT caps a one-GPU DiT replica; it cannot be combined with dit_parallel")
+        return self
 
 
 def build_app(args: dict) -> Application:
@@ -63,12 +73,14 @@ def build_app(args: dict) -> Application:
     a = AppArgs.model_validate(args)
     batch = {"loras": a.loras.model_dump(), "lora_base": a.lora_base, **a.batch}  # the app's LoRAs unless set there
     BatchSettings.model_validate({"preset": a.preset, **batch})  # a bad batch section fails the deploy here
+    memory = a.gpu_memory_gib
     runner = Runner.bind(
-        TextEncoder.bind(preset=a.preset),
-        VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling, decode_dtype=a.vae_decode_dtype),
+        TextEncoder.bind(preset=a.preset, memory_gib=memory.get("TextEncoder")),
+        VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling, decode_dtype=a.vae_decode_dtype,
+                 memory_gib=memory.get("VAE")),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
                  loras=a.loras.model_dump(), lora_base=a.lora_base,
-                 warmup=[shape.model_dump() for shape in a.dit_warmup]),
+                 warmup=[shape.model_dump() for shape in a.dit_warmup], memory_gib=memory.get("DiT")),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
         webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch,
     )

@@ -1,12 +1,46 @@
-"""Which torch device a replica runs on."""
+"""Which torch device a replica runs on, and how much of its memory the replica may take."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+logger = logging.getLogger("ray.serve")
+GIB = 2**30
 
-def pick_device(requested: str | None = None) -> str:
-    """`requested` if given, else the GPU Ray assigned to this replica, else the CPU."""
-    if requested:
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def pick_device(requested: str | None = None, memory_gib: float | None = None) -> str:
+    """`requested` if given, else the GPU Ray assigned to this replica, else the CPU. On a GPU with
+    `memory_gib`, this process's allocations are capped there (`cap_gpu_memory`)."""
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if memory_gib is not None:
+        cap_gpu_memory(device, memory_gib)
+    return device
+
+
+def cap_gpu_memory(device: str, gib: float) -> float | None:
+    """Cap the caching allocator of this process on `device` at `gib` GiB, as on a card that size (an A6000
+    replica emulated on a larger GPU; replicas sharing one card kept apart): an allocation past it raises
+    ``torch.OutOfMemoryError`` as the smaller card would. Returns the fraction of the card set, or None on
+    a device that is not a GPU (nothing to cap)."""
+    if gib <= 0:
+        raise ValueError(f"a GPU memory cap must be positive, got {gib} GiB")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    logger.info("GPU memory capped at %.1f GiB (%.3f of %.1f GiB)", gib, fraction, total / GIB)
+    return fraction
+
+
+def gpu_memory() -> dict[str, int] | None:
+    """This process's GPU memory (bytes): allocated and reserved now, the peak allocated, and the card's total;
+    None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "total": torch.cuda.get_device_properties(0).total_memory}

@@ -12,6 +12,7 @@ drives G worker actors, one per GPU of its placement group (`deployments.dit_gro
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import threading
@@ -28,7 +29,7 @@ from pusa_model.presets import get_preset
 from pusa_model.request import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
-from .devices import pick_device
+from .devices import gpu_memory, pick_device
 from .dit_group import DiTGroup, DiTParallel, run_step
 from .observability import gpu_kind, job_logging, metrics
 
@@ -66,7 +67,7 @@ class DiT:
     def __init__(
         self, preset: str = "tiny", device: str | None = None, options: dict | None = None,
         parallel: dict | None = None, loras: dict | None = None, lora_base: str = "disk",
-        warmup: list[dict] | None = None,
+        warmup: list[dict] | None = None, memory_gib: float | None = None,
     ) -> None:
         layout = DiTParallel.model_validate(parallel or {})
         dit_options = DiTOptions(**(options or {}))
@@ -78,12 +79,14 @@ class DiT:
         else:
             self.group = None
             spec = get_preset(preset)
-            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device), dit_options, registry, lora_base)
+            self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device, memory_gib), dit_options,
+                                        registry, lora_base)
             for shape in shapes:
                 self.stage.warm_up(**shape)
         self.ready_s = time.perf_counter() - started  # loading and warm-up: what Serve waits for
         logger.info("DiT ready in %.1f s (warm-up at %s)", self.ready_s, shapes or "no shape")
         self.steps_run = 0
+        self.recent_steps: collections.deque[dict] = collections.deque(maxlen=64)  # {job_id, step, compute_s}
         self.fuses = 0  # combinations fused on this replica (a request whose combination it held: none)
         # One forward at a time, also when Serve cancels a call whose thread still computes.
         self._compute = threading.Lock()
@@ -152,6 +155,7 @@ class DiT:
                 out = await self.group.step(*args)
                 self.steps_run += 1
             seconds = time.perf_counter() - started
+            self.recent_steps.append({"job_id": job_id, "step": step, "compute_s": round(seconds, 4)})
             metrics().stage.observe(seconds, tags={"stage": "dit_step", "deployment": "DiT", **self.tags})
             if first:
                 metrics().first_step.observe(seconds, tags={**self.tags, "compiled": self._compiled})
@@ -159,17 +163,20 @@ class DiT:
 
     async def stats(self) -> dict:
         """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's),
-        the attention backend of its last step (``attention``) and how many combinations it fused (for
-        operators and tests); with a group also its layout (``parallel``), every rank's (``workers``; empty
-        while a lost group waits to be rebuilt) and how often it was rebuilt."""
+        the attention backend of its last step (``attention``), how many combinations it fused, the compute
+        time of its last 64 steps inside the replica (``recent_steps``: job, step, seconds) and, on a GPU, its
+        memory (``gpu_memory``: allocated, reserved and the cap, bytes) (for operators and tests); with a
+        group also its layout (``parallel``), every rank's (``workers``; empty while a lost group waits to be
+        rebuilt) and how often it was rebuilt."""
+        common = {"pid": os.getpid(), "steps_run": self.steps_run, "fuses": self.fuses, "ready_s": self.ready_s,
+                  "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
         if self.group is None:
-            return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": self.stage.lora_alpha,
-                    "loras": self.stage.loras, "fuses": self.fuses, "ready_s": self.ready_s,
+            return {**common, "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras,
                     "attention": self.stage.attention}
         loras = self.group.loras
-        return {"pid": os.getpid(), "steps_run": self.steps_run, "lora_alpha": (loras or {}).get(PUSA),
-                "loras": loras, "fuses": self.fuses, "ready_s": self.ready_s, "parallel": self.group.layout.model_dump(),
-                "workers": await self.group.stats(), "rebuilds": self.group.rebuilds}
+        return {**common, "lora_alpha": (loras or {}).get(PUSA), "loras": loras,
+                "parallel": self.group.layout.model_dump(), "workers": await self.group.stats(),
+                "rebuilds": self.group.rebuilds}
 
     def check_health(self) -> None:
         """Unhealthy once a lost group could not be rebuilt: Serve then replaces the replica."""

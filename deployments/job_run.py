@@ -225,7 +225,8 @@ class JobRun:
             elapsed = time.monotonic() - loop_start
             event = {"type": "step", "step": done, "total": total,
                      "timesteps": [round(t, 3) for t in frame_timesteps(wplan.sigmas, wplan.multipliers, k).tolist()],
-                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (k + 1 - start) * (total - done), 3)}
+                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (k + 1 - start) * (total - done), 3),
+                     "step_s": round(step_s, 3)}
             if windowed:
                 event["segment"] = window
             changes: dict[str, Any] = {"progress": progress_after(done, total)}

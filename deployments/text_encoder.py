@@ -18,9 +18,9 @@ from .observability import gpu_kind, job_logging, metrics, timed
 class TextEncoder:
     """Loads the preset's tokenizer and text encoder once; encodes prompts on request."""
 
-    def __init__(self, preset: str = "tiny", device: str | None = None) -> None:
+    def __init__(self, preset: str = "tiny", device: str | None = None, memory_gib: float | None = None) -> None:
         spec = get_preset(preset)
-        self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
+        self.stage = load_text_stage(model_folder(spec), spec, pick_device(device, memory_gib))
         self.tags = {"stage": "text_encode", "deployment": "TextEncoder", "preset": preset, "gpu": gpu_kind()}
 
     async def encode(self, prompt: str, negative_prompt: str | None,

@@ -40,10 +40,10 @@ class VAE:
     """Loads the preset's VAE once (tiled when configured; decoding in `decode_dtype` when set)."""
 
     def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False,
-                 decode_dtype: Literal["bfloat16", "float16"] | None = None) -> None:
+                 decode_dtype: Literal["bfloat16", "float16"] | None = None, memory_gib: float | None = None) -> None:
         self.preset = preset
         spec = get_preset(preset)
-        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device), tiling=tiling,
+        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device, memory_gib), tiling=tiling,
                                     decode_dtype=decode_dtype)
         self.files = JobFiles(open_store(store))
         self.tags = {"deployment": "VAE", "preset": preset, "gpu": gpu_kind()}

@@ -44,6 +44,7 @@ except ImportError:  # older layout
 ROOT = Path(__file__).resolve().parent.parent
 PROD = ROOT / "serve_config.yaml"
 LOCAL = ROOT / "serve_config.local.yaml"
+GPU = ROOT / "serve_config.gpu.yaml"
 CLUSTER = ROOT / "cluster.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 STAGES = {"Router", "Runner", "TextEncoder", "VAE", "DiT"}
@@ -67,7 +68,7 @@ def prod() -> ServeDeploySchema:
 # -- Serve configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [PROD, LOCAL], ids=["production", "local"])
+@pytest.mark.parametrize("path", [PROD, LOCAL, GPU], ids=["production", "local", "gpu"])
 def test_serve_config_validates_and_builds_the_five_deployments(path):
     config = ServeDeploySchema.model_validate(load(path))
     (app,) = config.applications
@@ -87,6 +88,34 @@ def test_vae_decode_dtype_reaches_the_vae_deployment():
     assert vae.init_kwargs["decode_dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="vae_decode_dtype"):
         AppArgs.model_validate({"vae_decode_dtype": "float64"})
+
+
+def test_gpu_memory_caps_reach_each_gpu_deployment():
+    graph = build_app(import_attr("deployments.app:build_app")(
+        {"gpu_memory_gib": {"DiT": 47.5, "TextEncoder": 23.5, "VAE": 23.5}}), name="app")
+    caps = {d.name: d.init_kwargs.get("memory_gib") for d in graph.deployments if d.name in ("DiT", "TextEncoder", "VAE")}
+    assert caps == {"DiT": 47.5, "TextEncoder": 23.5, "VAE": 23.5}
+    uncapped = build_app(import_attr("deployments.app:build_app")({}), name="app")
+    assert all(d.init_kwargs.get("memory_gib") is None for d in uncapped.deployments if d.name == "DiT")
+    with pytest.raises(ValueError, match="gpu_memory_gib"):
+        AppArgs.model_validate({"gpu_memory_gib": {"Router": 4}})
+    with pytest.raises(ValueError, match="gpu_memory_gib"):
+        AppArgs.model_validate({"gpu_memory_gib": {"DiT": 0}})
+    with pytest.raises(ValueError, match="dit_parallel"):
+        AppArgs.model_validate({"gpu_memory_gib": {"DiT": 40}, "dit_parallel": {"cfg": 2}})
+
+
+def test_gpu_profile_shares_one_card():
+    config = ServeDeploySchema.model_validate(load(GPU))
+    deps = deployments(config)
+    gpus = {name: options(dep).get("num_gpus", 0) for name, dep in deps.items()}
+    assert gpus["Router"] == gpus["Runner"] == 0
+    assert 0 < gpus["DiT"] < 1 and 0 < gpus["TextEncoder"] < 1 and 0 < gpus["VAE"] < 1
+    assert sum(gpus.values()) <= 1  # the three GPU stages fit one card's worth of Ray's GPU resource
+    assert unplaceable(config, [{"CPU": 16, "GPU": 1}]) == []
+    args = AppArgs.model_validate(load(GPU)["applications"][0]["args"])
+    assert args.preset == "pusa-v1" and args.lora_base == "cpu"
+    assert {(s.width, s.height, s.frames, s.guidance) for s in args.dit_warmup} == {(832, 480, 81, 5.0), (832, 480, 81, 1.0)}
 
 
 def test_production_app_and_proxies(prod):
@@ -350,7 +379,8 @@ def test_head_dashboard_listens_on_loopback(cluster, tmp_path):
     assert _ray_start_params(_run_start_command(command, tmp_path, []))["dashboard_host"] == "127.0.0.1"
 
 
-@pytest.mark.parametrize("path, auth", [(PROD, "keys"), (ROOT / "serve_config.2gpu.yaml", "keys"), (LOCAL, "none")])
+@pytest.mark.parametrize("path, auth", [(PROD, "keys"), (ROOT / "serve_config.2gpu.yaml", "keys"), (LOCAL, "none"),
+                                        (GPU, "none")])
 def test_only_loopback_profiles_run_without_keys(path, auth):
     config = load(path)
     api = AppArgs.model_validate(config["applications"][0]["args"]).api
