@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 logger = logging.getLogger("ray.serve")
 GIB = 2**30
@@ -44,3 +48,16 @@ def gpu_memory() -> dict[str, int] | None:
     return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
             "peak_allocated": torch.cuda.max_memory_allocated(),
             "total": torch.cuda.get_device_properties(0).total_memory}
+
+
+def release_on_oom(fn: Callable[..., T], *args, **kwargs) -> T:
+    """`fn(*args, **kwargs)`. On ``torch.OutOfMemoryError`` the memory its tensors held goes back to the card
+    (the error's frames released, the allocator's cache emptied) before the error is raised again, so the
+    replica takes its next request with its memory free rather than held by a failed one."""
+    try:
+        return fn(*args, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        message = str(exc)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise torch.OutOfMemoryError(message)

@@ -29,7 +29,7 @@ from pusa_model.presets import get_preset
 from pusa_model.request import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
-from .devices import gpu_memory, pick_device
+from .devices import gpu_memory, pick_device, release_on_oom
 from .dit_group import DiTGroup, DiTParallel, run_step
 from .observability import gpu_kind, job_logging, metrics
 
@@ -119,7 +119,7 @@ class DiT:
         with self._compute:
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out = run_step(self.stage, *args)
+            out = release_on_oom(run_step, self.stage, *args)
             self.steps_run += 1
             step, sigmas = args[3], args[4]
             if on_gpu and step == len(sigmas) - 2:

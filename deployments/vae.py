@@ -24,7 +24,7 @@ from pusa_model.pipeline import (
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, GenerationRequest, plan_request
 
-from .devices import pick_device
+from .devices import pick_device, release_on_oom
 from .job_files import JobFiles
 from .observability import gpu_kind, job_logging, metrics, timed
 from .storage import open_store
@@ -83,7 +83,7 @@ class VAE:
     async def decode_to_store(self, job_id: str, latents: np.ndarray, fps: int) -> dict[str, str]:
         """Decode final latents, write the MP4 and thumbnail to the store; returns their keys."""
         with job_logging(job_id):
-            return await asyncio.to_thread(self._decode, job_id, latents, fps)
+            return await asyncio.to_thread(release_on_oom, self._decode, job_id, latents, fps)
 
     def _decode_window(self, job_id: str, window: int, latents: np.ndarray, fps: int) -> str:
         frames = self._frames(latents)

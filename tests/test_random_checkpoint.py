@@ -10,7 +10,7 @@ import torch
 from s3server import S3Server, s3_server_fixture, use_test_credentials
 from safetensors.torch import load_file
 
-from deployments.devices import cap_gpu_memory, pick_device
+from deployments.devices import cap_gpu_memory, pick_device, release_on_oom
 from pusa_model.cli import main
 from pusa_model.lora import load_lora_state_dict
 from pusa_model.loras import LoraRegistry
@@ -117,3 +117,20 @@ def test_a_memory_cap_needs_a_gpu_and_a_positive_size():
     assert cap_gpu_memory("cpu", 4.0) is None  # nothing to cap on the CPU
     with pytest.raises(ValueError, match="positive"):
         cap_gpu_memory("cpu", 0)
+
+
+def test_out_of_memory_is_raised_again_after_the_memory_is_released():
+    held = []
+
+    def allocate_then_fail(n: int) -> None:
+        held.append(torch.empty(n))
+        raise torch.OutOfMemoryError(f"Tried to allocate {n} floats")
+
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 1024 floats") as info:
+        release_on_oom(allocate_then_fail, 1024)
+    frames, tb = [], info.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert "allocate_then_fail" not in frames and info.value.__context__ is None  # its frames are let go
+    assert release_on_oom(lambda a, b=0: a + b, 2, b=3) == 5
