@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the GPU machine: unpack the bundle of scripts/device_bundle.sh once, then run `bench/NAME.py ARGS...`
+# with it on the path (bench/README.md, "On the GPU machine"):
+#
+#   bash bench/device/run.sh service_gpu --out $OUT/service_gpu.json
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+name=$1
+shift
+site=${PUSA_DEVICE_SITE:-/tmp/pusa-site}
+if [[ ! -f $site/.unpacked ]]; then
+  mkdir -p "$site"
+  tar -C "$site" -xJf .device/site.tar.xz
+  touch "$site/.unpacked"
+fi
+export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PATH=$site/bin:$PATH
+export PUSA_CACHE_DIR=${PUSA_CACHE_DIR:-/tmp/pusa-cache}
+exec python3 "bench/$name.py" "$@"

@@ -1,0 +1,459 @@
+"""The Serve application on one GPU against the in-process pipeline, with 14B-size random weights.
+
+Phases (``--phases``, in this order; each one's results are written to ``--out`` as soon as it ends, and a
+phase that fails is recorded and the next one still runs):
+
+- ``checkpoint``: `pusa checkpoint` writes the random-weights checkpoint (real sizes, or ``--layers`` blocks) to
+  ``--model`` unless it is there already.
+- ``service``: ``pusa-serve`` with ``serve_config.gpu.yaml`` (TextEncoder, VAE and DiT sharing the card) and the
+  checkpoint's distill LoRA as the fast LoRA. From its start, ``GET /v1/models`` every 0.2 s and the page every
+  second: what a client sees until the service is ready (status, latency, ``Retry-After``). Then, through HTTP
+  (``POST /v1/videos`` with the image as a data URL, the job's SSE events), per variant (``--variants``) a
+  one-step warm-up request and a timed one; per timed job the per-stage times from its events, each step's
+  interval (events) against the DiT's own compute time (``DiT.stats``'s ``recent_steps``) and the round trip
+  the runner saw (the event's ``step_s``). Fault: the DiT replica is killed (SIGKILL) during step 2 of a fast
+  job; the job must complete, repeating at most one step, with the same MP4 bytes as the timed fast job.
+- ``inprocess``: `PusaPipeline.from_preset` on the same checkpoint, LoRAs and options in this process, the
+  same requests (a one-step warm-up and a timed one per variant); ``fast_fp8`` quantizes the loaded DiT.
+- ``capped``: the service again with FP8 GEMMs and the A6000 layout of ``serve_config.yaml`` emulated by
+  per-process caps (``gpu_memory_gib``: DiT 47.5, TextEncoder and VAE 23.5 GiB); a timed fast request at 480p
+  and one at 720p (the DiT's peak memory from its stats), a request past the cap (``--oom-size``) that must
+  fail with an out-of-memory reason, and a fast 480p request after it that must complete.
+
+Usage on the device (bench/README.md, "On the GPU machine")::
+
+    bash bench/device/run.sh service_gpu --model /tmp/pusa-random --out $OUT/service_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pusa_model.random_checkpoint import DISTILL_LORA_FILE  # noqa: E402
+
+APP = "pusa"
+PORT = 8000
+URL = f"http://127.0.0.1:{PORT}"
+PROMPT = "A cat walks on the grass, realistic, cinematic lighting"
+# name: request fields beyond the common ones
+VARIANTS = {"standard": {"steps": 10, "guidance": 5.0}, "fast": {"mode": "fast"}}
+LORAS = {"distill": {"path": DISTILL_LORA_FILE, "alpha": 1.0, "fast": True}}
+A6000_CAPS = {"DiT": 47.5, "TextEncoder": 23.5, "VAE": 23.5}
+
+
+def log(*parts) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def image_data_url(width: int, height: int, seed: int = 0) -> str:
+    """A random-pixel PNG as a data URL (the same bytes for the service and the in-process run)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def request_body(variant: str, size: tuple[int, int] = (832, 480), frames: int = 81, steps: int | None = None,
+                 seed: int = 7) -> dict:
+    width, height = size
+    body = {"prompt": PROMPT, "task": "i2v", "images": [image_data_url(width, height)], "width": width,
+            "height": height, "frames": frames, "seed": seed, **VARIANTS[variant]}
+    if steps is not None:
+        body["steps"] = steps
+    return body
+
+
+# -- the service ------------------------------------------------------------------------------------
+
+
+def write_config(path: Path, dit_options: dict, caps: dict | None) -> None:
+    config = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args.update(loras=LORAS, dit_options=dit_options)
+    if caps:
+        args["gpu_memory_gib"] = caps
+    path.write_text(yaml.safe_dump(config))
+
+
+class StartupProbe(threading.Thread):
+    """Polls ``GET /v1/models`` every 0.2 s and the page every second from `t0` until stopped."""
+
+    def __init__(self, t0: float) -> None:
+        super().__init__(daemon=True)
+        self.t0, self.api, self.page, self.stop = t0, [], [], threading.Event()
+
+    def run(self) -> None:
+        next_page = 0.0
+        with httpx.Client(timeout=5) as client:
+            while not self.stop.is_set():
+                self.api.append(self._get(client, "/v1/models"))
+                if time.monotonic() >= next_page:
+                    self.page.append(self._get(client, "/", text=True))
+                    next_page = time.monotonic() + 1.0
+                time.sleep(0.2)
+
+    def _get(self, client: httpx.Client, path: str, text: bool = False) -> dict:
+        started = time.monotonic()
+        row = {"t": round(started - self.t0, 2)}
+        try:
+            r = client.get(URL + path)
+            row.update(status=r.status_code, retry_after=r.headers.get("retry-after"))
+            if text:
+                row["loading"] = "loading" in r.text.lower()
+                row["body"] = r.text[:80]
+        except httpx.HTTPError as exc:
+            row["status"] = type(exc).__name__
+        row["latency_s"] = round(time.monotonic() - started, 3)
+        return row
+
+    def summary(self) -> dict:
+        def first(rows, pred):
+            return next((r["t"] for r in rows if pred(r)), None)
+        statuses: dict[str, int] = {}
+        for r in self.api:
+            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+        return {"port_open_s": first(self.api, lambda r: isinstance(r["status"], int)),
+                "first_503_s": first(self.api, lambda r: r["status"] == 503),
+                "first_200_s": first(self.api, lambda r: r["status"] == 200),
+                "api_statuses": statuses,
+                "slowest_answer_s": max((r["latency_s"] for r in self.api if isinstance(r["status"], int)), default=None),
+                "page": [r for r in self.page][:60], "api": self.api}
+
+
+class Service:
+    """``pusa-serve`` in a subprocess (its own local Ray), with this process joined to that Ray."""
+
+    def __init__(self, config: Path, env: dict, workdir: Path) -> None:
+        self.t0 = time.monotonic()
+        self.probe = StartupProbe(self.t0)
+        self.probe.start()
+        self.proc = subprocess.Popen([sys.executable, "-m", "deployments.launch", str(config), "--start-timeout", "900"],
+                                     cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.ready_s: float | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if "Pusa service ready" in line and self.ready_s is None:
+                self.ready_s = time.monotonic() - self.t0
+                log(f"ready after {self.ready_s:.1f} s")
+
+    def wait_ready(self, timeout_s: float) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while self.ready_s is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("pusa-serve did not start:\n" + "\n".join(self.lines[-40:]))
+            time.sleep(0.5)
+        first_job_t0 = time.monotonic()
+        time.sleep(3)
+        self.probe.stop.set()
+        import ray
+        ray.init(address="auto", namespace="serve", logging_level="ERROR")
+        return {"ready_s": round(self.ready_s, 2), "startup": self.probe.summary(), "_first_job_t0": first_job_t0}
+
+    def dit_stats(self) -> dict:
+        from ray import serve
+        return serve.get_deployment_handle("DiT", APP).stats.remote().result(timeout_s=60)
+
+    def stop(self) -> None:
+        import ray
+        if ray.is_initialized():
+            ray.shutdown()
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+        time.sleep(3)
+
+
+def run_job(client: httpx.Client, body: dict, on_event=None) -> dict:
+    """POST a job, follow its events to the end; the job's timings and its MP4's bytes."""
+    submitted = time.monotonic()
+    r = client.post(f"{URL}/v1/videos", json=body, timeout=120)
+    if r.status_code != 200:
+        raise RuntimeError(f"POST /v1/videos: {r.status_code} {r.text[:300]}")
+    job_id = r.json()["id"]
+    events = []
+    with client.stream("GET", f"{URL}/v1/videos/{job_id}/events", timeout=httpx.Timeout(1800, connect=30)) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                event["_t"] = round(time.monotonic() - submitted, 3)
+                events.append(event)
+                if on_event is not None:
+                    on_event(event)
+    total = time.monotonic() - submitted
+    final = events[-1] if events else {}
+    out = {"id": job_id, "total_s": round(total, 3), "final": {k: v for k, v in final.items() if k != "timesteps"},
+           "events": [{k: v for k, v in e.items() if k != "timesteps"} for e in events]}
+    if final.get("type") == "completed":
+        content = client.get(f"{URL}/v1/videos/{job_id}/content", timeout=300)
+        out["mp4_bytes"] = len(content.content)
+        out["_mp4"] = content.content
+    return out
+
+
+def step_split(job: dict, dit_steps: list[dict]) -> dict:
+    """Each step's interval in the job's events against the DiT's compute time for that step."""
+    steps = [e for e in job["events"] if e.get("type") == "step"]
+    compute = {d["step"]: d["compute_s"] for d in dit_steps if d.get("job_id") == job["id"]}
+    rows = []
+    for prev, cur in zip(steps, steps[1:]):
+        interval = cur["elapsed_s"] - prev["elapsed_s"]
+        k = cur["step"] - 1
+        rows.append({"step": cur["step"], "interval_s": round(interval, 4), "runner_call_s": cur.get("step_s"),
+                     "dit_compute_s": compute.get(k)})
+    full = [r for r in rows if r["dit_compute_s"] is not None]
+    out = {"steps": rows}
+    if full:
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        interval, dit = med([r["interval_s"] for r in full]), med([r["dit_compute_s"] for r in full])
+        call = med([r["runner_call_s"] for r in full if r["runner_call_s"] is not None] or [np.nan])
+        out.update(median_interval_s=round(interval, 4), median_dit_compute_s=round(dit, 4),
+                   median_hop_s=round(call - dit, 4), median_overhead_s=round(interval - dit, 4),
+                   overhead_pct=round(100 * (interval - dit) / dit, 2))
+    return out
+
+
+def stage_times(job: dict) -> dict:
+    """Seconds from submission to each phase change in the job's events."""
+    marks = {}
+    for e in job["events"]:
+        kind = e.get("type")
+        if kind == "step" and "first_step" not in marks:
+            marks["first_step"] = e["_t"]
+        if kind in ("queued", "encoding", "decoding", "completed", "failed") and kind not in marks:
+            marks[kind] = e["_t"]
+    return marks
+
+
+def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict | None, steps_plan: list) -> None:
+    env = {**os.environ, "PUSA_MODEL_SOURCE": str(args.model)}
+    work = Path(tempfile.mkdtemp(prefix=f"pusa-{name}-"))
+    config = work / "serve_config.yaml"
+    write_config(config, dit_options, caps)
+    service = Service(config, env, work)
+    out = results.setdefault(name, {})
+    try:
+        out.update(service.wait_ready(args.start_timeout))
+        first_job_t0 = out.pop("_first_job_t0")
+        with httpx.Client() as client:
+            for step in steps_plan:
+                step(service, client, out)
+                if "first_job_done_s" not in out and any(isinstance(v, dict) and v.get("final", {}).get("type") == "completed"
+                                                         for v in out.values()):
+                    out["first_job_done_s"] = round(out["ready_s"] + time.monotonic() - first_job_t0, 2)
+                save(args, results)
+    except Exception:  # noqa: BLE001 - record and go on to the next phase
+        out["error"] = traceback.format_exc()
+        out["log_tail"] = service.lines[-60:]
+        log(out["error"])
+    finally:
+        out["log_tail"] = service.lines[-30:]
+        service.stop()
+        save(args, results)
+
+
+def timed(variant: str, size=(832, 480), frames: int = 81, label: str | None = None):
+    """Warm-up (one step) and a timed request of `variant` at `size`."""
+    def step(service: Service, client: httpx.Client, out: dict) -> None:
+        key = label or variant
+        log(f"{key}: warm-up")
+        warm = run_job(client, request_body(variant, size, frames, steps=1))
+        out[f"{key}_warmup_s"] = warm["total_s"]
+        log(f"{key}: timed")
+        job = run_job(client, request_body(variant, size, frames))
+        stats = service.dit_stats()
+        job["split"] = step_split(job, stats["recent_steps"])
+        job["stages"] = stage_times(job)
+        job["dit_gpu_memory"] = stats.get("gpu_memory")
+        out.setdefault("_mp4", {})[key] = job.pop("_mp4", None)
+        out[key] = job
+        log(f"{key}: {job['total_s']} s, {job['final'].get('type')}, split {job['split'].get('median_overhead_s')}")
+    return step
+
+
+def kill_dit_mid_job(service: Service, client: httpx.Client, out: dict) -> None:
+    """SIGKILL the DiT replica during step 2 of a fast job; compare the MP4 with the timed fast job's."""
+    pid = service.dit_stats()["pid"]
+    killed = {}
+
+    def on_event(event: dict) -> None:
+        if event.get("type") == "step" and event["step"] == 1 and not killed:
+            time.sleep(0.5)  # inside step 2
+            os.kill(pid, signal.SIGKILL)
+            killed["at_s"] = event["_t"] + 0.5
+            log(f"killed DiT pid {pid}")
+
+    job = run_job(client, request_body("fast"), on_event)
+    steps = [e["step"] for e in job["events"] if e.get("type") == "step"]
+    reference = out.get("_mp4", {}).get("fast")
+    out["fault_kill_dit"] = {**{k: v for k, v in job.items() if k != "_mp4"}, "killed": killed, "steps_seen": steps,
+                             "retries": [e for e in job["events"] if e.get("type") == "retry"],
+                             "identical_to_uninterrupted": reference is not None and job.get("_mp4") == reference,
+                             "new_pid": service.dit_stats()["pid"]}
+    log(f"fault: {job['final'].get('type')}, identical {out['fault_kill_dit']['identical_to_uninterrupted']}")
+
+
+def oom_then_recover(service: Service, client: httpx.Client, out: dict) -> None:
+    width, height, frames = args_global.oom_size
+    job = run_job(client, request_body("fast", (width, height), frames))
+    after = service.dit_stats().get("gpu_memory")
+    recovery = run_job(client, request_body("fast"))
+    out["fault_oom"] = {"job": {k: v for k, v in job.items() if k != "_mp4"}, "dit_memory_after": after,
+                        "recovery": {k: v for k, v in recovery.items() if k != "_mp4"},
+                        "dit_memory_after_recovery": service.dit_stats().get("gpu_memory")}
+    log(f"oom: {job['final']}; recovery {recovery['final'].get('type')}")
+
+
+# -- in process -------------------------------------------------------------------------------------
+
+
+def inprocess_phase(args, results: dict) -> None:
+    import torch
+
+    os.environ["PUSA_MODEL_SOURCE"] = str(args.model)
+    from pusa_model.loras import LoraRegistry
+    from pusa_model.pipeline import PusaPipeline
+    from pusa_model.quantize import quantize_blocks
+    from pusa_model.request import parse_request, plan_request
+    from pusa_model.transformer import DiTOptions
+
+    out = results.setdefault("inprocess", {})
+    registry = LoraRegistry.model_validate(LORAS)
+    t0 = time.perf_counter()
+    pipe = PusaPipeline.from_preset("pusa-v1", device="cuda", dit_options=DiTOptions(compile=True, attention="auto"),
+                                    loras=registry, lora_base="cpu")
+    out["load_s"] = round(time.perf_counter() - t0, 2)
+    work = Path(tempfile.mkdtemp(prefix="pusa-inprocess-"))
+    image = work / "start.png"
+    image.write_bytes(base64.b64decode(image_data_url(832, 480).split(",", 1)[1]))
+
+    def generate(variant: str, steps: int | None = None) -> dict:
+        body = request_body(variant, steps=steps)
+        body["images"] = [str(image)]
+        plan = plan_request(parse_request(body), pipe.preset, loras=registry)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        result = pipe.generate(plan, work / f"{variant}.mp4")
+        torch.cuda.synchronize()
+        return {"total_s": round(time.perf_counter() - t, 3), "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
+                "_mp4": Path(result.video_path).read_bytes()}
+
+    for variant in args.variants:
+        key = variant
+        if variant == "fast_fp8":
+            out["fp8_gemms"] = quantize_blocks(pipe.dit.transformer, "fp8")
+            key, variant = "fast_fp8", "fast"
+        out[f"{key}_warmup_s"] = generate(variant, steps=1)["total_s"]
+        job = generate(variant)
+        out.setdefault("_mp4", {})[key] = job.pop("_mp4")
+        out[key] = job
+        log(f"inprocess {key}: {job['total_s']} s")
+        save(args, results)
+    del pipe
+    torch.cuda.empty_cache()
+
+
+# -- driver -----------------------------------------------------------------------------------------
+
+
+def save(args, results: dict) -> None:
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if not k.startswith("_")}
+        return value
+    Path(args.out).write_text(json.dumps(clean(results), indent=1, default=str))
+
+
+def compare(results: dict) -> dict:
+    """Service / in-process per variant, and whether the service's MP4 is the in-process one byte for byte."""
+    rows = {}
+    for name in ("service", "capped"):
+        for variant in ("standard", "fast", "fast_fp8"):
+            service, local = results.get(name, {}).get(variant), results.get("inprocess", {}).get(variant)
+            if isinstance(service, dict) and isinstance(local, dict) and "total_s" in service:
+                same = results[name].get("_mp4", {}).get(variant) == results["inprocess"].get("_mp4", {}).get(variant)
+                rows[f"{name}/{variant}"] = {"service_s": service["total_s"], "inprocess_s": local["total_s"],
+                                             "ratio": round(service["total_s"] / local["total_s"], 4),
+                                             "same_mp4": same}
+    return rows
+
+
+args_global: argparse.Namespace
+
+
+def main() -> int:
+    global args_global
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("/tmp/pusa-random"))
+    parser.add_argument("--layers", type=int, help="transformer blocks of the checkpoint (default: all 40)")
+    parser.add_argument("--phases", default="checkpoint,service,inprocess,capped")
+    parser.add_argument("--variants", default="standard,fast,fast_fp8", help="in-process variants")
+    parser.add_argument("--service-variants", default="standard,fast")
+    parser.add_argument("--oom-size", default="1920x1920x81", help="WIDTHxHEIGHTxFRAMES of the request past the cap")
+    parser.add_argument("--start-timeout", type=float, default=900)
+    parser.add_argument("--out", default="service_gpu.json")
+    args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    args.oom_size = tuple(int(v) for v in args.oom_size.split("x"))
+    args_global = args
+    phases = args.phases.split(",")
+    import torch
+    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "phases": phases}
+    if "checkpoint" in phases:
+        if (args.model / "model_index.json").is_file():
+            results["checkpoint"] = "present"
+        else:
+            from pusa_model.random_checkpoint import write_random_checkpoint
+            t0 = time.perf_counter()
+            results["checkpoint"] = write_random_checkpoint(args.model, device="cuda", layers=args.layers)
+            results["checkpoint"]["total_s"] = round(time.perf_counter() - t0, 2)
+            torch.cuda.empty_cache()
+        log("checkpoint", results["checkpoint"])
+        save(args, results)
+    standard_options = {"compile": True, "attention": "auto"}
+    if "service" in phases:
+        plan = [timed(v) for v in args.service_variants.split(",")] + [kill_dit_mid_job]
+        service_phase(args, results, "service", standard_options, None, plan)
+    if "inprocess" in phases:
+        try:
+            inprocess_phase(args, results)
+        except Exception:  # noqa: BLE001
+            results.setdefault("inprocess", {})["error"] = traceback.format_exc()
+            log(results["inprocess"]["error"])
+    if "capped" in phases:
+        plan = [timed("fast", label="fast_fp8"), timed("fast", (1280, 720), label="fast_fp8_720p"), oom_then_recover]
+        service_phase(args, results, "capped", {**standard_options, "quantize": "fp8"}, A6000_CAPS, plan)
+    results["compare"] = compare(results)
+    save(args, results)
+    print(json.dumps(results["compare"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

