@@ -4,8 +4,9 @@ A job is run by the runner that holds its lease. `claim` takes the oldest job th
 or whose holder stopped renewing its lease, in one compare-and-set statement (PostgreSQL skips rows other
 claimers have locked) and bumps the lease's epoch. Every write a holder makes afterwards is fenced by
 that epoch and by the job's event count (`version`): a holder that lost its lease can never overwrite
-the new holder's state, and a write retried after an unacknowledged commit is recognised instead of
-being applied twice. Other replicas only raise flags (cancel, delete) or act on jobs nobody holds.
+the new holder's state. Each write also records its own id (holder, epoch, version) in the row, so a
+write retried after an unacknowledged commit is recognised by that id instead of being applied twice,
+and a holder fenced out meanwhile is told `LeaseLost`, never that its write succeeded. Other replicas only raise flags (cancel, delete) or act on jobs nobody holds.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ class JobStore:
         """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other
         replicas raised. `LeaseLost` if another runner holds the job now."""
         values = {**changes, "lease_expires_at": db_now() + self.lease_ttl_s}
-        return self._fenced(lease, event, values)
+        return self._fenced(lease, event, values, keeps_lease=True)
 
     def finish(self, lease: Lease, status: str, event: dict[str, Any], *, error: dict | None = None,
                retention_s: float, progress: int | None = None, webhook: dict[str, Any] | None = None) -> Signals:
@@ -298,22 +299,34 @@ class JobStore:
                   "abandon_at": None}
         if progress is not None:
             values["progress"] = progress
-        return self._fenced(lease, event, values, also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
+        return self._fenced(lease, event, values, keeps_lease=False,
+                            also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
 
     def release(self, lease: Lease, event: dict[str, Any], **changes: Any) -> None:
         """Apply `changes` and give the held job back (a runner draining): another runner may claim it
         at once."""
         self._fenced(lease, event, {**changes, "lease_holder": None, "lease_expires_at": None,
-                                    "lease_epoch": lease.epoch + 1})
+                                    "lease_epoch": lease.epoch + 1}, keeps_lease=False)
 
-    def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], also=None) -> Signals:
+    @staticmethod
+    def write_id(lease: Lease) -> str:
+        """The id of the holder's next write: its lease (holder and epoch; epochs are never reused) and
+        the job's version the write expects. A retry of the same write has the same id; no other write has."""
+        return f"{lease.holder}/{lease.epoch}/{lease.version}"
+
+    def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], *, keeps_lease: bool,
+                also=None) -> Signals:
+        """One fenced write: applied only while `lease` is the job's current lease (same epoch, the version
+        it expects)."""
+        write_id = self.write_id(lease)
         if event is not None:
             values["version"] = lease.version + 1
+        values["last_write"] = write_id
         fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version)
         with self.db.write() as conn:
             row = conn.execute(update(jobs).where(*fence).values(**values).returning(*_SIGNALS)).first()
             if row is None:
-                row = self._already_applied(conn, lease, event)
+                row = self._already_applied(conn, lease, event, write_id, keeps_lease)
             else:
                 if event is not None:
                     self._insert_event(conn, lease.job_id, lease.version, event)
@@ -323,12 +336,16 @@ class JobStore:
             lease.version += 1
         return _signals(row)
 
-    def _already_applied(self, conn, lease: Lease, event: dict[str, Any] | None):
-        """After a fenced write matched no row: the job's flags if this very write committed before (its
-        acknowledgement was lost and it is being retried), else `LeaseLost`."""
-        row = conn.execute(select(jobs.c.lease_epoch, jobs.c.version, *_SIGNALS).where(jobs.c.id == lease.job_id)).first()
-        if row is not None and event is not None and row.version == lease.version + 1 and \
-                row.lease_epoch in (lease.epoch, lease.epoch + 1):
+    def _already_applied(self, conn, lease: Lease, event: dict[str, Any] | None, write_id: str, keeps_lease: bool):
+        """After a fenced write matched no row: the job's flags if this very write (`write_id`) committed
+        before and was the job's last write (its acknowledgement was lost and it is being retried), and,
+        for a write that keeps the lease, the lease is still this holder's; else `LeaseLost`. A version
+        and epoch pattern is never taken for proof: a takeover and its first write look the same."""
+        row = conn.execute(select(jobs.c.lease_epoch, jobs.c.lease_holder, jobs.c.version, jobs.c.last_write,
+                                  *_SIGNALS).where(jobs.c.id == lease.job_id)).first()
+        if row is not None and event is not None and row.last_write == write_id and \
+                row.version == lease.version + 1 and \
+                (not keeps_lease or (row.lease_epoch == lease.epoch and row.lease_holder == lease.holder)):
             return row
         raise LeaseLost(f"job {lease.job_id}: lease epoch {lease.epoch} of {lease.holder} is no longer current")
 

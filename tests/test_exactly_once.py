@@ -1,0 +1,255 @@
+"""A job is never lost, doubled or stranded: `JobRun` and the real `JobStore` on SQLite and on PostgreSQL, with
+fake stages (deterministic arithmetic in place of the models, the blob store a folder), so every scenario is
+exact and takes a fraction of a second. Runners are taken over, killed and cut off from the database at chosen
+points; each scenario checks the job's row, its events, its checkpoints and its final "video" against an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
+
+from deployments.db import Database, open_database
+from deployments.job_files import JobFiles
+from deployments.job_run import JobRun, RunContext
+from deployments.job_store import JobStore, Lease, LeaseLost
+from deployments.jobs import Job, job_created_at, job_plan, new_job_id
+from deployments.runner import RunnerSettings
+from deployments.schema import job_events, jobs, webhook_deliveries
+from deployments.storage import open_store
+from pusa_model.presets import get_preset
+from pusa_model.request import parse_request, plan_request
+
+STEPS = 3
+SHORT = {"prompt": "a cat", "frames": 9, "steps": STEPS, "seed": 3}
+LONG = {"prompt": "a long walk", "frames": 25, "window_frames": 17, "steps": STEPS, "seed": 5}  # 3 windows
+HOOK = "http://hooks.example/pusa"
+
+
+class Killed(BaseException):
+    """The runner's process died here: nothing of it runs on (not an `Exception`, so no handler sees it)."""
+
+
+def dropped() -> OperationalError:
+    """What a write on a connection the database dropped raises."""
+    return OperationalError("UPDATE jobs ...", {}, Exception("server closed the connection unexpectedly"))
+
+
+class FakeStages:
+    """The stages as exact arithmetic: a window's latents are its conditioning, then each step k maps x to
+    ``x * 1.5 + k + 1``; a window's frames are its latents doubled; the video is every window's frames.
+    `before(name, args)` runs first in every call (to fail it, or act at a chosen point)."""
+
+    def __init__(self, files: JobFiles) -> None:
+        self.files = files
+        self.before: Callable[[str, tuple], None] | None = None
+        self.calls: list[tuple[str, Any]] = []
+
+    def _hook(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args[0] if args else None))
+        if self.before is not None:
+            self.before(name, args)
+
+    async def encode_text(self, job_id, plan, on_retry):
+        self._hook("encode_text")
+        return "text"
+
+    async def encode_conditioning(self, job_id, request, plan, inputs, on_retry):
+        self._hook("encode_conditioning")
+        return np.full(4, float(plan.seed % 1000), dtype=np.float32)
+
+    async def encode_extension(self, job_id, plan, previous_key, on_retry):
+        self._hook("encode_extension", previous_key)
+        frames = np.load(io.BytesIO(self.files.store.get(previous_key)), allow_pickle=False)
+        return frames[-4:] + 1
+
+    async def step(self, job_id, plan, latents, clean, k, text, on_retry):
+        self._hook("step", k)
+        x = clean if latents is None else latents
+        return (x * 1.5 + k + 1).astype(np.float32)
+
+    async def decode_window(self, job_id, window, plan, latents, on_retry):
+        frames = np.concatenate([latents, latents]) * 2
+        self.files.put_window(job_id, window, frames.tobytes(), frames)
+        self._hook("decode_window", window)  # after the window's frames are stored
+
+    async def stitch(self, job_id, plan, on_retry):
+        self._hook("stitch")
+        frames = [np.load(io.BytesIO(self.files.store.get(self.files.window_frames_key(job_id, i))))
+                  for i in range(len(plan.windows))]
+        self.files.put_result(job_id, np.concatenate(frames).tobytes(), b"thumbnail")
+
+    async def decode(self, job_id, plan, latents, on_retry):
+        self._hook("decode")
+        self.files.put_result(job_id, (latents * 2).tobytes(), b"thumbnail")
+
+
+class Cluster:
+    """One job database and store, shared by any number of runners (holders)."""
+
+    def __init__(self, database_url: str, tmp_path: Path, **settings: Any) -> None:
+        self.db: Database = open_database(database_url)
+        self.jobs = JobStore(self.db, lease_ttl_s=30)
+        self.files = JobFiles(open_store(str(tmp_path / "store")))
+        self.stages = FakeStages(self.files)
+        self.settings = RunnerSettings(**{"outage_s": 5.0, **settings})
+
+    def ctx(self, jobs: JobStore | None = None) -> RunContext:
+        return RunContext(jobs=jobs or self.jobs, files=self.files, stages=self.stages, settings=self.settings,
+                          preset="tiny", retention_s=3600, webhook_url=HOOK, draining=asyncio.Event())
+
+    def submit(self, request: dict, created_at: float | None = None) -> str:
+        plan = plan_request(parse_request(request), get_preset("tiny"))
+        job_id = new_job_id(created_at)
+        self.jobs.create(Job(id=job_id, created_at=job_created_at(job_id), request=plan.request.model_dump(),
+                             plan=job_plan(plan)), {"type": "queued"})
+        return job_id
+
+    def run(self, lease: Lease, jobs: JobStore | None = None) -> JobRun:
+        run = JobRun(self.ctx(jobs), lease)
+        asyncio.run(run.run())
+        return run
+
+    def expire_leases(self) -> None:
+        with self.db.write() as conn:
+            conn.execute(update(jobs).where(jobs.c.lease_expires_at.is_not(None)).values(lease_expires_at=0.0))
+
+    def events(self, job_id: str) -> list[dict]:
+        return self.jobs.events_after(job_id, -1)
+
+    def types(self, job_id: str) -> list[str]:
+        return [e["type"] for e in self.events(job_id)]
+
+    def video(self, job_id: str) -> bytes:
+        return self.files.store.get(self.files.result_key(job_id, "video"))
+
+    def checkpoints(self, job_id: str) -> list[str]:
+        return sorted(k for k in self.files.store.list(f"checkpoints/{job_id}/") if "/e" in k)
+
+    def webhooks(self, job_id: str) -> list[str]:
+        with self.db.read() as conn:
+            return list(conn.execute(select(webhook_deliveries.c.event_type)
+                                     .where(webhook_deliveries.c.job_id == job_id)).scalars())
+
+    def reference(self, request: dict) -> bytes:
+        """The video of an uninterrupted run of `request`."""
+        job_id = self.submit(request)
+        self.run(self.jobs.claim("reference"))
+        assert self.jobs.get(job_id).status == "completed"
+        return self.video(job_id)
+
+
+@pytest.fixture
+def cluster(database_url: str, tmp_path: Path):
+    c = Cluster(database_url, tmp_path)
+    yield c
+    c.db.dispose()
+
+
+class Faulty(JobStore):
+    """A holder's view of the job store whose writes can be made to fail: `fault(method, event)` runs before
+    each write and may raise (the write then never reaches the database)."""
+
+    def __init__(self, jobs: JobStore, fault: Callable[[str, dict | None], None]) -> None:
+        super().__init__(jobs.db, jobs.lease_ttl_s)
+        self.fault = fault
+
+    def record(self, lease, event=None, **changes):
+        self.fault("record", event)
+        return super().record(lease, event, **changes)
+
+    def finish(self, lease, status, event, **kwargs):
+        self.fault("finish", event)
+        return super().finish(lease, status, event, **kwargs)
+
+
+# -- 1. a fenced-out holder is never told its write succeeded ----------------------------------------
+
+
+def test_a_write_retried_after_a_takeover_is_not_acknowledged(cluster: Cluster) -> None:
+    """A's write is lost with its connection; A's lease expires, B claims the job and writes its first event;
+    A's retry (the same write) must fail with `LeaseLost`, for a step and for the final write."""
+    store = cluster.jobs
+    job_id = cluster.submit(SHORT)
+    a = store.claim("r1")
+    store.record(a, {"type": "encoding"})
+    store.record(a, {"type": "step", "step": 1}, checkpoint_step=1, checkpoint_key="ck-a1")
+    # A's next write never reached the database; meanwhile its lease expired and B took the job over
+    cluster.expire_leases()
+    b = store.claim("r2")
+    store.record(b, {"type": "queued", "requeued": True, "resume_step": 1})
+    with pytest.raises(LeaseLost):
+        store.record(a, {"type": "step", "step": 2}, checkpoint_step=2, checkpoint_key="ck-a2")
+    with pytest.raises(LeaseLost):
+        store.finish(a, "completed", {"type": "completed"}, retention_s=60)
+    with pytest.raises(LeaseLost):
+        store.release(a, {"type": "released", "step": 1})
+    row = store.get(job_id)
+    assert (row.status, row.lease_holder, row.checkpoint_key) == ("in_progress", "r2", "ck-a1")
+    assert cluster.types(job_id) == ["queued", "encoding", "step", "queued"]
+    store.record(b, {"type": "encoding"})  # B's lease is intact
+
+
+def test_a_write_committed_without_acknowledgement_is_recognised_once(cluster: Cluster) -> None:
+    """A write whose commit's acknowledgement was lost is recognised when retried, by its own id, while the
+    holder still holds the lease; once another runner took the job over, the same retry is refused."""
+    store = cluster.jobs
+    job_id = cluster.submit(SHORT)
+    a = store.claim("r1")
+    store.record(a, {"type": "step", "step": 1}, progress=10)
+    a.version -= 1  # the acknowledgement was lost: the holder retries the same write
+    store.record(a, {"type": "step", "step": 1}, progress=10)
+    assert a.version == 2 and cluster.types(job_id) == ["queued", "step"]
+
+    store.record(a, {"type": "step", "step": 2}, progress=20)
+    a.version -= 1  # committed, unacknowledged; then the lease lapsed and B claimed the job
+    cluster.expire_leases()
+    b = store.claim("r2")
+    with pytest.raises(LeaseLost):
+        store.record(a, {"type": "step", "step": 2}, progress=20)
+    store.record(b, {"type": "queued", "requeued": True})
+    assert cluster.types(job_id) == ["queued", "step", "step", "queued"]
+
+
+@pytest.mark.parametrize("lost", ["step", "finish"])
+def test_a_runner_fenced_out_while_retrying_keeps_its_hands_off_the_new_holders_checkpoint(cluster: Cluster,
+                                                                                          lost: str) -> None:
+    """Runner A's write fails on a dropped connection; before its retry, B takes the job over and writes. A
+    must stop without deleting the checkpoint B resumes from (nor, for a lost final write, every checkpoint),
+    and B then completes the job to the same video as an uninterrupted run."""
+    reference = cluster.reference(LONG)
+    job_id = cluster.submit(LONG)
+    a = cluster.jobs.claim("r1")
+    taken: list[Lease] = []
+
+    def takeover(method: str, event: dict | None) -> None:
+        if taken or not (method == "record" and event and event.get("step") == 2 if lost == "step"
+                         else method == "finish"):
+            return
+        cluster.expire_leases()
+        b = cluster.jobs.claim("r2")
+        cluster.jobs.record(b, {"type": "queued", "requeued": True, "resume_step": b.job.checkpoint_step})
+        taken.append(b)
+        raise dropped()
+
+    cluster.run(a, Faulty(cluster.jobs, takeover))
+    assert taken, "the takeover never happened"
+    b = taken[0]
+    row = cluster.jobs.get(job_id)
+    assert (row.status, row.lease_holder, row.lease_epoch) == ("in_progress", "r2", b.epoch)
+    assert row.checkpoint_key in cluster.checkpoints(job_id)  # B's resume point is still there
+    cluster.run(b)
+    done = cluster.jobs.get(job_id)
+    assert done.status == "completed", done.error
+    assert cluster.types(job_id).count("completed") == 1 and cluster.webhooks(job_id) == ["video.completed"]
+    assert cluster.video(job_id) == reference
