@@ -12,11 +12,11 @@ and a holder fenced out meanwhile is told `LeaseLost`, never that its write succ
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from . import quotas
@@ -251,14 +251,20 @@ class JobStore:
 
     # -- leases ----------------------------------------------------------------------------------
 
-    def claim(self, holder: str) -> Lease | None:
-        """Take the oldest job that is queued, released, or whose lease expired (not one `holder` held
-        itself) and start it; None if there is none. A job taken from a lost holder counts a takeover."""
+    def claim(self, holder: str, running: Collection[str] | None = None) -> Lease | None:
+        """Take the oldest job that is queued, released, or whose lease expired and start it; None if there
+        is none. A job taken from a lost holder counts a takeover. With `running` (the ids of the jobs
+        `holder` is running now), a lapsed lease of `holder` itself is claimable unless its job is among
+        them (its run has ended: nobody runs the job); without it, no job `holder` held is."""
         now = db_now()
+        if running is None:
+            not_mine = or_(jobs.c.lease_holder.is_(None), jobs.c.lease_holder != holder)
+        else:
+            not_mine = jobs.c.id.not_in(list(running)) if running else true()
         claimable = and_(
             jobs.c.status.in_(ACTIVE),
             or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
-            or_(jobs.c.lease_holder.is_(None), jobs.c.lease_holder != holder),
+            not_mine,
         )
         oldest = (select(jobs.c.id).where(claimable).order_by(jobs.c.created_at, jobs.c.id).limit(1)
                   .with_for_update(skip_locked=True).scalar_subquery())
@@ -275,9 +281,15 @@ class JobStore:
         job = _job(row)
         return Lease(job=job, holder=holder, epoch=job.lease_epoch, version=job.version)
 
-    def renew(self, holder: str) -> dict[str, int]:
-        """Extend every lease `holder` holds; returns {job id: epoch} of those it still holds."""
-        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE))
+    def renew(self, holder: str, running: dict[str, int]) -> dict[str, int]:
+        """Extend the leases `holder` holds on the jobs it is running now ({job id: epoch of its lease});
+        returns {job id: epoch} of those it still holds. The lease of a job the holder no longer runs (its
+        run gave up on an outage, or could not record the job's end) is not renewed: it lapses, and the
+        job is adopted."""
+        if not running:
+            return {}
+        leases = or_(*(and_(jobs.c.id == job_id, jobs.c.lease_epoch == epoch) for job_id, epoch in running.items()))
+        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE), leases)
                 .values(lease_expires_at=db_now() + self.lease_ttl_s).returning(jobs.c.id, jobs.c.lease_epoch))
         with self.db.write() as conn:
             return {row.id: row.lease_epoch for row in conn.execute(stmt)}

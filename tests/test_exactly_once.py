@@ -253,3 +253,70 @@ def test_a_runner_fenced_out_while_retrying_keeps_its_hands_off_the_new_holders_
     assert done.status == "completed", done.error
     assert cluster.types(job_id).count("completed") == 1 and cluster.webhooks(job_id) == ["video.completed"]
     assert cluster.video(job_id) == reference
+
+
+# -- 2. a job whose run gave up is not stranded in progress -----------------------------------------
+
+
+def _runner(cluster: Cluster, holder: str, runs: dict) -> Any:
+    """A runner replica's state without Serve: its holder name, store, settings and runs."""
+    from deployments.runner import Runner
+
+    bare = type("BareRunner", (Runner.func_or_class,), {"__del__": lambda self: None})  # no drain at GC
+    runner = object.__new__(bare)
+    runner.holder, runner.jobs, runner.runs = holder, cluster.jobs, runs
+    runner.settings = cluster.settings.model_copy(update={"renew_s": 0.02})
+    return runner
+
+
+async def _renew_for(runner, seconds: float) -> None:
+    """The replica's lease-renewing loop, for `seconds`."""
+    try:
+        await asyncio.wait_for(runner._renew(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+@pytest.mark.parametrize("adopter", ["r2", "r1"], ids=["another-runner", "the-same-runner"])
+@pytest.mark.parametrize("gave_up", ["outage", "unrecorded-failure"])
+def test_a_job_whose_run_gave_up_lapses_and_is_adopted(database_url: str, tmp_path: Path, gave_up: str,
+                                                       adopter: str) -> None:
+    """The run of a job returns while the row still names its runner: after an outage longer than
+    ``outage_s``, or when the job's failure cannot be written. The runner goes on renewing the leases of
+    the jobs it still runs, but not that one: it lapses, and a runner (another, or this one, which no longer
+    runs it) adopts it and completes it."""
+    cluster = Cluster(database_url, tmp_path, outage_s=0.3)
+    try:
+        reference = cluster.reference(SHORT)
+        job_id, busy_id = cluster.submit(SHORT), cluster.submit(SHORT)
+        lease, busy = cluster.jobs.claim("r1"), cluster.jobs.claim("r1")
+        assert (lease.job_id, busy.job_id) == (job_id, busy_id)
+
+        def fault(method: str, event: dict | None) -> None:
+            if gave_up == "outage" or method == "finish":
+                raise dropped() if gave_up == "outage" else RuntimeError("disk I/O error")
+            if event and event["type"] == "step":
+                raise ValueError("a bug in a step")  # the job fails, and its failure cannot be written
+
+        run = cluster.run(lease, Faulty(cluster.jobs, fault))
+        assert not run.let_go and cluster.jobs.get(job_id).lease_holder == "r1"  # the run gave up
+
+        async def replica() -> None:
+            still_running = asyncio.get_running_loop().create_future()  # the other job's run goes on
+            runner = _runner(cluster, "r1", {busy_id: (JobRun(cluster.ctx(), busy), still_running)})
+            cluster.expire_leases()
+            await _renew_for(runner, 0.2)
+            assert not still_running.cancelled()
+        asyncio.run(replica())
+
+        assert cluster.jobs.get(busy_id).lease_expires_at > time.time()  # renewed: its run goes on
+        assert cluster.jobs.get(job_id).lease_expires_at < time.time()  # lapsed
+        assert cluster.jobs.claim("r1", running={busy_id, job_id}) is None  # a job the runner runs: never its own
+        adopted = cluster.jobs.claim(adopter, running={busy_id})
+        assert adopted is not None and adopted.job_id == job_id and adopted.job.adopted
+        cluster.run(adopted)
+        done = cluster.jobs.get(job_id)
+        assert done.status == "completed" and cluster.video(job_id) == reference
+        assert cluster.types(job_id).count("completed") == 1 and cluster.types(job_id).count("failed") == 0
+    finally:
+        cluster.db.dispose()
