@@ -84,10 +84,13 @@ class JobRun:
         except LeaseLost as exc:
             logger.warning("job %s: %s; stopping", self.job_id, exc)
         except asyncio.CancelledError:
-            if self.ctx.draining.is_set():
+            if self.ctx.draining.is_set() and not self.let_go:
                 await asyncio.shield(self._release_after_cancel())
             raise
         except Exception as exc:
+            if self.let_go:  # the job ended or was released already: nothing more is written
+                logger.exception("job %s: error after its lease was let go", self.job_id)
+                return
             if _unavailable(exc):  # never fail a job for an outage: another runner adopts it later
                 logger.error("job %s: store or database unavailable for %.0f s; leaving it to be adopted",
                              self.job_id, self.ctx.settings.outage_s)
@@ -277,6 +280,8 @@ class JobRun:
         job at its last recorded checkpoint."""
         if self._write is not None:
             await asyncio.wait([self._write])
+        if self.let_go:  # the write in flight ended the job (or released it): nothing to give back
+            return
         try:
             await self._persist(self.ctx.jobs.release, self.lease, {"type": "released"})
             self.let_go = True
@@ -296,10 +301,15 @@ class JobRun:
         metrics().jobs_finished.inc(tags={**self._tags, "status": status, "reason": reason})
         log_job_event("finished", job.id, status=status, reason=reason,
                       seconds=round(time.time() - (job.started_at or job.created_at), 3))
-        await self._persist(ctx.files.delete_checkpoints, job.id)
-        if signals.delete:
-            await self._persist(ctx.files.delete_all, job.id)
-            await self._persist(ctx.jobs.delete, job.id)
+        # The job has ended: a cleanup that fails is logged, never turned into a failure of the job (its
+        # checkpoints then stay until the job expires; the sweep deletes every file of it).
+        try:
+            await self._persist(ctx.files.delete_checkpoints, job.id)
+            if signals.delete:
+                await self._persist(ctx.files.delete_all, job.id)
+                await self._persist(ctx.jobs.delete, job.id)
+        except Exception:
+            logger.exception("job %s: cleaning up after its end failed", job.id)
 
     async def _fail(self, exc: Exception) -> None:
         if isinstance(exc, StageFailed):

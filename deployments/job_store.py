@@ -296,19 +296,20 @@ class JobStore:
 
     def record(self, lease: Lease, event: dict[str, Any] | None = None, **changes: Any) -> Signals:
         """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other
-        replicas raised. `LeaseLost` if another runner holds the job now."""
+        replicas raised. `LeaseLost` if another runner holds the job now, or it has ended."""
         values = {**changes, "lease_expires_at": db_now() + self.lease_ttl_s}
         return self._fenced(lease, event, values, keeps_lease=True)
 
     def finish(self, lease: Lease, status: str, event: dict[str, Any], *, error: dict | None = None,
                retention_s: float, progress: int | None = None, webhook: dict[str, Any] | None = None) -> Signals:
-        """End the held job with `status` and its final `event`, release the lease, start its retention
-        period and queue its webhook delivery (a ``webhook_deliveries`` row), all in one transaction."""
+        """End the held job with `status` and its final `event`, end the lease (its epoch moves on: no write
+        of the holder applies any more), start its retention period and queue its webhook delivery (a
+        ``webhook_deliveries`` row), all in one transaction."""
         assert status in TERMINAL, status
         now = time.time()
         values = {"status": status, "error": error, "completed_at": now, "expires_at": now + retention_s,
-                  "lease_holder": None, "lease_expires_at": None, "checkpoint_step": None, "checkpoint_key": None,
-                  "abandon_at": None}
+                  "lease_holder": None, "lease_expires_at": None, "lease_epoch": lease.epoch + 1,
+                  "checkpoint_step": None, "checkpoint_key": None, "abandon_at": None}
         if progress is not None:
             values["progress"] = progress
         return self._fenced(lease, event, values, keeps_lease=False,
@@ -329,12 +330,13 @@ class JobStore:
     def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], *, keeps_lease: bool,
                 also=None) -> Signals:
         """One fenced write: applied only while `lease` is the job's current lease (same epoch, the version
-        it expects)."""
+        it expects) and the job has not ended (nothing is written after a terminal state)."""
         write_id = self.write_id(lease)
         if event is not None:
             values["version"] = lease.version + 1
         values["last_write"] = write_id
-        fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version)
+        fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version,
+                 jobs.c.status.in_(ACTIVE))
         with self.db.write() as conn:
             row = conn.execute(update(jobs).where(*fence).values(**values).returning(*_SIGNALS)).first()
             if row is None:

@@ -320,3 +320,74 @@ def test_a_job_whose_run_gave_up_lapses_and_is_adopted(database_url: str, tmp_pa
         assert cluster.types(job_id).count("completed") == 1 and cluster.types(job_id).count("failed") == 0
     finally:
         cluster.db.dispose()
+
+
+# -- 3. nothing is written after a job's end ---------------------------------------------------------
+
+
+def test_nothing_is_written_with_a_lease_after_its_job_ended(cluster: Cluster) -> None:
+    """`finish` ends the lease: the holder's later writes (a step, a release in a drain, a second end) are
+    `LeaseLost` and leave the ended job as it is; a retried `finish` whose commit was not acknowledged is
+    still recognised."""
+    store = cluster.jobs
+    job_id = cluster.submit(SHORT)
+    lease = store.claim("r1")
+    store.record(lease, {"type": "step", "step": 1}, checkpoint_step=1, checkpoint_key="k")
+    store.finish(lease, "completed", {"type": "completed", "url": "u"}, retention_s=60, progress=100,
+                 webhook={"id": "msg_1", "job_id": job_id, "event_type": "video.completed", "url": HOOK,
+                          "payload": "{}", "state": "pending", "created_at": 0.0, "next_attempt_at": 0.0})
+    ended = store.get(job_id)
+    for write in (lambda: store.record(lease, {"type": "step", "step": 2}),
+                  lambda: store.release(lease, {"type": "released", "step": 1}),
+                  lambda: store.finish(lease, "failed", {"type": "failed"}, error={"code": "x"}, retention_s=60)):
+        with pytest.raises(LeaseLost):
+            write()
+    assert store.get(job_id) == ended and ended.status == "completed"
+    assert cluster.types(job_id) == ["queued", "step", "completed"] and cluster.webhooks(job_id) == ["video.completed"]
+    lease.version -= 1  # the end's acknowledgement was lost: its retry is recognised, nothing is doubled
+    store.finish(lease, "completed", {"type": "completed", "url": "u"}, retention_s=60)
+    assert cluster.types(job_id) == ["queued", "step", "completed"] and cluster.webhooks(job_id) == ["video.completed"]
+
+
+@pytest.mark.parametrize("failure", [PermissionError("store: access denied"), ValueError("bad key")],
+                         ids=["store-error", "bug"])
+def test_a_cleanup_that_fails_after_the_end_does_not_fail_the_job(cluster: Cluster, monkeypatch, failure) -> None:
+    job_id = cluster.submit(SHORT)
+
+    def delete_checkpoints(job_id: str) -> None:
+        raise failure
+
+    monkeypatch.setattr(cluster.files, "delete_checkpoints", delete_checkpoints)
+    run = cluster.run(cluster.jobs.claim("r1"))
+    job = cluster.jobs.get(job_id)
+    assert run.let_go and (job.status, job.error, job.progress) == ("completed", None, 100)
+    assert cluster.types(job_id)[-1] == "completed" and "failed" not in cluster.types(job_id)
+    assert cluster.webhooks(job_id) == ["video.completed"]
+
+
+def test_a_drain_during_the_final_write_appends_nothing_after_it(cluster: Cluster) -> None:
+    """The runner drains while the job's final write is in flight: the run is cancelled, the write lands,
+    and no `released` follows the end."""
+    job_id = cluster.submit(SHORT)
+    ctx = cluster.ctx()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        run = JobRun(ctx, cluster.jobs.claim("r1"))
+        task = asyncio.ensure_future(run.run())
+
+        def drain_now(method: str, event: dict | None) -> None:  # in the write's thread, before it commits
+            if method == "finish":
+                ctx.draining.set()
+                loop.call_soon_threadsafe(task.cancel)
+                time.sleep(0.3)
+
+        run.ctx = RunContext(**{**ctx.__dict__, "jobs": Faulty(cluster.jobs, drain_now)})
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    job = cluster.jobs.get(job_id)
+    assert (job.status, job.lease_holder) == ("completed", None)
+    assert cluster.types(job_id)[-1] == "completed" and "released" not in cluster.types(job_id)
+    assert cluster.webhooks(job_id) == ["video.completed"]
