@@ -158,17 +158,24 @@ class JobRun:
         first, k = divmod(start, steps)
         if k == 0 and first > 0:
             first, k = first - 1, steps
+        announced: set[int] = set()  # segments whose event a runner before this one recorded
+        if self.lease.resumed and len(windows) > 1:
+            announced = {e["segment"] for e in await self._persist(ctx.jobs.events_after, job.id, -1)
+                         if e["type"] == "segment"}
         for i in range(first, len(windows)):
             if len(windows) > 1 and await self._persist(ctx.files.store.exists, ctx.files.window_frames_key(job.id, i)):
-                continue  # decoded before this runner took the job over
+                # Decoded before this runner took the job over (its runner may have died before announcing
+                # it). The next window starts from its own conditioning, with every one of its steps.
+                k = 0
+                if i not in announced and await self._stop(await self._segment(plan, i), (i + 1) * steps):
+                    return
+                continue
             latents = await self._window(plan, i, k, text)
             if latents is None:
                 return
             if len(windows) > 1:
-                url = await self._decode_window(plan, i, latents)
-                if await self._stop(await self._record({"type": "segment", "segment": i, "segments": len(windows),
-                                                        "frames": windows[i].frames, "url": url}),
-                                    (i + 1) * steps):
+                await self._decode_window(plan, i, latents)
+                if await self._stop(await self._segment(plan, i), (i + 1) * steps):
                     return
             k = 0
         await self._record({"type": "decoding"}, progress=96)
@@ -204,10 +211,14 @@ class JobRun:
                 k = 0
         raise AssertionError("unreachable")
 
-    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> str:
-        """Decode window `i` of a long video to the store; the URL of its MP4."""
+    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> None:
+        """Decode window `i` of a long video to the store (its frames, then its MP4)."""
         await self.ctx.stages.decode_window(self.job_id, i, plan.windows[i], latents, self._on_retry)
-        return f"/v1/videos/{self.job_id}/content?segment={i}"
+
+    async def _segment(self, plan: GenerationPlan, i: int) -> Signals:
+        """Announce decoded window `i` of a long video (its `segment` event, with the URL of its MP4)."""
+        return await self._record({"type": "segment", "segment": i, "segments": len(plan.windows),
+                                   "frames": plan.windows[i].frames, "url": f"/v1/videos/{self.job_id}/content?segment={i}"})
 
     async def _denoise(self, plan: GenerationPlan, window: int, start: int, latents, clean, text) -> Any | None:
         """Steps `start`.. of window `window`; its final latents, or None when the job stopped or was released.

@@ -391,3 +391,38 @@ def test_a_drain_during_the_final_write_appends_nothing_after_it(cluster: Cluste
     assert (job.status, job.lease_holder) == ("completed", None)
     assert cluster.types(job_id)[-1] == "completed" and "released" not in cluster.types(job_id)
     assert cluster.webhooks(job_id) == ["video.completed"]
+
+
+# -- 4. a resumed long video runs every window's steps -----------------------------------------------
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_a_runner_killed_after_a_windows_frames_but_before_its_segment_event_resumes_to_the_same_video(
+        cluster: Cluster, window: int) -> None:
+    """The runner dies right after window `window`'s frames are stored, before its `segment` event. The next
+    runner skips decoding that window again but runs every step of the next ones: every step and every
+    segment is reported once, and the video equals an uninterrupted run's."""
+    reference = cluster.reference(LONG)
+    job_id = cluster.submit(LONG)
+
+    def kill(name: str, args: tuple) -> None:
+        if name == "decode_window" and args[0] == window:
+            raise Killed()
+
+    cluster.stages.before = kill
+    with pytest.raises(Killed):
+        cluster.run(cluster.jobs.claim("r1"))
+    assert cluster.jobs.get(job_id).checkpoint_step == (window + 1) * STEPS
+    assert "segment" not in cluster.types(job_id)[-1:]
+    cluster.stages.before = None
+    cluster.stages.calls.clear()
+    cluster.expire_leases()
+    cluster.run(cluster.jobs.claim("r2"))
+
+    job, events = cluster.jobs.get(job_id), cluster.events(job_id)
+    assert job.status == "completed", job.error
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 3 * STEPS + 1))
+    assert [e["segment"] for e in events if e["type"] == "segment"] == [0, 1, 2]
+    assert [args for name, args in cluster.stages.calls if name == "decode_window"] == list(range(window + 1, 3))
+    assert sum(name == "step" for name, _ in cluster.stages.calls) == (2 - window) * STEPS
+    assert cluster.video(job_id) == reference
