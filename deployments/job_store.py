@@ -23,6 +23,7 @@ from . import quotas
 from .db import Database, db_now
 from .jobs import ACTIVE, TERMINAL, Job, job_created_at
 from .schema import job_events, jobs, usage, webhook_deliveries
+from .webhooks import delivery
 
 Order = Literal["asc", "desc"]
 
@@ -104,11 +105,16 @@ def _signals(row) -> Signals:
 
 
 class JobStore:
-    """Job rows, events and leases in `db`; a lease lasts `lease_ttl_s` after each write or renewal."""
+    """Job rows, events and leases in `db`; a lease lasts `lease_ttl_s` after each write or renewal. A job
+    that ends without a holder (cancelled while queued) is kept `retention_s` and announced to its own
+    webhook URL or else `webhook_url` (the deployment's receiver, if any), as a runner ends one."""
 
-    def __init__(self, db: Database, lease_ttl_s: float = 30.0) -> None:
+    def __init__(self, db: Database, lease_ttl_s: float = 30.0, retention_s: float = 7 * 86400,
+                 webhook_url: str | None = None) -> None:
         self.db = db
         self.lease_ttl_s = lease_ttl_s
+        self.retention_s = retention_s
+        self.webhook_url = webhook_url
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -242,12 +248,18 @@ class JobStore:
             conn.execute(delete(jobs).where(jobs.c.id == job_id))
 
     def _end_unheld(self, conn, job: Job, status: str) -> None:
-        """End a job nobody holds (guarded by its unchanged version)."""
+        """End a job nobody holds (guarded by its unchanged version and active status) as a holder's
+        `finish` would: its retention period starts and its webhook delivery is queued."""
+        now = time.time()
         done = conn.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.version == job.version,
-                                               jobs.c.lease_holder.is_(None))
-                            .values(status=status, completed_at=time.time(), version=job.version + 1))
+                                               jobs.c.lease_holder.is_(None), jobs.c.status.in_(ACTIVE))
+                            .values(status=status, completed_at=now, expires_at=now + self.retention_s,
+                                    abandon_at=None, version=job.version + 1))
         if done.rowcount:
             self._insert_event(conn, job.id, job.version, {"type": status})
+            url = job.webhook_url or self.webhook_url
+            if url:
+                conn.execute(insert(webhook_deliveries).values(**delivery(job.id, status, url)))
 
     # -- leases ----------------------------------------------------------------------------------
 

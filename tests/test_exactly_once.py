@@ -426,3 +426,44 @@ def test_a_runner_killed_after_a_windows_frames_but_before_its_segment_event_res
     assert [args for name, args in cluster.stages.calls if name == "decode_window"] == list(range(window + 1, 3))
     assert sum(name == "step" for name, _ in cluster.stages.calls) == (2 - window) * STEPS
     assert cluster.video(job_id) == reference
+
+
+# -- 5. a job cancelled while queued is kept, announced and swept like any ended job -------------------
+
+
+@pytest.mark.parametrize("how", ["cancel", "delete"])
+def test_a_job_cancelled_while_queued_expires_and_is_announced(cluster: Cluster, how: str) -> None:
+    store = JobStore(cluster.db, retention_s=0.2, webhook_url=HOOK)  # as the routers make it
+    mine = "https://example.com/my-hook"
+    default_id, own_id = cluster.submit(SHORT), cluster.submit(SHORT)
+    with cluster.db.write() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == own_id).values(webhook_url=mine))
+    before = time.time()
+    for job_id in (default_id, own_id):
+        if how == "cancel":
+            store.request_cancel(job_id)
+        else:
+            assert store.request_delete(job_id) is True
+    with cluster.db.read() as conn:
+        rows = {r.id: r for r in conn.execute(select(jobs).where(jobs.c.id.in_([default_id, own_id])))}
+        hooks = {(r.job_id, r.event_type, r.url) for r in conn.execute(select(webhook_deliveries))}
+    for job_id in (default_id, own_id):
+        assert rows[job_id].status == "cancelled" and before + 0.2 <= rows[job_id].expires_at <= time.time() + 0.2
+    assert hooks == {(default_id, "video.cancelled", HOOK), (own_id, "video.cancelled", mine)}
+    store.request_cancel(default_id)  # again: ended already, nothing more
+    assert cluster.webhooks(default_id) == ["video.cancelled"]
+    assert cluster.types(default_id) == ["queued", "cancelled"]
+    time.sleep(0.3)
+    assert sorted(store.expired()) == sorted([default_id, own_id])  # swept with its events and inputs
+    for job_id in (default_id, own_id):
+        assert store.delete_expired(job_id)
+    with cluster.db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(job_events)
+                            .where(job_events.c.job_id.in_([default_id, own_id]))).scalar_one() == 0
+    assert store.claim("r1") is None
+
+
+def test_a_job_cancelled_while_queued_without_a_receiver_queues_no_webhook(cluster: Cluster) -> None:
+    job_id = cluster.submit(SHORT)
+    JobStore(cluster.db, retention_s=60).request_cancel(job_id)
+    assert cluster.jobs.get(job_id).expires_at is not None and cluster.webhooks(job_id) == []
