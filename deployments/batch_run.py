@@ -30,11 +30,11 @@ from pusa_batch.sources import read_manifest
 from pusa_model.presets import get_preset
 
 from .batch_files import error_line, output_line
-from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile
+from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, file_created_at
 from .db import open_database
 from .job_files import JobFiles
 from .job_store import JobStore, LeaseLost
-from .jobs import JOB_PREFIX, Job, job_plan, new_id
+from .jobs import JOB_PREFIX, Job, job_created_at, job_plan, new_id
 from .storage import open_store
 
 logger = logging.getLogger("ray.serve")
@@ -63,8 +63,9 @@ def manifest_key(batch_id: str) -> str:
 
 
 def _video_id(batch: Batch, custom_id: str) -> str:
-    """The id of the video a batch's row makes: the batch's creation time and a hash of (batch, row)."""
-    return f"{JOB_PREFIX}{int(batch.created_at * 1000):012x}" + \
+    """The id of the video a batch's row makes: the batch's creation time (the millisecond its id carries)
+    and a hash of (batch, row)."""
+    return f"{JOB_PREFIX}{int(round(batch_created_at(batch.id) * 1000)):012x}" + \
         hashlib.sha256(f"{batch.id}/{custom_id}".encode()).hexdigest()[:12]
 
 
@@ -174,7 +175,7 @@ class BatchRun:
                  for folder, ext in (("videos", "mp4"), ("thumbnails", "webp"))]
         self.ctx.files.put_result(video_id, *files)
         now = time.time()
-        job = Job(id=video_id, owner=self.batch.owner, created_at=self.batch.created_at, status="completed",
+        job = Job(id=video_id, owner=self.batch.owner, created_at=job_created_at(video_id), status="completed",
                   progress=100, request=plan.request.model_dump(), plan=job_plan(plan), started_at=now,
                   completed_at=now, expires_at=now + self.ctx.retention_s)
         try:
@@ -214,7 +215,7 @@ class BatchRun:
         self.store.put(key, data, "application/jsonl")
         self.ctx.batches.add_file(StoredFile(id=file_id, owner=self.batch.owner, purpose="batch_output",
                                              filename=f"{self.batch.id}_{name}.jsonl", bytes=len(data),
-                                             created_at=time.time(), key=key))
+                                             created_at=file_created_at(file_id), key=key))
         return file_id
 
 

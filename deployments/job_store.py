@@ -69,7 +69,9 @@ def page_query(query, table, limit: int, after: str | None, order: Order, owner:
                created_at_of: Callable[[str], float]):
     """`query` over `table` narrowed to `owner`'s rows (every owner's with None), a page of `limit` in
     (created_at, id) order after the row `after` (it need not exist any more: its creation time is read
-    from the id by `created_at_of`; `KeyError` for a string that is no such id)."""
+    from the id by `created_at_of`; `KeyError` for a string that is no such id). Every row's `created_at`
+    must be the time its id carries (to the millisecond), as the stores write it: else a page's cursor
+    falls between rows, and paging skips or repeats them."""
     if owner is not None:
         query = query.where(table.c.owner == owner)
     if after is not None:
@@ -125,7 +127,9 @@ class JobStore:
         owner used before: the existing job if its request hash matches, else `IdempotencyConflict`.
         With a `charge`, the owner's quotas are checked and the charge recorded in the same transaction
         (`quotas.QuotaExceeded` when over one)."""
-        row = job.model_dump(exclude={"version"}) | {"version": 1}
+        # Listing pages by (created_at, id) and reads a cursor's time from its id: the row's time is the id's
+        # (to the millisecond), whoever made the job.
+        row = job.model_dump(exclude={"version"}) | {"version": 1, "created_at": job_created_at(job.id)}
         values = dict(row)
         if abandon_after_s is not None:
             values["abandon_at"] = db_now() + abandon_after_s

@@ -467,3 +467,104 @@ def test_a_job_cancelled_while_queued_without_a_receiver_queues_no_webhook(clust
     job_id = cluster.submit(SHORT)
     JobStore(cluster.db, retention_s=60).request_cancel(job_id)
     assert cluster.jobs.get(job_id).expires_at is not None and cluster.webhooks(job_id) == []
+
+
+# -- 6. listing pages through every job exactly once -------------------------------------------------
+
+
+def _batch_run(cluster: Cluster, created_at: float, rows: int):
+    """A `BatchRun` of a batch created at `created_at` (full precision, as the API stamps it) whose `rows`
+    rows all completed in the pipeline (their files in the store)."""
+    from deployments.batch_run import BatchContext, BatchRun
+    from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
+    from deployments.jobs import new_id
+    from pusa_batch.run import BatchSettings
+
+    batch = Batch(id=new_id(BATCH_PREFIX, created_at), owner="alice", endpoint="/v1/videos", input_file_id="file-x",
+                  completion_window="24h", status="in_progress", cost_gpu_s=1.0, total=rows, created_at=created_at,
+                  expires_at=created_at + 86400)
+    ctx = BatchContext(batches=BatchStore(cluster.db), jobs=cluster.jobs, files=cluster.files,
+                       settings=BatchSettings(), preset="tiny", retention_s=3600, renew_s=1.0, draining=asyncio.Event())
+    run = BatchRun(ctx, BatchLease(batch=batch, holder="r1", epoch=1))
+    run.rows = [{"custom_id": f"row-{i}", "prompt": "a cat", "frames": 9, "steps": 2} for i in range(rows)]
+    run.row_of = {row["custom_id"]: row for row in run.rows}
+    for row in run.rows:
+        for folder, ext in (("videos", "mp4"), ("thumbnails", "webp")):
+            cluster.files.store.put(f"{run.prefix}/{folder}/{row['custom_id']}.{ext}", b"data")
+    return run
+
+
+def _pages(list_page: Callable[..., list], order: str, limit: int = 5) -> list[str]:
+    """Every id, page by page (each page after the last id of the one before), until an empty page."""
+    seen: list[str] = []
+    while page := [item.id for item in list_page(limit=limit, after=seen[-1] if seen else None, order=order)]:
+        seen += page
+        assert len(seen) < 200, "paging does not end"
+    return seen
+
+
+def test_listing_pages_through_jobs_of_one_millisecond_and_of_a_batch_exactly_once(cluster: Cluster) -> None:
+    t0 = 1_760_000_000.0
+    store = cluster.jobs
+    made = [cluster.submit(SHORT, t0 + 0.0005) for _ in range(4)]  # one millisecond, four jobs
+    made += [store.create(Job(id=new_job_id(t0 + 0.001), owner="", created_at=t0 + 0.0014, request={"prompt": "x"},
+                              plan={"frames": 9, "fps": 16, "width": 64, "height": 64}), {"type": "queued"}).id]
+    run = _batch_run(cluster, t0 + 0.0017, rows=12)  # its videos' ids carry t0 + 1 ms
+    made += [run._register({"custom_id": row["custom_id"], "status": "completed", "seed": 1}).id for row in run.rows]
+    made += [cluster.submit(SHORT, t0 + 0.002 + i * 0.001) for i in range(3)]
+    everyone = sorted(made, key=lambda job_id: (job_created_at(job_id), job_id))
+    for owner in (None, "alice"):
+        expected = [job_id for job_id in everyone if owner is None or store.get(job_id).owner == owner]
+
+        def page(**kwargs: Any) -> list[Job]:
+            return store.list(owner=owner, **kwargs)
+
+        assert _pages(page, "asc") == expected
+        assert _pages(page, "desc") == expected[::-1]
+    for job_id in made:
+        assert store.get(job_id).created_at == job_created_at(job_id)
+
+
+def test_listing_pages_through_files_and_batches_exactly_once(cluster: Cluster) -> None:
+    from deployments.batches import BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile
+    from deployments.jobs import new_id
+
+    batches = BatchStore(cluster.db)
+    t0 = 1_760_000_000.0
+    for i in range(12):  # ids and times stamped a little apart, as the API does
+        at = t0 + i // 4 * 0.001 + 0.0003
+        batches.add_file(StoredFile(id=new_id(FILE_PREFIX, at), owner="o", purpose="batch", filename="in.jsonl",
+                                    bytes=1, created_at=at + 0.0002, key="k"))
+        batches.create(Batch(id=new_id(BATCH_PREFIX, at), owner="o", endpoint="/v1/videos", input_file_id="f",
+                             completion_window="24h", status="validating", cost_gpu_s=1.0, total=1, created_at=at,
+                             expires_at=at + 86400))
+    for list_page in (lambda **kw: batches.list_files(owner="o", **kw), lambda **kw: batches.list(owner="o", **kw)):
+        ids = sorted(item.id for item in list_page(limit=100, after=None, order="asc"))
+        assert len(ids) == 12
+        assert _pages(list_page, "asc") == ids and _pages(list_page, "desc") == ids[::-1]
+
+
+def test_upgrade_gives_rows_stamped_apart_from_their_id_the_ids_time(database_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import insert
+
+    from deployments.db import alembic_config, migrate
+
+    db = Database(database_url)
+    try:
+        with db.write() as conn:
+            config = alembic_config(db)
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0005")
+        t0 = 1_760_000_000.0
+        batch_made, online = new_job_id(t0), new_job_id(t0 + 0.002)
+        with db.write() as conn:  # as a batch registered its videos: the batch's time, at full precision
+            for job_id, at in ((batch_made, t0 + 0.0007), (online, job_created_at(online))):
+                conn.execute(insert(jobs).values(id=job_id, owner="", created_at=at, status="completed", model="m",
+                                                 request={}, plan={}, inputs={}))
+        migrate(db)
+        store = JobStore(db)
+        assert [store.get(j).created_at for j in (batch_made, online)] == [t0, job_created_at(online)]
+        assert _pages(lambda **kw: store.list(owner=None, **kw), "desc", limit=1) == [online, batch_made]
+    finally:
+        db.dispose()
