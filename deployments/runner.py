@@ -84,7 +84,7 @@ class Runner:
         self.batches = BatchStore(db, lease_ttl_s=s.lease_ttl_s)
         self.batch_driver_args = dict(
             database=database, store=store, settings={"preset": preset, **(batch or {})}, preset=preset,
-            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s)
+            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s, outage_s=s.outage_s)
         self.batch_driver: ray.actor.ActorHandle | None = None
         self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()

@@ -568,3 +568,40 @@ def test_upgrade_gives_rows_stamped_apart_from_their_id_the_ids_time(database_ur
         assert _pages(lambda **kw: store.list(owner=None, **kw), "desc", limit=1) == [online, batch_made]
     finally:
         db.dispose()
+
+
+# -- 7. a brief outage at a batch's row boundary does not fail the batch --------------------------------
+
+
+def test_a_brief_outage_when_a_batch_row_ends_is_waited_out(cluster: Cluster, monkeypatch) -> None:
+    from deployments.batches import BatchStore
+    from deployments.storage import StoreUnavailable
+
+    run = _batch_run(cluster, time.time(), rows=2)
+    batches = run.ctx.batches
+    batches.create(run.batch)
+    run.lease = batches.claim("r1")
+    failures: list[str] = []
+
+    def once(name: str, fn: Callable, error: Callable[[], Exception]) -> Callable:
+        def flaky(*args, **kwargs):
+            if name not in failures:
+                failures.append(name)
+                raise error()
+            return fn(*args, **kwargs)
+        return flaky
+
+    monkeypatch.setattr(cluster.files.store, "get", once("store.get", cluster.files.store.get,
+                                                         lambda: StoreUnavailable("store: connection reset")))
+    monkeypatch.setattr(cluster.jobs, "create", once("jobs.create", cluster.jobs.create, dropped))
+    monkeypatch.setattr(batches, "update", once("batches.update", BatchStore.update.__get__(batches), dropped))
+    run._on_record({"custom_id": "row-0", "status": "completed", "seed": 1})
+    run._on_record({"custom_id": "row-1", "status": "failed", "seed": 2})
+    assert failures == ["store.get", "jobs.create", "batches.update"]
+    got = batches.get(run.batch.id)
+    assert (got.completed, got.failed) == (1, 1)
+    assert [j.id for j in cluster.jobs.list(owner="alice")] == [run._register({"custom_id": "row-0"}).id]
+
+    monkeypatch.setattr(cluster.jobs, "get", lambda job_id: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError):  # not an outage: raised at once
+        run._on_record({"custom_id": "row-1", "status": "completed", "seed": 2})
