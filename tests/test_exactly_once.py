@@ -605,3 +605,82 @@ def test_a_brief_outage_when_a_batch_row_ends_is_waited_out(cluster: Cluster, mo
     monkeypatch.setattr(cluster.jobs, "get", lambda job_id: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError):  # not an outage: raised at once
         run._on_record({"custom_id": "row-1", "status": "completed", "seed": 2})
+
+
+# -- 7. which database errors are waited out ---------------------------------------------------------
+
+
+def _error(fn: Callable[[], Any]) -> Exception:
+    try:
+        fn()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error")
+
+
+def test_only_database_errors_that_can_pass_are_transient(database_url: str, tmp_path: Path) -> None:
+    """An outage, a restart or a busy database is waited out; a read-only database, a full disk or a
+    missing table is not (retrying it for ``outage_s`` only delays the error)."""
+    from sqlalchemy import create_engine, text
+
+    from deployments.db import is_transient
+
+    db = open_database(database_url)
+    try:
+        def write(engine=db.engine, sql="UPDATE jobs SET progress = 1") -> Any:
+            with engine.begin() as conn:
+                return conn.execute(text(sql))
+
+        missing = _error(lambda: write(sql="UPDATE no_such_table SET x = 1"))
+        assert not is_transient(missing), missing
+        if db.dialect == "sqlite":
+            path = db.url.database
+            with db.engine.begin() as holder:  # another writer holds the lock
+                holder.exec_driver_sql("UPDATE jobs SET progress = 2")
+                impatient = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+                locked = _error(lambda: write(impatient, "UPDATE jobs SET progress = 3"))
+                impatient.dispose()
+            read_only = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+            readonly = _error(lambda: write(read_only))
+            read_only.dispose()
+
+            def fill() -> None:
+                with db.engine.begin() as conn:
+                    conn.exec_driver_sql("PRAGMA max_page_count = 40")
+                    conn.exec_driver_sql("CREATE TABLE filler (x TEXT)")
+                    for _ in range(100):
+                        conn.exec_driver_sql("INSERT INTO filler VALUES (randomblob(4096))")
+            full = _error(fill)
+            assert is_transient(locked) and "locked" in str(locked), locked
+            assert not is_transient(readonly) and "readonly" in str(readonly), readonly
+            assert not is_transient(full) and "full" in str(full), full
+        else:
+            def terminated() -> None:
+                with db.engine.connect() as victim:
+                    pid = victim.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                    with db.engine.connect() as killer:
+                        killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+                    victim.exec_driver_sql("SELECT 1")
+
+            def read_only() -> None:
+                with db.engine.begin() as conn:
+                    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    conn.exec_driver_sql("UPDATE jobs SET progress = 1")
+
+            lost = _error(terminated)
+            assert is_transient(lost), lost
+            readonly = _error(read_only)
+            assert not is_transient(readonly) and "read-only" in str(readonly), readonly
+            unreachable = create_engine("postgresql+psycopg://pusa@127.0.0.1:9/none")
+            refused = _error(lambda: write(unreachable))
+            assert is_transient(refused), refused
+
+            class Coded(Exception):
+                def __init__(self, sqlstate: str) -> None:
+                    self.sqlstate = sqlstate
+
+            for sqlstate, transient in (("53100", False), ("25006", False), ("40001", True), ("57P03", True),
+                                        ("53300", True), ("42P01", False)):
+                assert is_transient(OperationalError("stmt", {}, Coded(sqlstate))) is transient, sqlstate
+    finally:
+        db.dispose()
