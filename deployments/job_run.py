@@ -298,7 +298,9 @@ class JobRun:
             self.let_go = True
             metrics().releases.inc()
             log_job_event("released", self.job_id, step=None)
-        except Exception:  # LeaseLost or an outage: the lease expires and the job is adopted anyway
+        except LeaseLost as lost:  # taken over, or the write in flight ended the job: nothing to give back
+            logger.warning("job %s: not released: %s", self.job_id, lost)
+        except Exception:  # an outage: the lease expires and the job is adopted anyway
             logger.exception("job %s: could not release", self.job_id)
 
     async def _end(self, status: str, event: dict, *, error: dict | None = None, progress: int | None = None) -> None:
