@@ -121,7 +121,8 @@ class BatchStore:
     def add_file(self, stored: StoredFile) -> None:
         with self.db.write() as conn:
             # its time is its id's, to the millisecond (the listing's cursor reads it from the id)
-            conn.execute(insert(files).values(**stored.model_dump(exclude={"created_at"}), created_at=file_created_at(stored.id)))
+            conn.execute(insert(files).values(**stored.model_dump(exclude={"created_at"}),
+                                              created_at=file_created_at(stored.id)))
 
     def get_file(self, file_id: str) -> StoredFile:
         """The file `file_id`; `KeyError` if there is none."""

@@ -217,8 +217,9 @@ class JobRun:
 
     async def _segment(self, plan: GenerationPlan, i: int) -> Signals:
         """Announce decoded window `i` of a long video (its `segment` event, with the URL of its MP4)."""
+        url = f"/v1/videos/{self.job_id}/content?segment={i}"
         return await self._record({"type": "segment", "segment": i, "segments": len(plan.windows),
-                                   "frames": plan.windows[i].frames, "url": f"/v1/videos/{self.job_id}/content?segment={i}"})
+                                   "frames": plan.windows[i].frames, "url": url})
 
     async def _denoise(self, plan: GenerationPlan, window: int, start: int, latents, clean, text) -> Any | None:
         """Steps `start`.. of window `window`; its final latents, or None when the job stopped or was released.

@@ -6,7 +6,9 @@ claimers have locked) and bumps the lease's epoch. Every write a holder makes af
 that epoch and by the job's event count (`version`): a holder that lost its lease can never overwrite
 the new holder's state. Each write also records its own id (holder, epoch, version) in the row, so a
 write retried after an unacknowledged commit is recognised by that id instead of being applied twice,
-and a holder fenced out meanwhile is told `LeaseLost`, never that its write succeeded. Other replicas only raise flags (cancel, delete) or act on jobs nobody holds.
+and a holder fenced out meanwhile is told `LeaseLost`, never that its write succeeded. Nothing is
+written under a lease once its job has ended. Other replicas only raise flags (cancel, delete) or act
+on jobs nobody holds.
 """
 
 from __future__ import annotations
