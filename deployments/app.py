@@ -85,4 +85,4 @@ def build_app(args: dict) -> Application:
         webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch,
     )
     return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
-                       webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump())
+                       webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump(), retention_s=a.retention_s)

@@ -98,7 +98,7 @@ class BatchRoutes:
             raise ApiError.invalid(exc) from None
         file_id = new_id(FILE_PREFIX)
         stored = StoredFile(id=file_id, owner=caller.owner, purpose="batch", filename=(upload.filename or "input.jsonl")[:255],
-                            bytes=len(data), created_at=time.time(), key=f"files/{file_id}")
+                            bytes=len(data), created_at=file_created_at(file_id), key=f"files/{file_id}")
         await asyncio.to_thread(self.files.store.put, stored.key, data, "application/jsonl")
         await asyncio.to_thread(self.batches.add_file, stored)
         return stored.to_openai()

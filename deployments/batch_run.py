@@ -18,7 +18,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import ray
 from sqlalchemy.exc import IntegrityError
@@ -30,14 +32,16 @@ from pusa_batch.sources import read_manifest
 from pusa_model.presets import get_preset
 
 from .batch_files import error_line, output_line
-from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile
-from .db import open_database
+from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, file_created_at
+from .db import is_transient, open_database
 from .job_files import JobFiles
 from .job_store import JobStore, LeaseLost
-from .jobs import JOB_PREFIX, Job, job_plan, new_id
-from .storage import open_store
+from .jobs import JOB_PREFIX, Job, job_created_at, job_plan, new_id
+from .storage import StoreUnavailable, open_store
 
 logger = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
 
 
 class BatchStopped(Exception):
@@ -56,6 +60,7 @@ class BatchContext:
     retention_s: float
     renew_s: float
     draining: asyncio.Event
+    outage_s: float = 600.0  # how long a row's registration waits out an unreachable database or store
 
 
 def manifest_key(batch_id: str) -> str:
@@ -63,8 +68,9 @@ def manifest_key(batch_id: str) -> str:
 
 
 def _video_id(batch: Batch, custom_id: str) -> str:
-    """The id of the video a batch's row makes: the batch's creation time and a hash of (batch, row)."""
-    return f"{JOB_PREFIX}{int(batch.created_at * 1000):012x}" + \
+    """The id of the video a batch's row makes: the batch's creation time (the millisecond its id carries)
+    and a hash of (batch, row)."""
+    return f"{JOB_PREFIX}{int(round(batch_created_at(batch.id) * 1000)):012x}" + \
         hashlib.sha256(f"{batch.id}/{custom_id}".encode()).hexdigest()[:12]
 
 
@@ -147,12 +153,29 @@ class BatchRun:
             self.stop_reason = reason
             self.stop.set()
 
+    def _persist(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)`, retried with backoff while the database or the store is unreachable (for up
+        to ``outage_s``), as a job's writes are: a brief outage at a row's end does not fail the batch. (Each
+        call here is idempotent: a registration finds the video made before, a count is set, not added.)"""
+        delay, deadline = 0.2, time.monotonic() + self.ctx.outage_s
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not (is_transient(exc) or isinstance(exc, StoreUnavailable)) or time.monotonic() > deadline:
+                    raise
+                logger.warning("batch %s: %s unavailable (%s); retrying in %.1f s", self.batch.id,
+                               "store" if isinstance(exc, StoreUnavailable) else "database", type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
     def _on_record(self, record: dict) -> None:
         """A row ended (in the pipeline's thread): register its video, count it, stop if asked to."""
         if record["status"] == "completed":
-            self._register(record)
+            self._persist(self._register, record)
         column = "completed" if record["status"] == "completed" else "failed"
-        self.ctx.batches.update(self.lease, **{column: getattr(self.batch, column) + 1})
+        count = getattr(self.batch, column) + 1
+        self._persist(self.ctx.batches.update, self.lease, **{column: count})
         self._check()
         if self.stop.is_set():
             if self.stop_reason == "lost":
@@ -174,7 +197,7 @@ class BatchRun:
                  for folder, ext in (("videos", "mp4"), ("thumbnails", "webp"))]
         self.ctx.files.put_result(video_id, *files)
         now = time.time()
-        job = Job(id=video_id, owner=self.batch.owner, created_at=self.batch.created_at, status="completed",
+        job = Job(id=video_id, owner=self.batch.owner, created_at=job_created_at(video_id), status="completed",
                   progress=100, request=plan.request.model_dump(), plan=job_plan(plan), started_at=now,
                   completed_at=now, expires_at=now + self.ctx.retention_s)
         try:
@@ -197,7 +220,7 @@ class BatchRun:
         for row in self.rows:
             custom_id, record = row["custom_id"], records.get(row["custom_id"])
             if record is not None and record["status"] == "completed":
-                output.append(output_line(batch.id, custom_id, self._register(record).to_openai()))
+                output.append(output_line(batch.id, custom_id, self._persist(self._register, record).to_openai()))
             else:
                 errors.append(error_line(batch.id, custom_id, record, ended))
         file_ids = {name: self._write_file(name, lines) for name, lines in (("output", output), ("error", errors))
@@ -214,7 +237,7 @@ class BatchRun:
         self.store.put(key, data, "application/jsonl")
         self.ctx.batches.add_file(StoredFile(id=file_id, owner=self.batch.owner, purpose="batch_output",
                                              filename=f"{self.batch.id}_{name}.jsonl", bytes=len(data),
-                                             created_at=time.time(), key=key))
+                                             created_at=file_created_at(file_id), key=key))
         return file_id
 
 
@@ -224,14 +247,15 @@ class BatchDriver:
     dies with it, and its pipeline's actors with it)."""
 
     def __init__(self, database: str, store: str, settings: dict, preset: str, retention_s: float, renew_s: float,
-                 lease_ttl_s: float) -> None:
+                 lease_ttl_s: float, outage_s: float = 600.0) -> None:
         pools = BatchSettings.model_validate(settings)
         if pools.nice:
             os.nice(pools.nice)
         db = open_database(database)
         self.ctx = BatchContext(batches=BatchStore(db, lease_ttl_s=lease_ttl_s), jobs=JobStore(db, lease_ttl_s=lease_ttl_s),
                                 files=JobFiles(open_store(store)), settings=pools, preset=preset,
-                                retention_s=retention_s, renew_s=renew_s, draining=asyncio.Event())
+                                retention_s=retention_s, renew_s=renew_s, draining=asyncio.Event(),
+                                outage_s=outage_s)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
     async def run(self, lease: BatchLease) -> None:

@@ -120,7 +120,9 @@ class BatchStore:
 
     def add_file(self, stored: StoredFile) -> None:
         with self.db.write() as conn:
-            conn.execute(insert(files).values(**stored.model_dump()))
+            # its time is its id's, to the millisecond (the listing's cursor reads it from the id)
+            conn.execute(insert(files).values(**stored.model_dump(exclude={"created_at"}),
+                                              created_at=file_created_at(stored.id)))
 
     def get_file(self, file_id: str) -> StoredFile:
         """The file `file_id`; `KeyError` if there is none."""
@@ -149,6 +151,8 @@ class BatchStore:
         with self.db.write() as conn:
             if charge is not None:
                 quotas.record(conn, charge, batch.id)
+            # its time is its id's, to the millisecond (the listing's cursor reads it from the id)
+            batch = batch.model_copy(update={"created_at": batch_created_at(batch.id)})
             conn.execute(insert(batches).values(**batch.model_dump()))
         return batch
 

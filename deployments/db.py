@@ -57,12 +57,34 @@ def _sqlite_now(element, compiler, **kw) -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
+# PostgreSQL SQLSTATEs worth retrying: connection exceptions (08), a transaction rolled back by a
+# serialization failure or deadlock (40), the server shutting down, restarting or cancelling the statement
+# (57), too many connections or out of memory (53300, 53200). Not: a full disk (53100), a read-only
+# transaction (25006), a missing table (42P01) or any other statement that cannot succeed as it is.
+_PG_TRANSIENT_CLASSES = ("08", "40", "57")
+_PG_TRANSIENT_STATES = frozenset({"53200", "53300"})
+# SQLite result codes worth retrying (primary codes): busy and locked (another writer), an I/O error or a
+# file that cannot be opened now (a storage hiccup), a WAL protocol race. Not: read-only, full, corrupt,
+# not a database, a missing table (SQLITE_ERROR), a constraint...
+_SQLITE_TRANSIENT_CODES = frozenset({5, 6, 10, 14, 15})  # BUSY, LOCKED, IOERR, CANTOPEN, PROTOCOL
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` means the database is unreachable, restarting or busy (worth retrying), rather than
-    a statement that can never succeed."""
+    a statement that can never succeed or a database that cannot take writes (read-only, full disk,
+    missing table): those are raised at once rather than waited out."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    return isinstance(exc, (OperationalError, InterfaceError))
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg
+    if sqlstate:
+        return sqlstate[:2] in _PG_TRANSIENT_CLASSES or sqlstate in _PG_TRANSIENT_STATES
+    code = getattr(orig, "sqlite_errorcode", None)  # sqlite3 (Python 3.11+)
+    if code is not None:
+        return code & 0xFF in _SQLITE_TRANSIENT_CODES
+    return True  # no code: the driver could not reach the server (refused, reset, timed out)
 
 
 class Database:

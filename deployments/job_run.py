@@ -84,10 +84,13 @@ class JobRun:
         except LeaseLost as exc:
             logger.warning("job %s: %s; stopping", self.job_id, exc)
         except asyncio.CancelledError:
-            if self.ctx.draining.is_set():
+            if self.ctx.draining.is_set() and not self.let_go:
                 await asyncio.shield(self._release_after_cancel())
             raise
         except Exception as exc:
+            if self.let_go:  # the job ended or was released already: nothing more is written
+                logger.exception("job %s: error after its lease was let go", self.job_id)
+                return
             if _unavailable(exc):  # never fail a job for an outage: another runner adopts it later
                 logger.error("job %s: store or database unavailable for %.0f s; leaving it to be adopted",
                              self.job_id, self.ctx.settings.outage_s)
@@ -155,17 +158,24 @@ class JobRun:
         first, k = divmod(start, steps)
         if k == 0 and first > 0:
             first, k = first - 1, steps
+        announced: set[int] = set()  # segments whose event a runner before this one recorded
+        if self.lease.resumed and len(windows) > 1:
+            announced = {e["segment"] for e in await self._persist(ctx.jobs.events_after, job.id, -1)
+                         if e["type"] == "segment"}
         for i in range(first, len(windows)):
             if len(windows) > 1 and await self._persist(ctx.files.store.exists, ctx.files.window_frames_key(job.id, i)):
-                continue  # decoded before this runner took the job over
+                # Decoded before this runner took the job over (its runner may have died before announcing
+                # it). The next window starts from its own conditioning, with every one of its steps.
+                k = 0
+                if i not in announced and await self._stop(await self._segment(plan, i), (i + 1) * steps):
+                    return
+                continue
             latents = await self._window(plan, i, k, text)
             if latents is None:
                 return
             if len(windows) > 1:
-                url = await self._decode_window(plan, i, latents)
-                if await self._stop(await self._record({"type": "segment", "segment": i, "segments": len(windows),
-                                                        "frames": windows[i].frames, "url": url}),
-                                    (i + 1) * steps):
+                await self._decode_window(plan, i, latents)
+                if await self._stop(await self._segment(plan, i), (i + 1) * steps):
                     return
             k = 0
         await self._record({"type": "decoding"}, progress=96)
@@ -201,10 +211,15 @@ class JobRun:
                 k = 0
         raise AssertionError("unreachable")
 
-    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> str:
-        """Decode window `i` of a long video to the store; the URL of its MP4."""
+    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> None:
+        """Decode window `i` of a long video to the store (its frames, then its MP4)."""
         await self.ctx.stages.decode_window(self.job_id, i, plan.windows[i], latents, self._on_retry)
-        return f"/v1/videos/{self.job_id}/content?segment={i}"
+
+    async def _segment(self, plan: GenerationPlan, i: int) -> Signals:
+        """Announce decoded window `i` of a long video (its `segment` event, with the URL of its MP4)."""
+        url = f"/v1/videos/{self.job_id}/content?segment={i}"
+        return await self._record({"type": "segment", "segment": i, "segments": len(plan.windows),
+                                   "frames": plan.windows[i].frames, "url": url})
 
     async def _denoise(self, plan: GenerationPlan, window: int, start: int, latents, clean, text) -> Any | None:
         """Steps `start`.. of window `window`; its final latents, or None when the job stopped or was released.
@@ -278,12 +293,16 @@ class JobRun:
         job at its last recorded checkpoint."""
         if self._write is not None:
             await asyncio.wait([self._write])
+        if self.let_go:  # the write in flight ended the job (or released it): nothing to give back
+            return
         try:
             await self._persist(self.ctx.jobs.release, self.lease, {"type": "released"})
             self.let_go = True
             metrics().releases.inc()
             log_job_event("released", self.job_id, step=None)
-        except Exception:  # LeaseLost or an outage: the lease expires and the job is adopted anyway
+        except LeaseLost as lost:  # taken over, or the write in flight ended the job: nothing to give back
+            logger.warning("job %s: not released: %s", self.job_id, lost)
+        except Exception:  # an outage: the lease expires and the job is adopted anyway
             logger.exception("job %s: could not release", self.job_id)
 
     async def _end(self, status: str, event: dict, *, error: dict | None = None, progress: int | None = None) -> None:
@@ -297,10 +316,15 @@ class JobRun:
         metrics().jobs_finished.inc(tags={**self._tags, "status": status, "reason": reason})
         log_job_event("finished", job.id, status=status, reason=reason,
                       seconds=round(time.time() - (job.started_at or job.created_at), 3))
-        await self._persist(ctx.files.delete_checkpoints, job.id)
-        if signals.delete:
-            await self._persist(ctx.files.delete_all, job.id)
-            await self._persist(ctx.jobs.delete, job.id)
+        # The job has ended: a cleanup that fails is logged, never turned into a failure of the job (its
+        # checkpoints then stay until the job expires; the sweep deletes every file of it).
+        try:
+            await self._persist(ctx.files.delete_checkpoints, job.id)
+            if signals.delete:
+                await self._persist(ctx.files.delete_all, job.id)
+                await self._persist(ctx.jobs.delete, job.id)
+        except Exception:
+            logger.exception("job %s: cleaning up after its end failed", job.id)
 
     async def _fail(self, exc: Exception) -> None:
         if isinstance(exc, StageFailed):

@@ -4,24 +4,28 @@ A job is run by the runner that holds its lease. `claim` takes the oldest job th
 or whose holder stopped renewing its lease, in one compare-and-set statement (PostgreSQL skips rows other
 claimers have locked) and bumps the lease's epoch. Every write a holder makes afterwards is fenced by
 that epoch and by the job's event count (`version`): a holder that lost its lease can never overwrite
-the new holder's state, and a write retried after an unacknowledged commit is recognised instead of
-being applied twice. Other replicas only raise flags (cancel, delete) or act on jobs nobody holds.
+the new holder's state. Each write also records its own id (holder, epoch, version) in the row, so a
+write retried after an unacknowledged commit is recognised by that id instead of being applied twice,
+and a holder fenced out meanwhile is told `LeaseLost`, never that its write succeeded. Nothing is
+written under a lease once its job has ended. Other replicas only raise flags (cancel, delete) or act
+on jobs nobody holds.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, case, delete, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from . import quotas
 from .db import Database, db_now
 from .jobs import ACTIVE, TERMINAL, Job, job_created_at
 from .schema import job_events, jobs, usage, webhook_deliveries
+from .webhooks import delivery
 
 Order = Literal["asc", "desc"]
 
@@ -67,7 +71,9 @@ def page_query(query, table, limit: int, after: str | None, order: Order, owner:
                created_at_of: Callable[[str], float]):
     """`query` over `table` narrowed to `owner`'s rows (every owner's with None), a page of `limit` in
     (created_at, id) order after the row `after` (it need not exist any more: its creation time is read
-    from the id by `created_at_of`; `KeyError` for a string that is no such id)."""
+    from the id by `created_at_of`; `KeyError` for a string that is no such id). Every row's `created_at`
+    must be the time its id carries (to the millisecond), as the stores write it: else a page's cursor
+    falls between rows, and paging skips or repeats them."""
     if owner is not None:
         query = query.where(table.c.owner == owner)
     if after is not None:
@@ -103,11 +109,16 @@ def _signals(row) -> Signals:
 
 
 class JobStore:
-    """Job rows, events and leases in `db`; a lease lasts `lease_ttl_s` after each write or renewal."""
+    """Job rows, events and leases in `db`; a lease lasts `lease_ttl_s` after each write or renewal. A job
+    that ends without a holder (cancelled while queued) is kept `retention_s` and announced to its own
+    webhook URL or else `webhook_url` (the deployment's receiver, if any), as a runner ends one."""
 
-    def __init__(self, db: Database, lease_ttl_s: float = 30.0) -> None:
+    def __init__(self, db: Database, lease_ttl_s: float = 30.0, retention_s: float = 7 * 86400,
+                 webhook_url: str | None = None) -> None:
         self.db = db
         self.lease_ttl_s = lease_ttl_s
+        self.retention_s = retention_s
+        self.webhook_url = webhook_url
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -118,7 +129,9 @@ class JobStore:
         owner used before: the existing job if its request hash matches, else `IdempotencyConflict`.
         With a `charge`, the owner's quotas are checked and the charge recorded in the same transaction
         (`quotas.QuotaExceeded` when over one)."""
-        row = job.model_dump(exclude={"version"}) | {"version": 1}
+        # Listing pages by (created_at, id) and reads a cursor's time from its id: the row's time is the id's
+        # (to the millisecond), whoever made the job.
+        row = job.model_dump(exclude={"version"}) | {"version": 1, "created_at": job_created_at(job.id)}
         values = dict(row)
         if abandon_after_s is not None:
             values["abandon_at"] = db_now() + abandon_after_s
@@ -241,23 +254,35 @@ class JobStore:
             conn.execute(delete(jobs).where(jobs.c.id == job_id))
 
     def _end_unheld(self, conn, job: Job, status: str) -> None:
-        """End a job nobody holds (guarded by its unchanged version)."""
+        """End a job nobody holds (guarded by its unchanged version and active status) as a holder's
+        `finish` would: its retention period starts and its webhook delivery is queued."""
+        now = time.time()
         done = conn.execute(update(jobs).where(jobs.c.id == job.id, jobs.c.version == job.version,
-                                               jobs.c.lease_holder.is_(None))
-                            .values(status=status, completed_at=time.time(), version=job.version + 1))
+                                               jobs.c.lease_holder.is_(None), jobs.c.status.in_(ACTIVE))
+                            .values(status=status, completed_at=now, expires_at=now + self.retention_s,
+                                    abandon_at=None, version=job.version + 1))
         if done.rowcount:
             self._insert_event(conn, job.id, job.version, {"type": status})
+            url = job.webhook_url or self.webhook_url
+            if url:
+                conn.execute(insert(webhook_deliveries).values(**delivery(job.id, status, url)))
 
     # -- leases ----------------------------------------------------------------------------------
 
-    def claim(self, holder: str) -> Lease | None:
-        """Take the oldest job that is queued, released, or whose lease expired (not one `holder` held
-        itself) and start it; None if there is none. A job taken from a lost holder counts a takeover."""
+    def claim(self, holder: str, running: Collection[str] | None = None) -> Lease | None:
+        """Take the oldest job that is queued, released, or whose lease expired and start it; None if there
+        is none. A job taken from a lost holder counts a takeover. With `running` (the ids of the jobs
+        `holder` is running now), a lapsed lease of `holder` itself is claimable unless its job is among
+        them (its run has ended: nobody runs the job); without it, no job `holder` held is."""
         now = db_now()
+        if running is None:
+            not_mine = or_(jobs.c.lease_holder.is_(None), jobs.c.lease_holder != holder)
+        else:
+            not_mine = jobs.c.id.not_in(list(running)) if running else true()
         claimable = and_(
             jobs.c.status.in_(ACTIVE),
             or_(jobs.c.lease_expires_at.is_(None), jobs.c.lease_expires_at < now),
-            or_(jobs.c.lease_holder.is_(None), jobs.c.lease_holder != holder),
+            not_mine,
         )
         oldest = (select(jobs.c.id).where(claimable).order_by(jobs.c.created_at, jobs.c.id).limit(1)
                   .with_for_update(skip_locked=True).scalar_subquery())
@@ -274,46 +299,66 @@ class JobStore:
         job = _job(row)
         return Lease(job=job, holder=holder, epoch=job.lease_epoch, version=job.version)
 
-    def renew(self, holder: str) -> dict[str, int]:
-        """Extend every lease `holder` holds; returns {job id: epoch} of those it still holds."""
-        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE))
+    def renew(self, holder: str, running: dict[str, int]) -> dict[str, int]:
+        """Extend the leases `holder` holds on the jobs it is running now ({job id: epoch of its lease});
+        returns {job id: epoch} of those it still holds. The lease of a job the holder no longer runs (its
+        run gave up on an outage, or could not record the job's end) is not renewed: it lapses, and the
+        job is adopted."""
+        if not running:
+            return {}
+        leases = or_(*(and_(jobs.c.id == job_id, jobs.c.lease_epoch == epoch) for job_id, epoch in running.items()))
+        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE), leases)
                 .values(lease_expires_at=db_now() + self.lease_ttl_s).returning(jobs.c.id, jobs.c.lease_epoch))
         with self.db.write() as conn:
             return {row.id: row.lease_epoch for row in conn.execute(stmt)}
 
     def record(self, lease: Lease, event: dict[str, Any] | None = None, **changes: Any) -> Signals:
         """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other
-        replicas raised. `LeaseLost` if another runner holds the job now."""
+        replicas raised. `LeaseLost` if another runner holds the job now, or it has ended."""
         values = {**changes, "lease_expires_at": db_now() + self.lease_ttl_s}
-        return self._fenced(lease, event, values)
+        return self._fenced(lease, event, values, keeps_lease=True)
 
     def finish(self, lease: Lease, status: str, event: dict[str, Any], *, error: dict | None = None,
                retention_s: float, progress: int | None = None, webhook: dict[str, Any] | None = None) -> Signals:
-        """End the held job with `status` and its final `event`, release the lease, start its retention
-        period and queue its webhook delivery (a ``webhook_deliveries`` row), all in one transaction."""
+        """End the held job with `status` and its final `event`, end the lease (its epoch moves on: no write
+        of the holder applies any more), start its retention period and queue its webhook delivery (a
+        ``webhook_deliveries`` row), all in one transaction."""
         assert status in TERMINAL, status
         now = time.time()
         values = {"status": status, "error": error, "completed_at": now, "expires_at": now + retention_s,
-                  "lease_holder": None, "lease_expires_at": None, "checkpoint_step": None, "checkpoint_key": None,
-                  "abandon_at": None}
+                  "lease_holder": None, "lease_expires_at": None, "lease_epoch": lease.epoch + 1,
+                  "checkpoint_step": None, "checkpoint_key": None, "abandon_at": None}
         if progress is not None:
             values["progress"] = progress
-        return self._fenced(lease, event, values, also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
+        return self._fenced(lease, event, values, keeps_lease=False,
+                            also=None if webhook is None else insert(webhook_deliveries).values(**webhook))
 
     def release(self, lease: Lease, event: dict[str, Any], **changes: Any) -> None:
         """Apply `changes` and give the held job back (a runner draining): another runner may claim it
         at once."""
         self._fenced(lease, event, {**changes, "lease_holder": None, "lease_expires_at": None,
-                                    "lease_epoch": lease.epoch + 1})
+                                    "lease_epoch": lease.epoch + 1}, keeps_lease=False)
 
-    def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], also=None) -> Signals:
+    @staticmethod
+    def write_id(lease: Lease) -> str:
+        """The id of the holder's next write: its lease (holder and epoch; epochs are never reused) and
+        the job's version the write expects. A retry of the same write has the same id; no other write has."""
+        return f"{lease.holder}/{lease.epoch}/{lease.version}"
+
+    def _fenced(self, lease: Lease, event: dict[str, Any] | None, values: dict[str, Any], *, keeps_lease: bool,
+                also=None) -> Signals:
+        """One fenced write: applied only while `lease` is the job's current lease (same epoch, the version
+        it expects) and the job has not ended (nothing is written after a terminal state)."""
+        write_id = self.write_id(lease)
         if event is not None:
             values["version"] = lease.version + 1
-        fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version)
+        values["last_write"] = write_id
+        fence = (jobs.c.id == lease.job_id, jobs.c.lease_epoch == lease.epoch, jobs.c.version == lease.version,
+                 jobs.c.status.in_(ACTIVE))
         with self.db.write() as conn:
             row = conn.execute(update(jobs).where(*fence).values(**values).returning(*_SIGNALS)).first()
             if row is None:
-                row = self._already_applied(conn, lease, event)
+                row = self._already_applied(conn, lease, event, write_id, keeps_lease)
             else:
                 if event is not None:
                     self._insert_event(conn, lease.job_id, lease.version, event)
@@ -323,12 +368,16 @@ class JobStore:
             lease.version += 1
         return _signals(row)
 
-    def _already_applied(self, conn, lease: Lease, event: dict[str, Any] | None):
-        """After a fenced write matched no row: the job's flags if this very write committed before (its
-        acknowledgement was lost and it is being retried), else `LeaseLost`."""
-        row = conn.execute(select(jobs.c.lease_epoch, jobs.c.version, *_SIGNALS).where(jobs.c.id == lease.job_id)).first()
-        if row is not None and event is not None and row.version == lease.version + 1 and \
-                row.lease_epoch in (lease.epoch, lease.epoch + 1):
+    def _already_applied(self, conn, lease: Lease, event: dict[str, Any] | None, write_id: str, keeps_lease: bool):
+        """After a fenced write matched no row: the job's flags if this very write (`write_id`) committed
+        before and was the job's last write (its acknowledgement was lost and it is being retried), and,
+        for a write that keeps the lease, the lease is still this holder's; else `LeaseLost`. A version
+        and epoch pattern is never taken for proof: a takeover and its first write look the same."""
+        row = conn.execute(select(jobs.c.lease_epoch, jobs.c.lease_holder, jobs.c.version, jobs.c.last_write,
+                                  *_SIGNALS).where(jobs.c.id == lease.job_id)).first()
+        if row is not None and event is not None and row.last_write == write_id and \
+                row.version == lease.version + 1 and \
+                (not keeps_lease or (row.lease_epoch == lease.epoch and row.lease_holder == lease.holder)):
             return row
         raise LeaseLost(f"job {lease.job_id}: lease epoch {lease.epoch} of {lease.holder} is no longer current")
 

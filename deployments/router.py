@@ -98,7 +98,7 @@ class Router(BatchRoutes, WebRoutes):
     def __init__(
         self, runner: DeploymentHandle, preset: str = "tiny", store: str = "data",
         database: str = "sqlite:///data/jobs.db", api: dict | None = None, webhooks: dict | None = None,
-        loras: dict | None = None,
+        loras: dict | None = None, retention_s: float = 7 * 86400,
     ) -> None:
         self.settings = ApiSettings.model_validate(api or {})
         self.loras = LoraRegistry.model_validate(loras or {})  # what a request's `loras` and mode "fast" resolve to
@@ -107,12 +107,14 @@ class Router(BatchRoutes, WebRoutes):
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
         self.preset = get_preset(preset)
         db = open_database(database)
-        self.jobs = JobStore(db)
+        self.webhooks = WebhookSettings.model_validate(webhooks or {})
+        # a job cancelled while queued ends here, kept and announced as a runner ends one
+        self.jobs = JobStore(db, retention_s=retention_s,
+                             webhook_url=self.webhooks.url if self.webhooks.secret() else None)
         self.batches = BatchStore(db)
         self.admission = Admission(self.settings, self.jobs, KeyStore(db), self.preset)
         self.files = JobFiles(open_store(store))
         self.runner = runner
-        self.webhooks = WebhookSettings.model_validate(webhooks or {})
         self._wakes: set[asyncio.Task] = set()
 
     # -- helpers -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Runner deployment: the replicas that own and run jobs (the HTTP routers only queue them).
 
 Each replica claims queued, released or orphaned jobs from the database while it has room
-(``max_running_jobs``), renews the leases of the jobs it runs, sends due webhooks and deletes expired jobs.
+(``max_running_jobs``), renews the leases of the jobs it runs (only those: a job whose run gave up lapses
+and is adopted), sends due webhooks and deletes expired jobs.
 A replica that dies stops renewing, and another one adopts its jobs from their checkpoints once the leases
 expire. When Serve stops a replica (redeploy, downscale) its ``__del__`` drains: it stops claiming, lets
 each job finish the step in flight (up to ``drain_wait_s``), checkpoints it and releases it, so another
@@ -83,7 +84,7 @@ class Runner:
         self.batches = BatchStore(db, lease_ttl_s=s.lease_ttl_s)
         self.batch_driver_args = dict(
             database=database, store=store, settings={"preset": preset, **(batch or {})}, preset=preset,
-            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s)
+            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s, outage_s=s.outage_s)
         self.batch_driver: ray.actor.ActorHandle | None = None
         self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
@@ -141,7 +142,7 @@ class Runner:
             lease = None
             if len(self.runs) < self.settings.max_running_jobs:
                 try:
-                    lease = await asyncio.to_thread(self.jobs.claim, self.holder)
+                    lease = await asyncio.to_thread(self.jobs.claim, self.holder, set(self.runs))
                 except Exception as exc:  # the database away: try again at the next poll
                     logger.warning("claiming a job failed: %r", exc)
             if lease is not None:
@@ -167,21 +168,27 @@ class Runner:
         metrics().jobs_running.set(len(self.runs), tags={"replica": self.holder})
 
     async def _renew(self) -> None:
-        """Renew this replica's leases; stop the runs whose lease another replica took over. Also
-        report the queue's depth."""
+        """Renew the leases of the jobs this replica runs; stop the runs whose lease another replica took
+        over. Also report the queue's depth."""
         while True:
             await asyncio.sleep(self.settings.renew_s)
-            runs = list(self.runs.items())  # jobs claimed while renewing are not judged by this round
-            try:
-                held = await asyncio.to_thread(self.jobs.renew, self.holder)
-                metrics().queue_depth.set(await asyncio.to_thread(self.jobs.queued_count))
-            except Exception as exc:
-                logger.warning("renewing leases failed: %r", exc)
-                continue
-            for job_id, (run, task) in runs:
-                if held.get(job_id) != run.lease.epoch and not run.let_go and not task.done():
-                    logger.warning("job %s: lease lost to another runner; stopping it here", job_id)
-                    task.cancel()
+            await self._renew_round()
+
+    async def _renew_round(self) -> None:
+        runs = list(self.runs.items())  # jobs claimed while renewing are not judged by this round
+        # Only leases of runs still going: a run that returned (it gave up on an outage, or could not
+        # write the job's end) leaves its job to lapse and be adopted, here or by another replica.
+        running = {job_id: run.lease.epoch for job_id, (run, task) in runs if not task.done() and not run.let_go}
+        try:
+            held = await asyncio.to_thread(self.jobs.renew, self.holder, running)
+            metrics().queue_depth.set(await asyncio.to_thread(self.jobs.queued_count))
+        except Exception as exc:
+            logger.warning("renewing leases failed: %r", exc)
+            return
+        for job_id, (run, task) in runs:
+            if held.get(job_id) != run.lease.epoch and not run.let_go and not task.done():
+                logger.warning("job %s: lease lost to another runner; stopping it here", job_id)
+                task.cancel()
 
     async def _sweep(self) -> None:
         """Delete jobs past their retention period (files first, then the row and its events) and quota

@@ -52,6 +52,9 @@ jobs = Table(
     Column("cancel_requested", Boolean, nullable=False, server_default=false()),
     Column("delete_requested", Boolean, nullable=False, server_default=false()),
     Column("abandon_at", Float),  # a streaming client's job is cancelled when no stream renews this
+    # the id of the last fenced write (holder, epoch, version): a retry whose commit was not acknowledged
+    # finds its own id here; a takeover's writes never carry it
+    Column("last_write", String(200)),
 )
 Index("ix_jobs_owner_created", jobs.c.owner, jobs.c.created_at, jobs.c.id)
 Index("ix_jobs_created", jobs.c.created_at, jobs.c.id)

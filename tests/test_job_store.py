@@ -26,7 +26,7 @@ from deployments.schema import api_keys, job_events, jobs, metadata, usage, webh
 from deployments.webhooks import delivery
 
 T0 = 1_760_000_000.0
-HEAD = "0004"  # the latest schema revision
+HEAD = "0006"  # the latest schema revision
 
 
 @pytest.fixture
@@ -253,9 +253,10 @@ def test_renew_reports_the_leases_still_held(store: JobStore, db: Database) -> N
     expire_leases(db)
     taken = store.claim("r2")
     assert taken.job_id == a.id
-    assert store.renew("r1") == {b.id: lb.epoch}
+    assert store.renew("r1", {a.id: la.epoch, b.id: lb.epoch}) == {b.id: lb.epoch}
     assert store.get(b.id).lease_expires_at > time.time()
-    assert la.job_id not in store.renew("r1")
+    assert la.job_id not in store.renew("r1", {la.job_id: la.epoch})
+    assert store.renew("r1", {}) == {}
 
 
 def test_release_lets_another_router_resume_at_once(store: JobStore) -> None:
@@ -327,7 +328,7 @@ def test_finish_ends_releases_and_queues_the_webhook(store: JobStore, db: Databa
     row = store.get(job.id)
     assert (row.status, row.progress, row.lease_holder, row.checkpoint_key) == ("completed", 100, None, None)
     assert before + 3600 <= row.expires_at <= time.time() + 3600
-    assert job.id not in store.renew("r1")
+    assert job.id not in store.renew("r1", {job.id: lease.epoch})
     with db.read() as conn:
         outbox = conn.execute(select(webhook_deliveries)).one()
     assert (outbox.job_id, outbox.event_type, outbox.state, outbox.url) == (
