@@ -16,10 +16,13 @@ import ray
 import yaml
 from ray import serve
 from ray.serve._private import api as serve_api
+from ray.serve._private.build_app import BuiltApplication
+from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
 from .admission import check_exposure
+from .loading import LoadingRouter
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
 
@@ -95,13 +98,55 @@ def not_running(app_name: str) -> list[str]:
     return problems
 
 
+APP_IMPORT_PATH = "deployments.app:build_app"
+
+
+def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApplication]:
+    """Each of this project's applications in `config` (`deployments.app:build_app`, or one whose config
+    sets options of a Router deployment) that is not deployed yet, as the loading Router
+    alone (same name, route, logging and Router options), built here rather than in the controller's
+    import task, so that its route exists as soon as it is deployed. A running application is left
+    alone: a redeploy must not put it back into loading."""
+    built = []
+    for app in config.applications:
+        router = next((d for d in app.deployments if d.name == "Router"), None)
+        if (app.import_path != APP_IMPORT_PATH and router is None) or app.name in deployed:
+            continue
+        options = router.model_dump(exclude_unset=True, exclude={"name"}) if router else {}
+        logging_config = app.logging_config.model_dump() if app.logging_config else None
+        built.append(build_serve_app(LoadingRouter.options(**options).bind(), name=app.name,
+                                     route_prefix=app.route_prefix, logging_config=logging_config,
+                                     default_runtime_env=ray.get_runtime_context().runtime_env))
+    return built
+
+
+def wait_running(app_names: list[str], timeout_s: float) -> list[str]:
+    """Wait until the applications run; returns the problems if they do not within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        problems = [p for name in app_names for p in not_running(name)]
+        if not problems or time.monotonic() > deadline:
+            return problems
+        time.sleep(0.1)
+
+
 def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
-    """Deploy `config` and wait; returns the problems if it is not running within the timeout."""
-    serve_api.serve_start(
+    """Deploy `config` and wait; returns the problems if it is not running within the timeout.
+
+    Applications not deployed yet first run the loading Router (`deployments.loading`), so that from
+    the moment Serve's proxy has their route they answer 503 "loading" rather than 404 or nothing."""
+    client = serve_api.serve_start(
         http_options=config.http_options.model_dump(),
         proxy_location=config.proxy_location,
         grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-    ).deploy_apps(config, _blocking=False)
+    )
+    loading = loading_apps(config, set(serve.status().applications))
+    if loading:
+        client.deploy_applications(loading, wait_for_ingress_deployment_creation=False,
+                                   wait_for_applications_running=False)
+        for line in wait_running([app.name for app in loading], min(20.0, start_timeout_s)):
+            print(f"pusa-serve: the loading Router is not running: {line}", file=sys.stderr)
+    client.deploy_apps(config, _blocking=False)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     for line in unplaceable(config, nodes):
         print(f"pusa-serve: waiting for the autoscaler: {line}", file=sys.stderr)
@@ -113,7 +158,7 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
         if time.monotonic() > deadline:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             return problems + unplaceable(config, nodes)
-        time.sleep(1.0)
+        time.sleep(0.25)
 
 
 def started_ray_here() -> bool:
