@@ -116,7 +116,8 @@ def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApp
         logging_config = app.logging_config.model_dump() if app.logging_config else None
         built.append(build_serve_app(LoadingRouter.options(**options).bind(), name=app.name,
                                      route_prefix=app.route_prefix, logging_config=logging_config,
-                                     default_runtime_env=ray.get_runtime_context().runtime_env))
+                                     default_runtime_env={**ray.get_runtime_context().runtime_env,
+                                                          **(app.runtime_env or {})}))
     return built
 
 
