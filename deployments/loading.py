@@ -81,10 +81,10 @@ class LoadingGate:
 
 
 class Readiness:
-    """Whether every other deployment of this replica's application has a running replica, as Serve's
-    controller reports it; checked in the background (every `period_s` until it holds), never while a
-    request waits. Once ready it stays ready: a replica that fails later is Serve's to replace, and jobs
-    wait in the queue meanwhile."""
+    """Whether every other deployment of this replica's application has a running replica (or is scaled
+    to zero on purpose), as Serve's controller reports it; checked in the background (every `period_s`
+    until it holds), never while a request waits. Once ready it stays ready: a replica that fails later
+    is Serve's to replace, and jobs wait in the queue meanwhile."""
 
     def __init__(self, period_s: float = 0.25) -> None:
         self.period_s = period_s
@@ -126,13 +126,15 @@ class Readiness:
 
     @staticmethod
     def _not_running() -> list[str]:
-        """Deployments of this application (but this one) without a running replica."""
+        """Deployments of this application (but this one) without a running replica, unless they are meant
+        to have none (autoscaled to zero)."""
         context = serve.get_replica_context()
         app = serve.status().applications.get(context.app_name)
         if app is None:
             return [context.app_name]
         return sorted(name for name, dep in app.deployments.items()
-                      if name != context.deployment and not dep.replica_states.get("RUNNING"))
+                      if name != context.deployment and not dep.replica_states.get("RUNNING")
+                      and dep.status.value != "HEALTHY")  # HEALTHY with none running: scaled to zero
 
 
 @serve.deployment(name="Router", max_surge_percent=100)
