@@ -130,6 +130,10 @@ def main() -> int:
           f"{first(lambda p: p['status'] == '200' and p['path'] == '/v1/models')} s, / "
           f"{first(lambda p: p['status'] == '200' and p['path'] == '/')} s; "
           f"'ready' line: {ready_at[0] if ready_at else '-'} s")
+    for status in ("404", "hang", "503", "502"):
+        times = [p["t"] for p in polls if p["status"] == status]
+        if times:
+            print(f"{status}: from {times[0]:.1f} s to {times[-1]:.1f} s")
     opened = next((i for i, p in enumerate(polls) if p["status"] != "refused"), len(polls))
     for path in ("/v1/models", "/"):
         counts = Counter(p["status"] for p in polls[opened:] if p["path"] == path)
