@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import ray
@@ -18,7 +20,8 @@ from ray import serve
 from ray.serve._private import api as serve_api
 from ray.serve._private.build_app import BuiltApplication
 from ray.serve._private.build_app import build_app as build_serve_app
-from ray.serve.config import gRPCOptions
+from ray.serve._private.client import ServeControllerClient
+from ray.serve.config import ProxyLocation, gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
 from .admission import check_exposure
@@ -131,20 +134,37 @@ def wait_running(app_names: list[str], timeout_s: float) -> list[str]:
         time.sleep(0.1)
 
 
+def start_serve(config: ServeDeploySchema) -> tuple[ServeControllerClient, list[ray.ObjectRef]]:
+    """Serve's controller (a running one, or a new one with the config's proxies): its client, and what to
+    wait on for the new proxies' ports to be open.
+
+    `serve.start` only returns once the proxies listen, so a route deployed after it is missing for a
+    moment (a 404); this creates the controller as it does, but leaves the wait to the caller, who
+    deploys first (Serve's private helpers, ray 2.60)."""
+    client = serve_api._get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        return client, []
+    controller, proxies_ready = serve_api._create_controller_and_proxy_refs(
+        config.http_options.model_dump(), gRPCOptions(**config.grpc_options.model_dump()), None, None,
+        serve_api._coerce_controller_options(None), config.proxy_location)
+    client = ServeControllerClient(controller)
+    serve_api._set_global_client(client)
+    return client, proxies_ready
+
+
 def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
     """Deploy `config` and wait; returns the problems if it is not running within the timeout.
 
-    Applications not deployed yet first run the loading Router (`deployments.loading`), so that from
-    the moment Serve's proxy has their route they answer 503 "loading" rather than 404 or nothing."""
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(),
-        proxy_location=config.proxy_location,
-        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-    )
+    Applications not deployed yet first run the loading Router (`deployments.loading`), deployed before
+    the proxies open their ports, so that from then on they answer 503 "loading" rather than 404 or
+    nothing."""
+    client, proxies_ready = start_serve(config)
     loading = loading_apps(config, set(serve.status().applications))
     if loading:
         client.deploy_applications(loading, wait_for_ingress_deployment_creation=False,
                                    wait_for_applications_running=False)
+    ray.get(proxies_ready, timeout=start_timeout_s)
+    if loading:
         for line in wait_running([app.name for app in loading], min(20.0, start_timeout_s)):
             print(f"pusa-serve: the loading Router is not running: {line}", file=sys.stderr)
     client.deploy_apps(config, _blocking=False)
@@ -155,11 +175,37 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
     while True:
         problems = [p for app in config.applications for p in not_running(app.name)]
         if not problems:
+            problems = still_loading(config)
+        if not problems:
             return problems
         if time.monotonic() > deadline:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             return problems + unplaceable(config, nodes)
         time.sleep(0.25)
+
+
+def still_loading(config: ServeDeploySchema) -> list[str]:
+    """This project's applications whose ``/health``, through the proxy on this machine, still says
+    loading (the Router checks that every deployment runs a moment after Serve says so). A proxy this
+    machine cannot reach (pusa-serve run off the cluster) is not waited for."""
+    http = config.http_options
+    if config.proxy_location == ProxyLocation.Disabled:
+        return []
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)
+    host = f"[{host}]" if ":" in host else host
+    problems = []
+    for app in config.applications:
+        if app.import_path != APP_IMPORT_PATH and not any(d.name == "Router" for d in app.deployments):
+            continue
+        url = f"http://{host}:{http.port}{(app.route_prefix or '').rstrip('/')}/health"
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):  # no HTTP_PROXY
+                pass
+        except urllib.error.HTTPError as exc:
+            problems.append(f"{app.name}: {url} answers {exc.code} {exc.read()[:200].decode(errors='replace')}")
+        except (OSError, urllib.error.URLError):
+            pass
+    return problems
 
 
 def started_ray_here() -> bool:

@@ -1,9 +1,9 @@
 """The service's loading state: what HTTP clients get until every deployment has a running replica.
 
-`pusa-serve` first deploys the application as `LoadingRouter` alone (this module imports no torch and no
-model code, so its replica starts in a second or two), then the real application in its place: the
-Router's rolling update starts the real replica before it stops this one (``max_surge_percent``), so the
-route never goes missing and no request waits for a replica. The real Router answers the same way
+`pusa-serve` first deploys the application as `LoadingRouter` alone, before Serve's proxy opens its port
+(this module imports no torch and no model code, so its replica starts in a second or two), then the
+real application in its place: the Router's rolling update starts the real replica before it stops this
+one (``max_surge_percent``), so the route never goes missing nor is left without a running replica. The real Router answers the same way
 until its `Readiness` has seen a running replica of every other deployment of its application (the
 TextEncoder, VAE and DiT take minutes to load 14B-size weights on a GPU).
 
@@ -26,6 +26,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 logger = logging.getLogger("ray.serve")
 
 RETRY_AFTER_S = 2
+# The Router's rolling updates start one replica over its count at a time (Serve rounds the surge up to
+# a whole replica): an old replica stops only once a new one runs, for the price of one extra replica.
+ROUTER_SURGE_PERCENT = 1
 MESSAGE = "The Pusa service is loading its models; retry in a few seconds"
 PAGE = """<!doctype html>
 <html lang="en">
@@ -137,7 +140,7 @@ class Readiness:
                       and dep.status.value != "HEALTHY")  # HEALTHY with none running: scaled to zero
 
 
-@serve.deployment(name="Router", max_surge_percent=100)
+@serve.deployment(name="Router", max_surge_percent=ROUTER_SURGE_PERCENT)
 class LoadingRouter:
     """The application's first ingress: answers every request with the loading state, until the real
     Router replaces it in place."""

@@ -37,7 +37,7 @@ from .event_stream import job_events, sse
 from .job_files import RESULT_FILES, JobFiles
 from .job_store import IdempotencyConflict, JobStore
 from .jobs import TERMINAL, Job, job_created_at, job_plan, new_job_id
-from .loading import LoadingGate, Readiness
+from .loading import ROUTER_SURGE_PERCENT, LoadingGate, Readiness
 from .observability import log_job_event, metrics
 from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
                          request_fingerprint)
@@ -92,9 +92,9 @@ app.include_router(web_routes)  # the web page at / and POST /v1/videos/plan
 app.mount("/web", web_files(), name="web")
 
 
-# max_surge_percent: a new version's replica starts before the old one stops, so the route always has a
-# running replica: the loading Router `pusa-serve` deploys first (deployments/loading.py), and redeploys.
-@serve.deployment(name="Router", max_surge_percent=100)
+# ROUTER_SURGE: a new version's replica starts before an old one stops, so the route always has a running
+# replica: the loading Router `pusa-serve` deploys first (deployments/loading.py), and redeploys.
+@serve.deployment(name="Router", max_surge_percent=ROUTER_SURGE_PERCENT)
 @serve.ingress(app)
 class Router(BatchRoutes, WebRoutes):
     """HTTP ingress: authenticates, validates and admits requests, queues jobs, reports them. Until every
