@@ -124,16 +124,6 @@ def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApp
     return built
 
 
-def wait_running(app_names: list[str], timeout_s: float) -> list[str]:
-    """Wait until the applications run; returns the problems if they do not within `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        problems = [p for name in app_names for p in not_running(name)]
-        if not problems or time.monotonic() > deadline:
-            return problems
-        time.sleep(0.1)
-
-
 def start_serve(config: ServeDeploySchema) -> tuple[ServeControllerClient, list[ray.ObjectRef]]:
     """Serve's controller (a running one, or a new one with the config's proxies): its client, and what to
     wait on for the new proxies' ports to be open.
@@ -164,9 +154,8 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
         client.deploy_applications(loading, wait_for_ingress_deployment_creation=False,
                                    wait_for_applications_running=False)
     ray.get(proxies_ready, timeout=start_timeout_s)
-    if loading:
-        for line in wait_running([app.name for app in loading], min(20.0, start_timeout_s)):
-            print(f"pusa-serve: the loading Router is not running: {line}", file=sys.stderr)
+    # At once: the controller's build task imports the model code for seconds, by which time the loading
+    # Router's replica (no such imports) runs; the real Router then replaces it with a surge.
     client.deploy_apps(config, _blocking=False)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     for line in unplaceable(config, nodes):

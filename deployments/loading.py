@@ -100,6 +100,10 @@ class Readiness:
             self.ready = False
         else:
             self.ready = not self.waiting_for
+        try:  # watch from now on (a Serve replica's constructor runs on its event loop), not from a first request
+            self.poke()
+        except RuntimeError:  # no event loop (outside Serve)
+            pass
 
     def detail(self) -> str:
         if self.ready:
