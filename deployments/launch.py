@@ -170,7 +170,7 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
         if time.monotonic() > deadline:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             return problems + unplaceable(config, nodes)
-        time.sleep(0.25)
+        time.sleep(0.5)
 
 
 def still_loading(config: ServeDeploySchema) -> list[str]:
