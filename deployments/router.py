@@ -92,8 +92,9 @@ app.include_router(web_routes)  # the web page at / and POST /v1/videos/plan
 app.mount("/web", web_files(), name="web")
 
 
-# A surge (ROUTER_SURGE_PERCENT): a new version's replica starts before an old one stops, so the route always has a running
-# replica: the loading Router `pusa-serve` deploys first (deployments/loading.py), and redeploys.
+# A surge: a new version's replica starts before an old one stops, so the route always has a running
+# replica through the swap from the loading Router `pusa-serve` deploys first (deployments/loading.py)
+# and through redeploys.
 @serve.deployment(name="Router", max_surge_percent=ROUTER_SURGE_PERCENT)
 @serve.ingress(app)
 class Router(BatchRoutes, WebRoutes):
