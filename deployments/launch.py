@@ -10,16 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import ray
 import yaml
 from ray import serve
 from ray.serve._private import api as serve_api
-from ray.serve.config import gRPCOptions
+from ray.serve._private.build_app import BuiltApplication
+from ray.serve._private.build_app import build_app as build_serve_app
+from ray.serve._private.client import ServeControllerClient
+from ray.serve.config import ProxyLocation, gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
 from .admission import check_exposure
+from .loading import LoadingRouter
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
 
@@ -95,13 +101,62 @@ def not_running(app_name: str) -> list[str]:
     return problems
 
 
+APP_IMPORT_PATH = "deployments.app:build_app"
+
+
+def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApplication]:
+    """Each of this project's applications in `config` (`deployments.app:build_app`, or one whose config
+    sets options of a Router deployment) that is not deployed yet, as the loading Router
+    alone (same name, route, logging and Router options), built here rather than in the controller's
+    import task, so that its route exists as soon as it is deployed. A running application is left
+    alone: a redeploy must not put it back into loading."""
+    built = []
+    for app in config.applications:
+        router = next((d for d in app.deployments if d.name == "Router"), None)
+        if (app.import_path != APP_IMPORT_PATH and router is None) or app.name in deployed:
+            continue
+        options = router.model_dump(exclude_unset=True, exclude={"name"}) if router else {}
+        logging_config = app.logging_config.model_dump() if app.logging_config else None
+        built.append(build_serve_app(LoadingRouter.options(**options).bind(), name=app.name,
+                                     route_prefix=app.route_prefix, logging_config=logging_config,
+                                     default_runtime_env={**ray.get_runtime_context().runtime_env,
+                                                          **(app.runtime_env or {})}))
+    return built
+
+
+def start_serve(config: ServeDeploySchema) -> tuple[ServeControllerClient, list[ray.ObjectRef]]:
+    """Serve's controller (a running one, or a new one with the config's proxies): its client, and what to
+    wait on for the new proxies' ports to be open.
+
+    `serve.start` only returns once the proxies listen, so a route deployed after it is missing for a
+    moment (a 404); this creates the controller as it does, but leaves the wait to the caller, who
+    deploys first (Serve's private helpers, ray 2.60)."""
+    client = serve_api._get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        return client, []
+    controller, proxies_ready = serve_api._create_controller_and_proxy_refs(
+        config.http_options.model_dump(), gRPCOptions(**config.grpc_options.model_dump()), None, None,
+        serve_api._coerce_controller_options(None), config.proxy_location)
+    client = ServeControllerClient(controller)
+    serve_api._set_global_client(client)
+    return client, proxies_ready
+
+
 def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
-    """Deploy `config` and wait; returns the problems if it is not running within the timeout."""
-    serve_api.serve_start(
-        http_options=config.http_options.model_dump(),
-        proxy_location=config.proxy_location,
-        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-    ).deploy_apps(config, _blocking=False)
+    """Deploy `config` and wait; returns the problems if it is not running within the timeout.
+
+    Applications not deployed yet first run the loading Router (`deployments.loading`), deployed before
+    the proxies open their ports, so that from then on they answer 503 "loading" rather than 404 or
+    nothing."""
+    client, proxies_ready = start_serve(config)
+    loading = loading_apps(config, set(serve.status().applications))
+    if loading:
+        client.deploy_applications(loading, wait_for_ingress_deployment_creation=False,
+                                   wait_for_applications_running=False)
+    ray.get(proxies_ready, timeout=start_timeout_s)
+    # At once: the controller's build task imports the model code for seconds, by which time the loading
+    # Router's replica (no such imports) runs; the real Router then replaces it with a surge.
+    client.deploy_apps(config, _blocking=False)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     for line in unplaceable(config, nodes):
         print(f"pusa-serve: waiting for the autoscaler: {line}", file=sys.stderr)
@@ -109,11 +164,37 @@ def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
     while True:
         problems = [p for app in config.applications for p in not_running(app.name)]
         if not problems:
+            problems = still_loading(config)
+        if not problems:
             return problems
         if time.monotonic() > deadline:
             nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
             return problems + unplaceable(config, nodes)
-        time.sleep(1.0)
+        time.sleep(0.5)
+
+
+def still_loading(config: ServeDeploySchema) -> list[str]:
+    """This project's applications whose ``/health``, through the proxy on this machine, still says
+    loading (the Router checks that every deployment runs a moment after Serve says so). A proxy this
+    machine cannot reach (pusa-serve run off the cluster) is not waited for."""
+    http = config.http_options
+    if config.proxy_location == ProxyLocation.Disabled:
+        return []
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)
+    host = f"[{host}]" if ":" in host else host
+    problems = []
+    for app in config.applications:
+        if app.import_path != APP_IMPORT_PATH and not any(d.name == "Router" for d in app.deployments):
+            continue
+        url = f"http://{host}:{http.port}{(app.route_prefix or '').rstrip('/')}/health"
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2):  # no HTTP_PROXY
+                pass
+        except urllib.error.HTTPError as exc:
+            problems.append(f"{app.name}: {url} answers {exc.code} {exc.read()[:200].decode(errors='replace')}")
+        except (OSError, urllib.error.URLError):
+            pass
+    return problems
 
 
 def started_ray_here() -> bool:

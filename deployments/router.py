@@ -37,6 +37,7 @@ from .event_stream import job_events, sse
 from .job_files import RESULT_FILES, JobFiles
 from .job_store import IdempotencyConflict, JobStore
 from .jobs import TERMINAL, Job, job_created_at, job_plan, new_job_id
+from .loading import ROUTER_SURGE_PERCENT, LoadingGate, Readiness
 from .observability import log_job_event, metrics
 from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
                          request_fingerprint)
@@ -85,15 +86,21 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
                                         kind="service_unavailable", headers={"Retry-After": "5"}))
 
 
+app.add_middleware(LoadingGate)  # 503 "loading" on the API, /health and the page until every deployment runs
 app.include_router(batch_routes)
 app.include_router(web_routes)  # the web page at / and POST /v1/videos/plan
 app.mount("/web", web_files(), name="web")
 
 
-@serve.deployment(name="Router")
+# A surge: a new version's replica starts before an old one stops, so the route always has a running
+# replica through the swap from the loading Router `pusa-serve` deploys first (deployments/loading.py)
+# and through redeploys.
+@serve.deployment(name="Router", max_surge_percent=ROUTER_SURGE_PERCENT)
 @serve.ingress(app)
 class Router(BatchRoutes, WebRoutes):
-    """HTTP ingress: authenticates, validates and admits requests, queues jobs, reports them."""
+    """HTTP ingress: authenticates, validates and admits requests, queues jobs, reports them. Until every
+    other deployment of the application has a running replica it answers with the loading state
+    (`deployments.loading`), without waiting on them."""
 
     def __init__(
         self, runner: DeploymentHandle, preset: str = "tiny", store: str = "data",
@@ -116,6 +123,7 @@ class Router(BatchRoutes, WebRoutes):
         self.files = JobFiles(open_store(store))
         self.runner = runner
         self._wakes: set[asyncio.Task] = set()
+        self.readiness = LoadingGate.readiness = Readiness()
 
     # -- helpers -------------------------------------------------------------------------------
 

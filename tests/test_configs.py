@@ -31,7 +31,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.admission import check_exposure
 from deployments.app import AppArgs
 from deployments.cost import estimate_gpu_seconds
-from deployments.launch import actor_options as options, replica_demand, unplaceable
+from deployments.launch import actor_options as options, loading_apps, replica_demand, unplaceable
 from pusa_batch.run import BatchSettings
 from pusa_model.presets import Preset
 from pusa_model.request import parse_request, plan_request
@@ -80,6 +80,22 @@ def test_serve_config_validates_and_builds_the_five_deployments(path):
     assert graph.ingress_deployment_name == "Router"
     # Serve rejects a config that names a deployment the app doesn't have, so the names must match.
     assert set(deployments(config)) == STAGES
+
+
+@pytest.mark.parametrize("path", [PROD, ROOT / "serve_config.2gpu.yaml", LOCAL], ids=["production", "2gpu", "local"])
+def test_pusa_serve_first_deploys_the_loading_router_with_the_routers_options(path):
+    """The light Router `pusa-serve` starts an application with: its name, route and the config's Router
+    options; the real Router replaces it with a surge (new replica up before the old one stops)."""
+    config = ServeDeploySchema.model_validate(load(path))
+    (app,) = config.applications
+    (built,) = loading_apps(config, deployed=set())
+    (deployment,) = built.deployments
+    assert (built.name, built.route_prefix, built.ingress_deployment_name) == (app.name, "/", "Router")
+    router = deployments(config)["Router"]
+    assert deployment.num_replicas == router.num_replicas
+    assert replica_demand(deployment.ray_actor_options) == replica_demand(options(router))
+    assert deployment._deployment_config.max_surge_percent > 0
+    assert loading_apps(config, deployed={app.name}) == []  # a running application is redeployed as it is
 
 
 def test_vae_decode_dtype_reaches_the_vae_deployment():

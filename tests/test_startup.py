@@ -1,0 +1,91 @@
+"""`pusa-serve` answers HTTP from the moment its port opens: 503 "loading" (with Retry-After) on the API,
+/health and the web page until every deployment runs, then 200 — never a 404, a 502 or a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from serving import free_port, local_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DIT_START_DELAY_S = 4  # the DiT starts this much later than the rest: the real Router's loading state is seen
+PATHS = ("/v1/models", "/", "/health")
+
+
+def test_start_answers_loading_then_ready(tmp_path, tiny_folder):
+    port = free_port()
+    config = local_config(str(tmp_path / "store"), port, args={"dit_start_delay_s": DIT_START_DELAY_S})
+    config["applications"][0]["import_path"] = "slow_start_app:build_app"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    started = time.monotonic()
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/pusa-serve"), str(tmp_path / "config.yaml")], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    output: list[str] = []
+    ready_at: list[float] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("Pusa service ready at") and not ready_at:
+                ready_at.append(time.monotonic())
+    threading.Thread(target=read, daemon=True).start()
+
+    seen: list[tuple[float, str, httpx.Response]] = []  # (time since start, path, response) once the port is open
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=2.0) as http:
+            deadline = started + 150
+            while not ready_at or time.monotonic() < ready_at[0] + 1:
+                assert time.monotonic() < deadline, "".join(output[-30:])
+                assert proc.poll() is None, "".join(output[-30:])
+                for path in PATHS:
+                    try:
+                        response = http.get(path)  # a request past 2 s raises: no request may hang
+                    except httpx.ConnectError:
+                        assert not seen, f"{path}: connection refused after the port had opened"
+                        continue
+                    seen.append((time.monotonic() - started, path, response))
+                time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    statuses = [(round(t, 1), path, r.status_code) for t, path, r in seen]
+    first_200 = min(t for t, _, r in seen if r.status_code == 200)
+    print(f"port open at {seen[0][0]:.1f} s, first 200 at {first_200:.1f} s, ready line at {ready_at[0] - started:.1f} s; "
+          f"{sum(r.status_code == 503 for _, _, r in seen)} 503s, {sum(r.status_code == 200 for _, _, r in seen)} 200s")
+    assert {r.status_code for _, _, r in seen} <= {200, 503}, statuses
+    for path in PATHS:
+        codes = [r.status_code for _, p, r in seen if p == path]
+        assert codes[0] == 503 and codes[-1] == 200, (path, codes)
+        assert codes == sorted(codes, reverse=True), (path, codes)  # 503s, then only 200s
+    for _, path, r in seen:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "2", (path, r.headers)
+    loading = {path: [r for _, p, r in seen if p == path and r.status_code == 503] for path in PATHS}
+    for r in loading["/v1/models"]:
+        assert r.json()["error"]["code"] == "loading" and r.json()["error"]["type"] == "service_unavailable", r.text
+    for r in loading["/health"]:
+        assert r.json()["status"] == "loading", r.text
+    for r in loading["/"]:
+        assert r.headers["content-type"].startswith("text/html")
+        assert "is loading its models" in r.text and '<meta http-equiv="refresh"' in r.text
+    # the real Router's own loading state, waiting for the slow DiT (not only the first, light Router's)
+    assert any("waiting for DiT" in r.json()["detail"] for r in loading["/health"]), [r.text for r in loading["/health"]]
+    ready = [r for _, p, r in seen if p == "/" and r.status_code == 200]
+    assert "<title>Pusa video generation</title>" in ready[-1].text and "loading its models" not in ready[-1].text
+    assert [r.json()["data"][0]["id"] for _, p, r in seen if p == "/v1/models" and r.status_code == 200][-1] == "pusa-v1"
+    # every response after the ready line is a 200
+    assert all(r.status_code == 200 for t, _, r in seen if t > ready_at[0] - started), statuses
