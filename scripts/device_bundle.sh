@@ -10,9 +10,9 @@ PYTHON=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# The project's runtime needs (pyproject.toml) beside the Serve extra. The image's grpcio is 1.84, and
-# ray[serve] pulls grpcio-reflection, which must match it. imageio-ffmpeg 0.6.0: its ffmpeg (7.0.2) packs to
-# 21 MB, the newest's to 50 MB.
+# The project's runtime needs (pyproject.toml) beside the Serve extra, and torchao for the FP8/INT8 GEMMs.
+# The image's grpcio is 1.84.0 and grpcio-reflection (pulled by ray[serve]) refuses any older grpcio than its
+# own version: 1.84.0 exactly. imageio-ffmpeg 0.6.0: its ffmpeg (7.0.2) packs to 21 MB, the newest's to 50 MB.
 cat >"$work/requirements.txt" <<'EOF'
 ray[serve]==2.60.0
 diffusers==0.42.1
@@ -25,8 +25,9 @@ standardwebhooks>=1.0.1,<2
 boto3>=1.34,<2
 ftfy>=6.2,<7
 imageio-ffmpeg==0.6.0
-grpcio==1.84.*
-grpcio-reflection==1.84.*
+torchao==0.18.0
+grpcio==1.84.0
+grpcio-reflection==1.84.0
 EOF
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
