@@ -95,6 +95,17 @@ def write_config(path: Path, dit_options: dict, caps: dict | None) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+def changes(rows: list[dict], key) -> list[dict]:
+    """The rows where `key` changes (the first of each run), with the run's length."""
+    out: list[dict] = []
+    for row in rows:
+        if out and key(out[-1]) == key(row):
+            out[-1]["count"] += 1
+        else:
+            out.append({**row, "count": 1})
+    return out
+
+
 class StartupProbe(threading.Thread):
     """Polls ``GET /v1/models`` every 0.2 s and the page every second from `t0` until stopped."""
 
@@ -137,7 +148,8 @@ class StartupProbe(threading.Thread):
                 "first_200_s": first(self.api, lambda r: r["status"] == 200),
                 "api_statuses": statuses,
                 "slowest_answer_s": max((r["latency_s"] for r in self.api if isinstance(r["status"], int)), default=None),
-                "page": [r for r in self.page][:60], "api": self.api}
+                "page": changes(self.page, lambda r: (r["status"], r.get("loading"))),
+                "api": changes(self.api, lambda r: (r["status"], r.get("retry_after")))}
 
 
 class Service:
