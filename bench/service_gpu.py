@@ -166,8 +166,8 @@ class Service:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
+        for line in self.proc.stdout:  # each line with the seconds since the start (where start-up goes)
+            self.lines.append(f"{time.monotonic() - self.t0:8.2f} {line.rstrip()}")
             if "Pusa service ready" in line and self.ready_s is None:
                 self.ready_s = time.monotonic() - self.t0
                 log(f"ready after {self.ready_s:.1f} s")
@@ -286,6 +286,7 @@ def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict 
         log(out["error"])
     finally:
         out["log_tail"] = service.lines[-30:]
+        Path(args.out).with_suffix(f".{name}.log").write_text("\n".join(service.lines) + "\n")
         service.stop()
         save(args, results)
 
