@@ -18,6 +18,7 @@ import collections
 import io
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -140,6 +141,19 @@ def _bounded(frames: Iterator[bytes], shape: tuple[int, int, int], limits: Media
         yield np.frombuffer(frame, dtype=np.uint8).reshape(shape)
 
 
+def _demuxed_frames(path: str, limits: MediaLimits, field: str) -> int:
+    """The first video stream's frame count, read by demuxing its packets without decoding them (ffmpeg's
+    stream copy into nothing): milliseconds for an upload, where a decoding count costs a full decode."""
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path, "-map", "0:v:0", "-c", "copy",
+           "-f", "null", "-"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limits.timeout_s)
+    except subprocess.TimeoutExpired:
+        raise InvalidRequest(field, f"the video took longer than {limits.timeout_s:g} s to read") from None
+    counts = re.findall(r"frame=\s*(\d+)", done.stderr)
+    return int(counts[-1]) if counts else 0
+
+
 @contextmanager
 def _read_video(source: Source, field: str, limit: int | None,
                 limits: MediaLimits = DEFAULT_LIMITS) -> Iterator[tuple[dict, Iterator[np.ndarray]]]:
@@ -158,9 +172,12 @@ def _read_video(source: Source, field: str, limit: int | None,
             meta = next(reader)
             width, height = meta["size"]
             _check_pixels(width, height, limits, field, "a video frame")
-            frames, seconds = imageio_ffmpeg.count_frames_and_secs(path)  # from the container: nothing decoded
+            # Duration from the container's header, frames by demuxing: nothing decoded yet. The frame count and the
+            # decode time are enforced again while decoding (`_bounded`), for files whose container lies.
+            seconds = float(meta.get("duration") or 0)
             if seconds > limits.max_seconds:
                 raise InvalidRequest(field, f"the video lasts {seconds:g} s; the limit is {limits.max_seconds:g} s")
+            frames = _demuxed_frames(path, limits, field)
             if frames > limits.max_frames:
                 raise InvalidRequest(field, f"the video has {frames} frames; the limit is {limits.max_frames}")
             yield meta, _bounded(reader, (height, width, 3), limits, field)
@@ -182,8 +199,9 @@ def load_video(
     Returns float32 (3, num_frames, height, width) in [-1, 1].
     """
     with _read_video(source, field, None if from_end else num_frames, limits) as (_, frames):
-        kept = collections.deque(frames, maxlen=num_frames) if from_end else frames
-        fitted = [np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in kept]
+        # each frame fitted as it is decoded: the last frames kept are small ones, never `num_frames` raw frames
+        fitted = (np.asarray(_fit(Image.fromarray(frame), width, height)) for frame in frames)
+        fitted = list(collections.deque(fitted, maxlen=num_frames) if from_end else fitted)
     if len(fitted) < num_frames:
         raise InvalidRequest(field, f"video has {len(fitted)} frames; this request needs at least {num_frames}")
     return frames_to_tensor(np.stack(fitted))

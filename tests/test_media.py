@@ -14,6 +14,7 @@ from PIL import Image
 
 from pusa_model.errors import InvalidRequest
 from pusa_model.media import (
+    MediaLimits,
     Mp4Writer,
     frames_to_uint8,
     load_image,
@@ -383,3 +384,23 @@ def test_ffmpeg_is_started_without_a_python_preexec_fn():
     from imageio_ffmpeg._utils import _popen_kwargs
 
     assert _popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
+
+
+def test_a_long_video_is_refused_from_its_header_before_anything_is_decoded(tmp_path: Path, monkeypatch) -> None:
+    """3000 frames (1000 fps for 3 s) against a limit of 500: refused from the container (its header's duration,
+    its packets counted without decoding); neither a count by decoding the whole file nor the frame reader runs."""
+    from pusa_model import media
+
+    path = tmp_path / "long.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i",
+                    "color=c=black:s=16x16:r=1000:d=3", "-c:v", "libx264", "-preset", "ultrafast", str(path)],
+                   check=True, timeout=120)
+    decoded = []
+    monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda *a, **k: pytest.fail("decoded the whole file"))
+    monkeypatch.setattr(media, "_bounded", lambda *a, **k: decoded.append(a) or iter(()))
+    for from_end in (False, True):
+        with pytest.raises(InvalidRequest, match="has 3000 frames; the limit is 500"):
+            load_video(path, 16, 16, 17, from_end=from_end, limits=MediaLimits(max_frames=500))
+    with pytest.raises(InvalidRequest, match=r"lasts 3 s; the limit is 2 s"):
+        load_video(path, 16, 16, 17, limits=MediaLimits(max_seconds=2))
+    assert decoded == []
