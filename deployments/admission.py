@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -158,3 +159,31 @@ def quota_error(exc: QuotaExceeded) -> ApiError:
     """429 for a quota, naming it, with ``Retry-After``."""
     return ApiError(429, f"quota {exc.quota} exceeded: {exc}", param=exc.quota, kind="rate_limit_exceeded",
                     code="quota_exceeded", headers={"Retry-After": str(exc.retry_after_s)})
+
+
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossSiteGate:
+    """ASGI middleware of the Router's app: without API keys (``api.auth: none``), a request that changes
+    something and comes from a page of another origin (its ``Origin`` names another host than its ``Host``)
+    is refused with 403, so a web page the user has open cannot create, cancel or delete jobs through the
+    browser. With keys, a bearer key is never sent by a browser on its own, so nothing is refused here.
+    `enabled` is set by the Router replica of this process."""
+
+    enabled = False
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if CrossSiteGate.enabled and scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
+                error = ApiError(403, f"a request from the page at {origin} was refused: without API keys this "
+                                      "service takes changes only from its own page and from clients that send "
+                                      "no Origin", kind="permission_error")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

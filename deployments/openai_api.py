@@ -49,6 +49,12 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (``application/json``, ``application/<x>+json``, any parameters)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _decode_data_url(value: str, field: str) -> bytes:
     """``data:<type>;base64,<payload>`` -> bytes."""
     if not value.startswith("data:") or ";base64," not in value:
@@ -169,10 +175,14 @@ class Submission:
                 else:
                     sub.fields.setdefault(key, []).append(value)
         else:
+            if not is_json(request.headers.get("content-type", "")):  # e.g. text/plain: what any web page can send
+                raise ApiError(400, "the body must be JSON (Content-Type: application/json) or multipart/form-data")
             try:
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
                 raise ApiError(400, "the body is neither JSON nor multipart/form-data") from None
+            except RecursionError:
+                raise ApiError(400, "the JSON body is nested too deeply") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the JSON body must be an object")
             sub.fields = {k: [v] for k, v in body.items()}

@@ -27,7 +27,7 @@ from pusa_model.loras import LoraRegistry
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
-from .admission import Admission, ApiSettings, bearer, check_exposure, owned, proxy_host, quota_error
+from .admission import Admission, ApiSettings, CrossSiteGate, bearer, check_exposure, owned, proxy_host, quota_error
 from .api_keys import Caller, KeyStore
 from .api_schema import ModelList, Video, VideoCreate, VideoDeleted, VideoExtend, VideoList, request_body, responses
 from .batch_api import BatchRoutes, batch_routes
@@ -87,6 +87,7 @@ async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 
 app.add_middleware(LoadingGate)  # 503 "loading" on the API, /health and the page until every deployment runs
+app.add_middleware(CrossSiteGate)  # without API keys: no changes from another origin's page
 app.include_router(batch_routes)
 app.include_router(web_routes)  # the web page at / and POST /v1/videos/plan
 app.mount("/web", web_files(), name="web")
@@ -112,6 +113,7 @@ class Router(BatchRoutes, WebRoutes):
         check_exposure(self.settings.auth, proxy_host())
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
+        CrossSiteGate.enabled = self.settings.auth == "none"
         self.preset = get_preset(preset)
         db = open_database(database)
         self.webhooks = WebhookSettings.model_validate(webhooks or {})

@@ -225,3 +225,28 @@ def test_numbers_must_be_finite_and_of_the_right_type(limits_url, body, param):
 def test_body_shapes_that_are_not_requests_are_400(limits_url, content, content_type):
     r = httpx.post(f"{limits_url}/v1/videos", content=content, headers={"content-type": content_type}, timeout=30)
     assert r.status_code == 400, r.text
+
+
+def test_a_body_any_web_page_could_send_is_refused(limits_url):
+    """Without API keys: text/plain (what a page may POST without asking) and a page of another origin are
+    refused and create nothing; the service's own page (same origin) and clients sending no Origin pass."""
+    before = httpx.get(f"{limits_url}/v1/videos?limit=100", timeout=30).json()["data"]
+    r = httpx.post(f"{limits_url}/v1/videos", content=json.dumps({"prompt": "p", "steps": 1, "frames": 5}),
+                   headers={"content-type": "text/plain"}, timeout=30)
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{limits_url}/v1/videos", data={"prompt": "p", "steps": "1", "frames": "5"},
+                   files={"x": ("x.txt", b"", "text/plain")}, headers={"origin": "https://evil.example"}, timeout=30)
+    assert r.status_code == 403 and "https://evil.example" in r.json()["error"]["message"], r.text
+    r = httpx.delete(f"{limits_url}/v1/videos/video_0", headers={"origin": "http://localhost:1"}, timeout=30)
+    assert r.status_code == 403, r.text
+    assert httpx.get(f"{limits_url}/v1/videos?limit=100", timeout=30).json()["data"] == before
+    host = urlparse(limits_url).netloc
+    r = httpx.post(f"{limits_url}/v1/videos/plan", json={"prompt": "p", "steps": 1, "frames": 5},
+                   headers={"origin": f"http://{host}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_deeply_nested_json_is_400(limits_url):
+    body = '{"prompt": "p", "positions": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = httpx.post(f"{limits_url}/v1/videos", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"], r.text
