@@ -174,20 +174,22 @@ def _unavailable_as_such(uri: str) -> Iterator[None]:
 
 
 class S3Store(Store):
-    """Objects under `prefix` in an S3 bucket (any S3-compatible endpoint), created if missing.
+    """Objects under `prefix` in an S3 bucket (any S3-compatible endpoint), created if missing (unless `create` is
+    False: a store only read from must not create anything in the user's storage).
 
     Presigned URLs are signed for `public_endpoint` (the address clients reach the store at, e.g. behind
     a load balancer) when given, else for the endpoint the service uses."""
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-                 public_endpoint: str | None = None):
+                 public_endpoint: str | None = None, create: bool = True):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         # A fresh session looks credentials up again; the default session caches them for the process.
         session = boto3.session.Session()
         self.client = self._client(session, endpoint_url, region)
         self.signer = self._client(session, public_endpoint, region) if public_endpoint else self.client
-        self._ensure_bucket()
+        if create:
+            self._ensure_bucket()
 
     @staticmethod
     def _client(session: boto3.session.Session, endpoint_url: str | None, region: str | None):
@@ -233,7 +235,7 @@ class S3Store(Store):
             try:
                 response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
             except ClientError as e:
-                if _error_code(e) in ("NoSuchKey", "404", "NotFound"):
+                if _error_code(e) in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
                     raise KeyError(key) from None
                 raise
             with response["Body"] as body:
@@ -279,8 +281,9 @@ class S3Store(Store):
         )
 
 
-def open_store(uri: str) -> Store:
-    """`s3://bucket/prefix` -> `S3Store`; `file:///abs/path` or a plain path -> `LocalStore` (created).
+def open_store(uri: str, create: bool = True) -> Store:
+    """`s3://bucket/prefix` -> `S3Store`; `file:///abs/path` or a plain path -> `LocalStore` (created). With
+    `create` False a missing S3 bucket is not created (for stores only read from).
 
     The S3 endpoint is ``PUSA_S3_ENDPOINT``, else ``AWS_ENDPOINT_URL``, else boto3's default; presigned
     URLs use ``PUSA_S3_PUBLIC_ENDPOINT`` when set; credentials and region come from boto3's usual chain.
@@ -291,7 +294,7 @@ def open_store(uri: str) -> Store:
             raise ValueError(f"store URI {uri!r} names no bucket")
         endpoint = os.environ.get("PUSA_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint,
-                       public_endpoint=os.environ.get("PUSA_S3_PUBLIC_ENDPOINT"))
+                       public_endpoint=os.environ.get("PUSA_S3_PUBLIC_ENDPOINT"), create=create)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"store URI {uri!r} names a remote host")

@@ -23,7 +23,7 @@ def read_bytes(uri: str, base: str | None = None) -> bytes:
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         folder, _, name = parsed.path.lstrip("/").rpartition("/")
-        store = open_store(f"s3://{parsed.netloc}/{folder}" if folder else f"s3://{parsed.netloc}")
+        store = open_store(f"s3://{parsed.netloc}/{folder}" if folder else f"s3://{parsed.netloc}", create=False)
         try:
             return store.get(name)
         except KeyError:

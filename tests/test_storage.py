@@ -202,3 +202,20 @@ def test_local_writes_are_atomic(tmp_path: Path) -> None:
         reader.join()
     assert seen == []
     assert store.list("") == ["big"]  # no temporary files left or listed
+
+
+def test_reading_from_a_missing_bucket_creates_nothing(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch):
+    """A batch manifest or input read from s3:// names a bucket that does not exist: FileNotFoundError, and the
+    user's storage is left as it was (no bucket made by a read)."""
+    from pusa_batch.sources import read_bytes
+
+    monkeypatch.setenv("PUSA_S3_ENDPOINT", s3_server.endpoint)
+    bucket = f"missing-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(FileNotFoundError):
+        read_bytes(f"s3://{bucket}/batches/manifest.jsonl")
+    with pytest.raises(FileNotFoundError):
+        read_bytes(f"s3://{bucket}/manifest.jsonl")
+    names = {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
+    assert bucket not in names
+    open_store(f"s3://{bucket}/out")  # a store written to still makes its bucket
+    assert bucket in {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
