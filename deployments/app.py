@@ -77,7 +77,7 @@ def build_app(args: dict) -> Application:
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset, memory_gib=memory.get("TextEncoder")),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling, decode_dtype=a.vae_decode_dtype,
-                 memory_gib=memory.get("VAE")),
+                 memory_gib=memory.get("VAE"), media_limits=a.api.media.model_dump()),
         DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
                  loras=a.loras.model_dump(), lora_base=a.lora_base,
                  warmup=[shape.model_dump() for shape in a.dit_warmup], memory_gib=memory.get("DiT")),

@@ -40,8 +40,10 @@ class VAE:
     """Loads the preset's VAE once (tiled when configured; decoding in `decode_dtype` when set)."""
 
     def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False,
-                 decode_dtype: Literal["bfloat16", "float16"] | None = None, memory_gib: float | None = None) -> None:
+                 decode_dtype: Literal["bfloat16", "float16"] | None = None, memory_gib: float | None = None,
+                 media_limits: dict | None = None) -> None:
         self.preset = preset
+        self.media_limits = media.MediaLimits.model_validate(media_limits or {})  # the Router's api.media
         spec = get_preset(preset)
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device, memory_gib), tiling=tiling,
                                     decode_dtype=decode_dtype)
@@ -51,7 +53,7 @@ class VAE:
     def _encode(self, request: dict, seed: int, inputs: dict[str, str]) -> np.ndarray:
         plan = plan_from_job(request, seed, self.preset)
         sources = {field: self.files.store.get(key) for field, key in inputs.items()}
-        return encode_conditioning(self.stage, plan, sources).numpy()
+        return encode_conditioning(self.stage, plan, sources, self.media_limits).numpy()
 
     def _encode_extension(self, request: dict, seed: int, previous_key: str) -> np.ndarray:
         plan = plan_from_job(request, seed, self.preset)

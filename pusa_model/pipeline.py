@@ -131,12 +131,14 @@ def conditioning_latents(plan: GenerationPlan, encoded: dict[str, torch.Tensor |
 
 
 def encode_conditioning(
-    vae: VAEStage, plan: GenerationPlan, sources: dict[str, media.Source] | None = None
+    vae: VAEStage, plan: GenerationPlan, sources: dict[str, media.Source] | None = None,
+    limits: media.MediaLimits = media.DEFAULT_LIMITS,
 ) -> torch.Tensor:
     """Read, size and VAE-encode the request's conditioning into clean latents.
 
-    `sources` maps field names to paths or bytes (default: the request's own paths). Unreadable
-    media raise `InvalidRequest` naming the field.
+    `sources` maps field names to paths or bytes (default: the request's own paths); `limits` bound what
+    decoding them may cost (the deployment's ``api.media``, which admitted them). Unreadable media raise
+    `InvalidRequest` naming the field.
     """
     if not plan.conditioning:
         return torch.zeros(plan.latent_shape)
@@ -144,11 +146,12 @@ def encode_conditioning(
     if plan.video_frames_needed:
         pixels = media.load_video(
             sources["video"], plan.width, plan.height, plan.video_frames_needed,
-            from_end=plan.request.video_anchor == "end",
+            from_end=plan.request.video_anchor == "end", limits=limits,
         )
         return conditioning_latents(plan, {"video": vae.encode(pixels)})
     images = [
-        vae.encode(media.load_image(sources[f"images[{i}]"], plan.width, plan.height, field=f"images[{i}]").unsqueeze(1))
+        vae.encode(media.load_image(sources[f"images[{i}]"], plan.width, plan.height, field=f"images[{i}]",
+                                    limits=limits).unsqueeze(1))
         for i in range(len(plan.request.images))
     ]
     return conditioning_latents(plan, {"images": images})

@@ -106,6 +106,12 @@ def test_vae_decode_dtype_reaches_the_vae_deployment():
         AppArgs.model_validate({"vae_decode_dtype": "float64"})
 
 
+def test_the_vae_decodes_uploads_within_the_apis_media_limits():
+    graph = build_app(import_attr("deployments.app:build_app")({"api": {"media": {"max_frames": 3000}}}), name="app")
+    (vae,) = (d for d in graph.deployments if d.name == "VAE")
+    assert vae.init_kwargs["media_limits"]["max_frames"] == 3000
+
+
 def test_gpu_memory_caps_reach_each_gpu_deployment():
     graph = build_app(import_attr("deployments.app:build_app")(
         {"gpu_memory_gib": {"DiT": 47.5, "TextEncoder": 23.5, "VAE": 23.5}}), name="app")

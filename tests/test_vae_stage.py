@@ -66,3 +66,24 @@ def test_decode_to_mp4_writes_the_frames_as_they_decode(tiny_folder, tmp_path):
     media.write_mp4(frames, tmp_path / "after.mp4", fps=16)  # the serial way: decode, then encode
     assert (tmp_path / "streamed.mp4").read_bytes() == (tmp_path / "after.mp4").read_bytes()
     assert decode_video_files(stage, latents, fps=16) == media.video_files(frames, 16)  # the service's bytes
+
+
+def test_conditioning_is_decoded_within_the_limits_given(tiny_pipeline, tmp_path):
+    """The VAE decodes uploads within the deployment's api.media (passed in), not the library's defaults: a
+    deployment that lowers them refuses there too, one that raises them accepts what its Router admitted."""
+    import pytest
+    from PIL import Image
+
+    from pusa_model.errors import InvalidRequest
+    from pusa_model.pipeline import encode_conditioning
+    from pusa_model.request import parse_request, plan_request
+
+    image = tmp_path / "start.png"
+    Image.new("RGB", (200, 100), (200, 30, 30)).save(image)
+    plan = plan_request(parse_request({"prompt": "p", "task": "i2v", "images": [str(image)], "steps": 1}),
+                        tiny_pipeline.preset)
+    accepted = encode_conditioning(tiny_pipeline.vae, plan)
+    with pytest.raises(InvalidRequest, match="exceeds the limit of 10000 pixels"):
+        encode_conditioning(tiny_pipeline.vae, plan, limits=media.MediaLimits(max_pixels=10_000))
+    raised = encode_conditioning(tiny_pipeline.vae, plan, limits=media.MediaLimits(max_pixels=100_000))
+    assert torch.equal(raised, accepted)
