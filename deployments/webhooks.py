@@ -8,7 +8,8 @@ the headers `standardwebhooks` and `openai`'s ``client.webhooks.unwrap()`` verif
 tries again after a doubling delay, until ``max_attempts``. The id stays the same across attempts, so a
 receiver can drop duplicates. The body has OpenAI's event shape:
 ``{"id", "object": "event", "type", "created_at", "data": {"id": <video id>}}``. A request's own
-``webhook_url`` must resolve to public addresses, when it is accepted and again before each attempt, so
+``webhook_url`` must resolve to public addresses, when it is accepted and again before each attempt, and each
+attempt connects to the address that passed (no second lookup a DNS rebinding could answer otherwise), so
 nobody can make the cluster call its own private services or a cloud's metadata endpoint.
 """
 
@@ -39,20 +40,38 @@ logger = logging.getLogger("ray.serve")
 EVENT_TYPES = {"completed": "video.completed", "failed": "video.failed", "cancelled": "video.cancelled"}
 
 
-def receiver_problem(url: str) -> str | None:
-    """Why `url` may not receive a request's webhooks: its host does not resolve, or resolves to an
-    address that is not public (loopback, private, link-local such as cloud metadata, reserved)."""
+def public_address(url: str) -> tuple[str | None, str | None]:
+    """``(address, None)``: the address to call `url` at, when every address its host resolves to is public;
+    ``(None, why)`` when it does not resolve or one is not (loopback, private, link-local such as cloud
+    metadata, reserved)."""
     parts = urlsplit(url)
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
                                    proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError, ValueError):
-        return f"cannot resolve {parts.hostname}"
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        return None, f"cannot resolve {parts.hostname}"
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for address in addresses:
         if not address.is_global:
-            return f"{parts.hostname} resolves to {address}, which is not a public address"
-    return None
+            return None, f"{parts.hostname} resolves to {address}, which is not a public address"
+    return (str(addresses[0]), None) if addresses else (None, f"cannot resolve {parts.hostname}")
+
+
+def receiver_problem(url: str) -> str | None:
+    """Why `url` may not receive a request's webhooks (`public_address`), or None."""
+    return public_address(url)[1]
+
+
+def pinned(url: str, address: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """`url` aimed at `address`, the one its host was checked to resolve to, with the host kept in the
+    ``Host`` header and as the TLS server name (so the certificate is still checked against it): a second
+    lookup when connecting, which a DNS rebinding answers with a private address, never happens. Returns
+    the URL, the headers and httpx's request extensions."""
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    host_header = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl(), {"host": host_header}, {"sni_hostname": parts.hostname}
 
 
 class WebhookSettings(BaseModel):
@@ -132,11 +151,16 @@ class WebhookSender:
         sent = 0
         while (row := await asyncio.to_thread(self._claim)) is not None:
             screened = row.url != self.settings.url and not self.settings.allow_private_receivers
-            error = await asyncio.to_thread(receiver_problem, row.url) if screened else None  # resolved anew
+            url, headers, extensions, error = row.url, {}, {}, None
+            if screened:  # resolved anew for each attempt, and called at the address that passed
+                address, error = await asyncio.to_thread(public_address, row.url)
+                if address is not None:
+                    url, headers, extensions = pinned(row.url, address)
             try:
                 if error is None:
-                    response = await client.post(row.url, content=row.payload, timeout=self.settings.timeout_s,
-                                                 headers=signed_headers(self.secret, row.id, row.payload))
+                    response = await client.post(url, content=row.payload, timeout=self.settings.timeout_s,
+                                                 headers={**signed_headers(self.secret, row.id, row.payload), **headers},
+                                                 extensions=extensions)
                     error = None if response.is_success else f"HTTP {response.status_code}"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"

@@ -279,3 +279,54 @@ def test_the_router_sees_the_address_its_proxy_listens_on(service):
         with pytest.raises(ValueError, match=f"listens on {host}"):
             check_exposure("none", host)
     check_exposure("keys", "0.0.0.0")
+
+
+def test_a_webhook_is_sent_to_the_address_that_was_checked(tmp_path, monkeypatch):
+    """DNS rebinding: the receiver's name resolves to a public address when checked and to loopback on a
+    second lookup. The attempt is made to the checked address (the name kept in Host and as the TLS name),
+    with one lookup per attempt; a name that resolves to a private address at the attempt is not called."""
+    import asyncio
+    import socket
+
+    import httpx
+    from sqlalchemy import insert, select
+
+    from deployments.db import open_database
+    from deployments.schema import webhook_deliveries
+    from deployments.webhooks import WebhookSender, WebhookSettings, delivery
+
+    answers = iter(["93.184.216.34", "127.0.0.1", "127.0.0.1"])
+    lookups = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    sent = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        sent.append((str(request.url), request.headers["host"], request.extensions.get("sni_hostname")))
+        return httpx.Response(204)
+
+    db = open_database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    with db.write() as conn:
+        conn.execute(insert(webhook_deliveries).values(**delivery("video_1", "completed", "https://hooks.example.com:8443/in")))
+    sender = WebhookSender(db, WebhookSettings(), "whsec_" + "A" * 32)
+
+    async def send() -> int:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(receive)) as client:
+            return await sender.send_due(client)
+
+    assert asyncio.run(send()) == 1
+    assert sent == [("https://93.184.216.34:8443/in", "hooks.example.com:8443", "hooks.example.com")]
+    assert lookups == ["hooks.example.com"]
+    with db.write() as conn:
+        assert conn.execute(select(webhook_deliveries.c.state)).scalar_one() == "delivered"
+        conn.execute(insert(webhook_deliveries).values(**delivery("video_2", "failed", "https://hooks.example.com/in")))
+    assert asyncio.run(send()) == 1  # now the name resolves to loopback: refused, never called
+    assert len(sent) == 1
+    with db.write() as conn:
+        error = conn.execute(select(webhook_deliveries.c.last_error).where(
+            webhook_deliveries.c.job_id == "video_2")).scalar_one()
+    assert "127.0.0.1" in error and "not a public address" in error
