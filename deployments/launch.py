@@ -8,6 +8,7 @@ the deployments that are not running and why, instead of hanging.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import urllib.error
@@ -236,12 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Pusa service ready at http://{http.host}:{http.port}", flush=True)
     if args.no_block:
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean end as Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("pusa-serve: stopping", file=sys.stderr, flush=True)
         serve.shutdown()
+        ray.shutdown()
     return 0
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

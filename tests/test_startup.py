@@ -56,11 +56,16 @@ def test_start_answers_loading_then_ready(tmp_path, tiny_folder):
                     seen.append((time.monotonic() - started, path, response))
                 time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it: a clean end, exit status 0
         try:
-            proc.wait(timeout=60)
+            exit_status = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            exit_status = None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left behind in the session
+        except ProcessLookupError:  # nothing left
+            pass
+    assert exit_status == 0, "".join(output[-30:])
 
     statuses = [(round(t, 1), path, r.status_code) for t, path, r in seen]
     first_200 = min(t for t, _, r in seen if r.status_code == 200)
