@@ -130,7 +130,9 @@ class BatchRun:
             watcher.cancel()
 
     async def _watch(self) -> None:
-        while not self.stop.is_set():
+        """Renew the lease for as long as the pipeline runs (until `_generate` cancels this), also after a stop
+        was asked: the rows in flight still finish, and nobody else may take the batch meanwhile."""
+        while self.stop_reason != "lost":
             await asyncio.sleep(self.ctx.renew_s)
             try:
                 await asyncio.to_thread(self.ctx.batches.update, self.lease)

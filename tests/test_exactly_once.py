@@ -684,3 +684,25 @@ def test_only_database_errors_that_can_pass_are_transient(database_url: str, tmp
                 assert is_transient(OperationalError("stmt", {}, Coded(sqlstate))) is transient, sqlstate
     finally:
         db.dispose()
+
+
+def test_a_batch_keeps_renewing_its_lease_while_its_pipeline_ends_after_a_cancel(cluster: Cluster, monkeypatch) -> None:
+    """A cancel stops the batch at the next row's end, not at once: until the pipeline returns, the lease is
+    still renewed, so no other runner takes the batch while its rows in flight finish."""
+    import deployments.batch_run as batch_run
+
+    run = _batch_run(cluster, time.time(), rows=1)
+    run.ctx.renew_s = 0.05
+    renewals: list[float] = []
+    monkeypatch.setattr(run.ctx.batches, "update", lambda lease, **changes: renewals.append(time.monotonic()))
+    stopped: list[float] = []
+
+    def pipeline(*args: Any, **kwargs: Any) -> None:
+        run._stop("cancelled")  # asked while a row is in flight
+        stopped.append(time.monotonic())
+        time.sleep(0.6)  # the row in flight ends
+
+    monkeypatch.setattr(batch_run, "run_batch", pipeline)
+    asyncio.run(run._generate())
+    assert len([t for t in renewals if t > stopped[0]]) >= 4, renewals
+    assert run.stop_reason == "cancelled"
