@@ -112,6 +112,8 @@ def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApp
     import task, so that its route exists as soon as it is deployed. A running application is left
     alone: a redeploy must not put it back into loading."""
     built = []
+    # the driver's runtime_env, as Serve gives an application by default (asking for it starts a Ray when none is up)
+    driver_env = ray.get_runtime_context().runtime_env if ray.is_initialized() else {}
     for app in config.applications:
         router = next((d for d in app.deployments if d.name == "Router"), None)
         if (app.import_path != APP_IMPORT_PATH and router is None) or app.name in deployed:
@@ -120,8 +122,7 @@ def loading_apps(config: ServeDeploySchema, deployed: set[str]) -> list[BuiltApp
         logging_config = app.logging_config.model_dump() if app.logging_config else None
         built.append(build_serve_app(LoadingRouter.options(**options).bind(), name=app.name,
                                      route_prefix=app.route_prefix, logging_config=logging_config,
-                                     default_runtime_env={**ray.get_runtime_context().runtime_env,
-                                                          **(app.runtime_env or {})}))
+                                     default_runtime_env={**driver_env, **(app.runtime_env or {})}))
     return built
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 from sqlalchemy.engine import make_url
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
@@ -96,6 +97,7 @@ def test_pusa_serve_first_deploys_the_loading_router_with_the_routers_options(pa
     assert replica_demand(deployment.ray_actor_options) == replica_demand(options(router))
     assert deployment._deployment_config.max_surge_percent > 0
     assert loading_apps(config, deployed={app.name}) == []  # a running application is redeployed as it is
+    assert not ray.is_initialized()  # building it started no Ray in this process (later tests start their own)
 
 
 def test_vae_decode_dtype_reaches_the_vae_deployment():
