@@ -33,8 +33,10 @@ import random
 import sys
 import tempfile
 import threading
+import contextvars
 import time
 import types
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,11 @@ RETENTION_S = 3600.0
 
 class Violation(AssertionError):
     """An invariant does not hold."""
+
+
+class Stop(BaseException):
+    """Raised in a run at the point where an invariant broke: the history stops (no handler of the code
+    under test sees it)."""
 
 
 class Counterexample(AssertionError):
@@ -234,6 +241,54 @@ class _ThreadsafeTask:
         self.loop.call_soon_threadsafe(self.task.cancel)
 
 
+CURRENT: contextvars.ContextVar[Handle | None] = contextvars.ContextVar("exactly_once_run", default=None)
+
+
+class Handle:
+    """One run of an actor in a thread of its own. Exactly one thread of a history goes at a time (the
+    baton): a run may stall at a point (its process paused) and is resumed later by the scheduler."""
+
+    def __init__(self, actor: Actor, n: int) -> None:
+        self.actor, self.n = actor, n
+        self.go = threading.Event()
+        self.parked = threading.Event()
+        self.stalled = False
+        self.finished = False
+        self.claimed: bool | None = None  # whether it claimed a job (None until it tried)
+        self.error: BaseException | None = None
+
+    def start(self, fn: Any) -> None:
+        """Start `fn()` in this run's thread, and wait until it stalls or ends."""
+        def target() -> None:
+            CURRENT.set(self)
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - a violation seen in the run, or a checker error
+                self.error = exc
+            finally:
+                self.finished = True
+                self.parked.set()
+
+        self.parked.clear()
+        threading.Thread(target=target, daemon=True).start()
+        self.parked.wait()
+
+    def resume(self) -> None:
+        """Let the stalled run go on, and wait until it stalls again or ends."""
+        assert self.stalled and not self.finished
+        self.parked.clear()
+        self.stalled = False
+        self.go.set()
+        self.parked.wait()
+
+    def stall(self) -> None:
+        """Called in the run (at a point): hand the baton back and wait to be resumed."""
+        self.go.clear()
+        self.stalled = True
+        self.parked.set()
+        self.go.wait()
+
+
 def in_thread(fn: Any, *args: Any) -> Any:
     """`fn(*args)` in a thread of its own, waited for (a nested actor runs its own event loop, also from a
     point inside another actor's loop)."""
@@ -264,8 +319,8 @@ class Checker:
     READ_FAULTS = ("kill", "drop", "outage")
     STORE_WRITE_FAULTS = ("kill", "kill_committed", "drop", "drop_committed", "outage")
     STORE_READ_FAULTS = ("kill", "drop", "outage")
-    ACTIONS = ("expire", "expire", "nested", "nested", "nested", "cancel", "delete", "drain", "drain_cancel", "renew",
-               "renew", "submit", "list", "sweep")
+    ACTIONS = ("expire", "takeover", "takeover", "nested", "nested", "resume", "resume", "stall", "stall", "stall",
+               "cancel", "delete", "drain", "drain_cancel", "renew", "renew", "submit", "list", "sweep")
 
     def __init__(self, seed: int, db: Database, store: LocalStore, references: dict[str, bytes],
                  verbose: bool = False) -> None:
@@ -274,10 +329,10 @@ class Checker:
         self.tag = f"h{seed}-{random.Random().getrandbits(32):08x}"  # this history's owner
         self.history: list[str] = []
         rng = self.rng
-        self.fault_p = rng.choice((0.0, 0.02, 0.05, 0.1, 0.2))
-        self.action_p = rng.choice((0.0, 0.02, 0.05, 0.1))
-        self.faults_left = rng.randint(0, 10)
-        self.actions_left = rng.randint(0, 8)
+        self.fault_p = rng.choice((0.0, 0.03, 0.08, 0.15, 0.3))
+        self.action_p = rng.choice((0.0, 0.03, 0.08, 0.15))
+        self.faults_left = rng.randint(0, 12)
+        self.actions_left = rng.randint(0, 10)
         self.settings = RunnerSettings(outage_s=5.0, max_takeovers=rng.choice((1, 3, 100)), checkpoint_every=1,
                                        renew_s=1.0)
         self.outage: dict[str, int] = {}  # "db"/"store": calls it still fails
@@ -290,6 +345,9 @@ class Checker:
         self.swept: set[str] = set()  # ids the sweep removed (their retention over)
         self.ended: dict[str, str] = {}  # job id: the terminal status seen first
         self.depth = 0
+        self.handles: list[Handle] = []
+        self.violation: BaseException | None = None  # the first one, seen in a run
+        self.stats: Counter[str] = Counter()  # faults and actions injected, by kind
         self.t0 = time.time()
         self.created = 0
         for _ in range(rng.randint(2, 3)):
@@ -312,11 +370,26 @@ class Checker:
         invariants that hold all along, may let other actors act, and returns the fault to inject."""
         if actor.dead:
             raise Killed()
-        self.check_point()
+        if self.violation is not None:
+            raise Stop()
+        try:
+            self.check_point()
+        except Violation as exc:
+            self.violation = exc
+            raise Stop() from exc
         rng = self.rng
-        if actor is not self.api and self.actions_left and rng.random() < self.action_p and self.depth < 2:
+        where = f"{op}{' ' + what if what else ''}"
+        if actor is not self.api and self.actions_left and rng.random() < self.action_p and self.depth < 3:
             self.actions_left -= 1
-            self.act(actor, rng.choice(self.ACTIONS), f"{op}{' ' + what if what else ''}")
+            handle = CURRENT.get()
+            action = rng.choice(self.ACTIONS)
+            if action == "stall" and handle is not None and handle.actor is actor:
+                self.stats["action:stall"] += 1
+                self.log(f"{actor.name}#{handle.n} stalls at {where}")
+                handle.stall()
+                self.log(f"{actor.name}#{handle.n} goes on at {where}")
+            elif action != "stall":
+                self.act(actor, action, where)
             if actor.dead:
                 raise Killed()
         area = op.split(".")[0]
@@ -341,10 +414,12 @@ class Checker:
         fault = rng.choice(faults)
         self.faults_left -= 1
         if fault == "outage":
+            self.stats[f"fault:{area}-outage"] += 1
             self.outage[area] = rng.randint(1, 8)
             self.log(f"{actor.name} {op} {what}: {area} outage of {self.outage[area] + 1} calls begins")
             fault = "drop"
         else:
+            self.stats[f"fault:{op.split('.')[0]}-{fault}"] += 1
             self.log(f"{actor.name} {op} {what}: {fault}")
         if fault == "kill" and op == "stage":
             actor.dead = True
@@ -357,22 +432,39 @@ class Checker:
         """Another actor acts while `actor` waits at `where`."""
         rng = self.rng
         active = self.active_jobs()
+        self.stats[f"action:{action}"] += 1
         if action == "expire" and active:
             job_id = rng.choice(active)
             self.log(f"[while {actor.name} at {where}] lease of {job_id[-6:]} expires")
             self.expire([job_id])
-        elif action == "nested":
+        elif action in ("nested", "takeover"):
             idle = [a for a in self.actors if a.live and a is not actor and not a.runs]
             runner = rng.choice(idle + [actor] if actor.live and actor is not self.api else idle) if idle else None
+            if action == "takeover":  # the lease of this actor's job lapses and another runner claims it
+                runner = rng.choice(idle) if idle else self.new_actor()
+                mine = [job_id for job_id in actor.runs]
+                if mine:
+                    self.expire(mine)
             if runner is None and len([a for a in self.actors if a.live]) < 4:
                 runner = self.new_actor()
             if runner is not None:
-                self.log(f"[while {actor.name} at {where}] {runner.name} claims")
+                self.log(f"[while {actor.name} at {where}] {action}: {runner.name} claims")
                 self.depth += 1
                 try:
-                    in_thread(self.claim_and_run, runner)
+                    self.start_run(runner)
                 finally:
                     self.depth -= 1
+        elif action == "resume":
+            stalled = [h for h in self.handles if h.stalled]
+            if stalled:
+                handle = rng.choice(stalled)
+                self.log(f"[while {actor.name} at {where}] {handle.actor.name}#{handle.n} resumes")
+                self.depth += 1
+                try:
+                    handle.resume()
+                finally:
+                    self.depth -= 1
+                self.raise_errors()
         elif action in ("cancel", "delete") and self.kind:
             job_id = rng.choice(sorted(self.kind))
             self.log(f"[while {actor.name} at {where}] {action} {job_id[-6:]}")
@@ -471,6 +563,25 @@ class Checker:
             self.files.delete_all(job_id)
             if self.base.delete_expired(job_id) and job_id in self.kind:
                 self.swept.add(job_id)
+
+    def start_run(self, runner: Actor) -> Handle:
+        """`runner` claims and runs a job in a thread of its own, until the run stalls or ends."""
+        handle = Handle(runner, len(self.handles))
+        self.handles.append(handle)
+
+        def go() -> None:
+            handle.claimed = self.claim_and_run(runner)
+
+        handle.start(go)
+        self.raise_errors()
+        return handle
+
+    def raise_errors(self) -> None:
+        if self.violation is not None:
+            raise self.violation
+        for handle in self.handles:
+            if handle.error is not None:
+                raise handle.error
 
     def claim_and_run(self, runner: Actor) -> bool:
         """`runner` claims a job (as `Runner._dispatch`, with the jobs it runs) and runs it to its end,
@@ -627,14 +738,21 @@ class Checker:
         for _ in range(rng.randint(1, 3)):
             self.submit()
         idle_rounds = 0
-        for _ in range(200):
-            if not self.active_jobs():
+        for _ in range(300):
+            stalled = [h for h in self.handles if h.stalled]
+            if not stalled and not self.active_jobs():
                 break
+            if stalled and (idle_rounds or rng.random() < 0.5):
+                handle = rng.choice(stalled)
+                self.log(f"{handle.actor.name}#{handle.n} resumes")
+                handle.resume()
+                self.raise_errors()
+                continue
             live = [a for a in self.actors if a.live]
             if len(live) < 2:
                 live.append(self.new_actor())
             runner = rng.choice(live)
-            if self.claim_and_run(runner):
+            if self.start_run(runner).claimed is not False:
                 idle_rounds = 0
                 continue
             idle_rounds += 1
@@ -645,6 +763,7 @@ class Checker:
             self.expire(self.active_jobs())
         else:
             raise Violation(f"jobs never ended: {self.active_jobs()}")
+        self.faults_left = self.actions_left = 0
         self.check_point()
         self.check_end()
 
@@ -667,7 +786,7 @@ def references(db: Database, store: LocalStore) -> dict[str, bytes]:
 
 
 def run_histories(database_url: str, store_root: Path, seeds: Any, verbose: bool = False,
-                  deadline: float | None = None, database: str = "") -> int:
+                  deadline: float | None = None, database: str = "", stats: Counter | None = None) -> int:
     """Run the histories of `seeds` on one database and store; raises `Counterexample` on the first that
     breaks an invariant. Returns how many ran (fewer when `deadline`, a `time.time()`, passed)."""
     db = open_database(database_url)
@@ -686,6 +805,9 @@ def run_histories(database_url: str, store_root: Path, seeds: Any, verbose: bool
                     if isinstance(exc, KeyboardInterrupt):
                         raise
                     raise Counterexample(seed, database or db.dialect, exc, checker.history) from exc
+                finally:
+                    if stats is not None:
+                        stats.update(checker.stats)
                 ran += 1
     finally:
         db.dispose()
@@ -711,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     deadline = None if args.time_limit is None else started + args.time_limit
     found = 0
+    stats: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="exactly-once-") as tmp:
         server = None
         try:
@@ -729,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
                         started + (deadline - started) * (databases.index(database) + 1) / len(databases)
                     try:
                         ran = run_histories(url, Path(tmp) / f"store-{database}", remaining, args.verbose, share,
-                                            database)
+                                            database, stats)
                         total += ran
                         remaining = []
                     except Counterexample as found_one:
@@ -743,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if server is not None:
                 server.close()
+    print("injected:", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())), flush=True)
     print(f"done: {found} counterexample(s) in {time.time() - started:.0f} s", flush=True)
     return 1 if found else 0
 
