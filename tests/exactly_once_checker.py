@@ -834,56 +834,72 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("ray.serve").setLevel(logging.CRITICAL)  # the runs' own logs (`-v` prints the history)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # a killed runner's write nobody awaits any more
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--histories", type=int, default=1000)
+    parser.add_argument("--histories", type=int, default=1000, help="seeds to run on each database")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, help="replay this one history (with -v: print it)")
     parser.add_argument("--database", action="append", choices=("sqlite", "postgres"),
-                        help="repeatable; default both")
+                        help="repeatable; default both (the same seeds on each, in alternating chunks)")
     parser.add_argument("--time-limit", type=float, help="seconds; stop starting histories after this")
     parser.add_argument("--keep-going", action="store_true", help="report every counterexample, not the first")
+    parser.add_argument("--chunk", type=int, default=50, help="histories per database between progress lines")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     databases = args.database or ["sqlite", "postgres"]
     seeds = [args.seed] if args.seed is not None else list(range(args.first_seed, args.first_seed + args.histories))
     started = time.time()
     deadline = None if args.time_limit is None else started + args.time_limit
-    found = 0
+    found: list[str] = []
+    ran = dict.fromkeys(databases, 0)
     stats: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="exactly-once-") as tmp:
         server = None
         try:
+            urls = {}
             for database in databases:
                 if database == "sqlite":
-                    url = f"sqlite:///{tmp}/jobs.db"
+                    urls[database] = f"sqlite:///{tmp}/jobs.db"
                 else:
                     from pgserver import start_postgres_server
 
-                    server = server or start_postgres_server()
-                    url = server.create_database()
-                remaining = list(seeds)
-                total = 0
-                while remaining:
-                    share = None if deadline is None else \
-                        started + (deadline - started) * (databases.index(database) + 1) / len(databases)
+                    server = start_postgres_server()
+                    urls[database] = server.create_database()
+            position = dict.fromkeys(databases, 0)
+            stopped: set[str] = set()
+            while len(stopped) < len(databases) and (deadline is None or time.time() < deadline):
+                for database in databases:
+                    if database in stopped:
+                        continue
+                    chunk = seeds[position[database]:position[database] + args.chunk]
+                    if not chunk:
+                        stopped.add(database)
+                        continue
                     try:
-                        ran = run_histories(url, Path(tmp) / f"store-{database}", remaining, args.verbose, share,
-                                            database, stats)
-                        total += ran
-                        remaining = []
-                    except Counterexample as found_one:
-                        found += 1
-                        print(found_one, flush=True)
-                        done = remaining.index(found_one.seed)
-                        total += done + 1
-                        remaining = remaining[done + 1:] if args.keep_going else []
-                print(f"{database}: {total} histories, seeds {seeds[0]}..{seeds[0] + total - 1}, "
-                      f"{time.time() - started:.0f} s so far", flush=True)
+                        done = run_histories(urls[database], Path(tmp) / f"store-{database}", chunk, args.verbose,
+                                             deadline, database, stats)
+                    except Counterexample as counterexample:
+                        print(counterexample, flush=True)
+                        found.append(f"seed {counterexample.seed} on {database}: {counterexample.error}")
+                        done = chunk.index(counterexample.seed) + 1
+                        if not args.keep_going:
+                            stopped.update(databases)
+                    ran[database] += done
+                    position[database] += done
+                    if done < len(chunk) and database not in stopped and deadline is not None \
+                            and time.time() >= deadline:
+                        stopped.add(database)
+                print(f"{time.time() - started:.0f} s: " + ", ".join(f"{db} {n} histories" for db, n in ran.items())
+                      + f", {len(found)} counterexample(s)", flush=True)
         finally:
             if server is not None:
                 server.close()
-    print("injected:", ", ".join(f"{k} {v}" for k, v in sorted(stats.items())), flush=True)
-    print(f"done: {found} counterexample(s) in {time.time() - started:.0f} s", flush=True)
+    print("ran: " + ", ".join(f"{db} {n} histories (seeds {seeds[0]}..{seeds[0] + n - 1})" for db, n in ran.items()))
+    print("injected: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
+    for line in found:
+        print("COUNTEREXAMPLE", line.splitlines()[0])
+    print(f"done: {sum(ran.values())} histories, {len(found)} counterexample(s) in {time.time() - started:.0f} s",
+          flush=True)
     return 1 if found else 0
 
 
