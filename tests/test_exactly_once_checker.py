@@ -14,7 +14,7 @@ from exactly_once_checker import Checker, references, run_histories, virtual_clo
 from deployments.db import open_database
 from deployments.storage import LocalStore
 
-SEEDS = {"sqlite": range(0, 20), "postgresql": range(0, 20)}
+SEEDS = {"sqlite": range(0, 50), "postgresql": range(0, 50)}
 MUTATION_SEEDS = [89]  # histories known to catch the broken fence below
 
 
