@@ -315,6 +315,7 @@ class JobRun:
             log_job_event("released", self.job_id, step=None)
         except LeaseLost as lost:  # taken over, or the write in flight ended the job: nothing to give back
             logger.warning("job %s: not released: %s", self.job_id, lost)
+            await self._forget_if_gone()
         except Exception:  # an outage: the lease expires and the job is adopted anyway
             logger.exception("job %s: could not release", self.job_id)
 
