@@ -324,7 +324,7 @@ class Checker:
     STORE_WRITE_FAULTS = ("kill", "kill_committed", "drop", "drop_committed", "outage")
     STORE_READ_FAULTS = ("kill", "drop", "outage")
     ACTIONS = ("expire", "takeover", "takeover", "nested", "nested", "resume", "resume", "stall", "stall", "stall",
-               "cancel", "delete", "drain", "drain_cancel", "renew", "renew", "submit", "list", "sweep")
+               "cancel", "delete", "drain", "drain_cancel", "renew", "renew", "submit", "batch", "list", "sweep")
 
     def __init__(self, seed: int, db: Database, store: LocalStore, references: dict[str, bytes],
                  verbose: bool = False) -> None:
@@ -347,6 +347,7 @@ class Checker:
         self.kind: dict[str, str] = {}  # accepted job id: request kind
         self.deleted: set[str] = set()  # ids whose deletion was requested (and accepted)
         self.swept: set[str] = set()  # ids the sweep removed (their retention over)
+        self.batch_jobs: set[str] = set()  # videos a batch registered (ended when made)
         self.ended: dict[str, str] = {}  # job id: the terminal status seen first
         self.depth = 0
         self.handles: list[Handle] = []
@@ -487,6 +488,8 @@ class Checker:
                 runner = rng.choice(runners)
                 self.log(f"[while {actor.name} at {where}] {runner.name} renews its leases")
                 self.renew(runner)
+        elif action == "batch":
+            self.register_batch_rows()
         elif action == "submit":
             self.log(f"[while {actor.name} at {where}] a job is submitted")
             self.submit()
@@ -521,6 +524,42 @@ class Checker:
         if made.id != job_id:
             raise Violation(f"the retried create of {job_id} returned {made.id}")
         self.log(f"api creates {job_id[-6:]} ({kind})")
+
+    def register_batch_rows(self) -> None:
+        """A batch driver registers its completed rows as videos of the batch's owner (`BatchRun._register`;
+        ids derived from the batch's, times from its full-precision creation time), through the API's
+        faulty connection; a second driver (one that lost the batch) registers some of them again."""
+        from deployments.batch_run import BatchContext, BatchRun
+        from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
+        from pusa_batch.run import BatchSettings
+
+        at = self.t0 + self.created // 2 * 0.001 + 0.0007
+        self.created += 1
+        batch = Batch(id=f"{BATCH_PREFIX}{int(at * 1000):012x}{self.rng.getrandbits(48):012x}", owner=self.tag,
+                      endpoint="/v1/videos", input_file_id="file-x", completion_window="24h", status="in_progress",
+                      cost_gpu_s=1.0, total=3, created_at=at, expires_at=at + 86400)
+        ctx = BatchContext(batches=BatchStore(self.db), jobs=self.api.jobs, files=self.api.files,
+                           settings=BatchSettings(), preset="tiny", retention_s=RETENTION_S, renew_s=1.0,
+                           draining=asyncio.Event())
+        rows = [{"custom_id": f"row-{i}", "prompt": "a cat", "frames": 9, "steps": 2}
+                for i in range(self.rng.randint(1, 3))]
+        for driver in range(self.rng.randint(1, 2)):
+            run = BatchRun(ctx, BatchLease(batch=batch, holder=f"d{driver}", epoch=1 + driver))
+            run.rows, run.row_of = rows, {row["custom_id"]: row for row in rows}
+            for row in rows:
+                for folder, ext in (("videos", "mp4"), ("thumbnails", "webp")):
+                    self.store.put(f"{run.prefix}/{folder}/{row['custom_id']}.{ext}", b"batch video")
+            for row in rows:
+                for _ in range(10):
+                    try:
+                        job = run._register({"custom_id": row["custom_id"], "status": "completed", "seed": 1})
+                        break
+                    except (OperationalError, StoreUnavailable):
+                        continue
+                else:
+                    raise Violation("a batch row's registration never went through")
+                self.batch_jobs.add(job.id)
+        self.log(f"a batch registers {len(rows)} row(s) as videos")
 
     def request(self, action: str, job_id: str) -> None:
         """The API's cancel or delete (a delete of an ended job removes its files and row at once)."""
@@ -678,7 +717,7 @@ class Checker:
         with self.db.read() as conn:
             hooks: dict[str, list[str]] = {}
             for row in conn.execute(select(webhook_deliveries.c.job_id, webhook_deliveries.c.event_type)
-                                    .where(webhook_deliveries.c.job_id.in_(list(self.kind)))):
+                                    .where(webhook_deliveries.c.job_id.in_(list(self.kind) + list(self.batch_jobs)))):
                 hooks.setdefault(row.job_id, []).append(row.event_type)
         for job_id, kind in self.kind.items():
             row = rows.get(job_id)
@@ -720,6 +759,20 @@ class Checker:
                     raise Violation(f"{job_id}: cancelled, never asked to be")
             elif (row.error or {}).get("code") != "runner_lost":
                 raise Violation(f"{job_id}: failed: {row.error}")
+        for job_id in self.batch_jobs:
+            row = rows.get(job_id)
+            if row is None:
+                if job_id not in self.swept:
+                    raise Violation(f"batch video {job_id}: gone before its retention ended")
+                continue
+            types_ = [e["type"] for e in self.events(job_id)]
+            if row.status != "completed" or types_ != ["completed"] or hooks.get(job_id):
+                raise Violation(f"batch video {job_id}: {row.status}, events {types_}, webhooks {hooks.get(job_id)}")
+            if self.store.get(self.files.result_key(job_id, "video")) != b"batch video":
+                raise Violation(f"batch video {job_id}: its video is not the batch's")
+        unknown = set(rows) - set(self.kind) - self.batch_jobs
+        if unknown:
+            raise Violation(f"rows nobody made: {sorted(unknown)}")
         order = self.rng.choice(("asc", "desc"))
         self.list_jobs(self.rng.randint(1, 3), order, complete=True)
         self.sweep()
@@ -727,10 +780,11 @@ class Checker:
         if left:
             raise Violation(f"rows left after the sweep: {sorted(left)}")
         with self.db.read() as conn:
-            events = conn.execute(select(job_events.c.job_id).where(job_events.c.job_id.in_(list(self.kind)))).all()
+            events = conn.execute(select(job_events.c.job_id)
+                                  .where(job_events.c.job_id.in_([*self.kind, *self.batch_jobs]))).all()
         if events:
             raise Violation(f"events left after the sweep: {sorted({e.job_id for e in events})}")
-        for job_id in self.kind:
+        for job_id in [*self.kind, *self.batch_jobs]:
             for folder in ("inputs", "results", "checkpoints"):
                 files = self.store.list(f"{folder}/{job_id}/")
                 # Known limits: a runner that dies after writing a file of a job removed meanwhile, or whose
@@ -753,6 +807,8 @@ class Checker:
                  f"(≤{self.actions_left}), max_takeovers={self.settings.max_takeovers}")
         for _ in range(rng.randint(1, 3)):
             self.submit()
+        if rng.random() < 0.2:
+            self.register_batch_rows()
         idle_rounds = 0
         for _ in range(300):
             stalled = [h for h in self.handles if h.stalled]
