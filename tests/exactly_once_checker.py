@@ -606,7 +606,7 @@ class Checker:
                          .values(expires_at=0.0))
         for job_id in self.base.expired(limit=1000):
             self.files.delete_all(job_id)
-            if self.base.delete_expired(job_id) and job_id in self.kind:
+            if self.base.delete_expired(job_id) and (job_id in self.kind or job_id in self.batch_jobs):
                 self.swept.add(job_id)
 
     def start_run(self, runner: Actor) -> Handle:
