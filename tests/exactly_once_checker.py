@@ -513,7 +513,7 @@ class Checker:
         job = Job(id=job_id, owner=self.tag, created_at=at, request=plan.request.model_dump(), plan=job_plan(plan),
                   inputs={"image": f"inputs/{job_id}/image"}, idempotency_key=job_id, request_hash=kind)
         self.kind[job_id] = kind
-        for _ in range(10):
+        for _ in range(50):
             try:
                 made = self.api.jobs.create(job, {"type": "queued"})
                 break
@@ -550,7 +550,7 @@ class Checker:
                 for folder, ext in (("videos", "mp4"), ("thumbnails", "webp")):
                     self.store.put(f"{run.prefix}/{folder}/{row['custom_id']}.{ext}", b"batch video")
             for row in rows:
-                for _ in range(10):
+                for _ in range(50):
                     try:
                         job = run._register({"custom_id": row["custom_id"], "status": "completed", "seed": 1})
                         break
@@ -563,7 +563,7 @@ class Checker:
 
     def request(self, action: str, job_id: str) -> None:
         """The API's cancel or delete (a delete of an ended job removes its files and row at once)."""
-        for _ in range(10):
+        for _ in range(50):
             try:
                 if action == "cancel":
                     self.api.jobs.request_cancel(job_id)
@@ -799,6 +799,14 @@ class Checker:
                 if left := sorted(set(files) - set(excused)):
                     raise Violation(f"{job_id}: files left after the sweep: {left}")
 
+    def abandon(self) -> None:
+        """After a counterexample: end this history's jobs where they are, so that the next histories on
+        the database never claim them (its stalled runs stay parked for good)."""
+        self.faults_left = self.actions_left = 0
+        with self.db.write() as conn:
+            conn.execute(update(jobs).where(jobs.c.owner == self.tag, jobs.c.status.in_(ACTIVE))
+                         .values(status="failed", lease_holder=None, lease_expires_at=None))
+
     # -- the history -----------------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -876,6 +884,7 @@ def run_histories(database_url: str, store_root: Path, seeds: Any, verbose: bool
                 except BaseException as exc:
                     if isinstance(exc, KeyboardInterrupt):
                         raise
+                    checker.abandon()
                     raise Counterexample(seed, database or db.dialect, exc, checker.history) from exc
                 finally:
                     if stats is not None:
