@@ -8,13 +8,16 @@ on 1-3 jobs of one window or of three (long videos). Every database transaction,
 call of a holder passes a *point* of the scheduler, which (from a seeded RNG) may first let other actors
 act — another runner claims a job and runs it (nested, with faults of its own), a lease expires, the job
 is cancelled or deleted, the runner drains (releases after its step, or is cancelled mid-call), a runner
-renews its leases, a new job is submitted, the expiry sweep runs — and then may inject a fault in the
+renews its leases, a new job is submitted, a batch registers its rows as videos, a listing pages through
+the jobs, the expiry sweep runs; and each run sits in a thread of its own with one baton between them, so
+it may also stall there (its process paused) while the others go on, and be resumed later — and then the
+point may inject a fault in the
 call itself: the runner dies before it, during it (the transaction rolled back) or after it committed;
 the connection drops before the commit (never applied) or after it (applied, acknowledgement lost); a
 database or blob-store outage of several calls (outages longer than ``outage_s`` make the run give up).
 Faults wrap the real objects (a `Database` whose ``write``/``read`` fail around the real transaction, a
 `Store` that fails around the real call); nothing of the store or the run is re-implemented. Backoff
-sleeps and the outage deadline of `JobRun` run on a virtual clock, so a history takes milliseconds.
+sleeps and the outage deadline of `JobRun` run on a virtual clock, so a history takes a fraction of a second.
 
 After each history (and at every point, for the ones that must hold all along) the invariants are
 checked; see `Checker.check_point` and `Checker.check_end`. A counterexample is reported with its seed
