@@ -83,6 +83,7 @@ class JobRun:
             await self._run()
         except LeaseLost as exc:
             logger.warning("job %s: %s; stopping", self.job_id, exc)
+            await self._forget_if_gone()
         except asyncio.CancelledError:
             if self.ctx.draining.is_set() and not self.let_go:
                 await asyncio.shield(self._release_after_cancel())
@@ -96,6 +97,18 @@ class JobRun:
                              self.job_id, self.ctx.settings.outage_s)
                 return
             await self._fail(exc)
+
+    async def _forget_if_gone(self) -> None:
+        """After losing the lease: if the job is gone or going (deleted, or its retention over), remove its
+        files again. This run may have written one (a checkpoint, a window, the video) after whoever removed
+        the job removed them, and no sweep would find it: the job's row is gone. While the row stays, its
+        end or its sweep removes what this run wrote before."""
+        try:
+            job = await self._persist(self.ctx.jobs.peek, self.job_id)
+            if job is None or (job.terminal and (job.delete_requested or (job.expires_at or 0) < time.time())):
+                await self._persist(self.ctx.files.delete_all, self.job_id)
+        except Exception:  # an outage longer than outage_s: what this run wrote stays
+            logger.exception("job %s: could not check whether its files are orphaned", self.job_id)
 
     # -- persistence -----------------------------------------------------------------------------
 
@@ -302,6 +315,7 @@ class JobRun:
             log_job_event("released", self.job_id, step=None)
         except LeaseLost as lost:  # taken over, or the write in flight ended the job: nothing to give back
             logger.warning("job %s: not released: %s", self.job_id, lost)
+            await self._forget_if_gone()
         except Exception:  # an outage: the lease expires and the job is adopted anyway
             logger.exception("job %s: could not release", self.job_id)
 

@@ -172,6 +172,12 @@ class JobStore:
             raise KeyError(job_id)
         return _job(row)
 
+    def peek(self, job_id: str) -> Job | None:
+        """The job `job_id` as it is, its deletion requested or not; None if there is none."""
+        with self.db.read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else _job(row)
+
     def list(self, limit: int = 20, after: str | None = None, order: Order = "desc",
              owner: str | None = "") -> list[Job]:
         """Up to `limit` of `owner`'s jobs (every owner's with None) in creation order, after the job id

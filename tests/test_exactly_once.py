@@ -11,6 +11,7 @@ import asyncio
 import io
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,32 @@ def test_a_runner_fenced_out_while_retrying_keeps_its_hands_off_the_new_holders_
     assert done.status == "completed", done.error
     assert cluster.types(job_id).count("completed") == 1 and cluster.webhooks(job_id) == ["video.completed"]
     assert cluster.video(job_id) == reference
+
+
+def test_a_runner_fenced_out_after_the_job_was_deleted_leaves_no_file_behind(cluster: Cluster) -> None:
+    """Runner A's lease lapses mid-step; B adopts the job, which is deleted, so B ends it and removes its
+    files and row. A then stores its step's checkpoint and is told LeaseLost: it removes that file too (no
+    row is left, so no sweep ever would)."""
+    job_id = cluster.submit(LONG)
+    a = cluster.jobs.claim("r1")
+    taken: list[str] = []
+
+    def takeover(name: str, args: tuple) -> None:
+        if name == "step" and args[0] == 1 and not taken:  # A computes step 2; its checkpoint comes after
+            taken.append("r2")
+            cluster.expire_leases()
+            assert cluster.jobs.request_delete(job_id) is False  # running: its holder removes it
+            b = cluster.jobs.claim("r2")
+            with ThreadPoolExecutor(1) as pool:  # B's event loop, while A's waits in its step
+                pool.submit(cluster.run, b).result()
+
+    cluster.stages.before = takeover
+    cluster.run(a)
+    assert taken and cluster.files.store.list(f"results/{job_id}/") == []
+    with cluster.db.read() as conn:
+        assert conn.execute(select(func.count()).select_from(jobs).where(jobs.c.id == job_id)).scalar_one() == 0
+    assert cluster.files.store.list(f"checkpoints/{job_id}/") == []
+    assert cluster.webhooks(job_id) == ["video.cancelled"]
 
 
 # -- 2. a job whose run gave up is not stranded in progress -----------------------------------------
