@@ -74,6 +74,7 @@ class DiT:
         registry = LoraRegistry.model_validate(loras or {})
         shapes = [WarmUpShape.model_validate(shape).model_dump() for shape in warmup or []]
         started = time.perf_counter()
+        self.start_s: dict[str, float] = {}  # where the start went: loading, then each warm-up shape
         if layout.size > 1:
             self.group = DiTGroup(preset, options or {}, layout, registry.model_dump(), lora_base, shapes)
         else:
@@ -81,10 +82,13 @@ class DiT:
             spec = get_preset(preset)
             self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device, memory_gib), dit_options,
                                         registry, lora_base)
-            for shape in shapes:
+            self.start_s["load"] = round(time.perf_counter() - started, 2)
+            for i, shape in enumerate(shapes):
+                shape_started = time.perf_counter()
                 self.stage.warm_up(**shape)
+                self.start_s[f"warmup_{i}"] = round(time.perf_counter() - shape_started, 2)
         self.ready_s = time.perf_counter() - started  # loading and warm-up: what Serve waits for
-        logger.info("DiT ready in %.1f s (warm-up at %s)", self.ready_s, shapes or "no shape")
+        logger.info("DiT ready in %.1f s (%s; warm-up at %s)", self.ready_s, self.start_s, shapes or "no shape")
         self.steps_run = 0
         self.recent_steps: collections.deque[dict] = collections.deque(maxlen=64)  # {job_id, step, compute_s}
         self.fuses = 0  # combinations fused on this replica (a request whose combination it held: none)
@@ -163,13 +167,14 @@ class DiT:
 
     async def stats(self) -> dict:
         """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's),
-        the attention backend of its last step (``attention``), how many combinations it fused, the compute
-        time of its last 64 steps inside the replica (``recent_steps``: job, step, seconds) and, on a GPU, its
-        memory (``gpu_memory``: allocated, reserved and the cap, bytes) (for operators and tests); with a
-        group also its layout (``parallel``), every rank's (``workers``; empty while a lost group waits to be
-        rebuilt) and how often it was rebuilt."""
+        the attention backend of its last step (``attention``), how many combinations it fused, where its
+        start went (``start_s``: loading, each warm-up shape), the compute time of its last 64 steps inside
+        the replica (``recent_steps``: job, step, seconds) and, on a GPU, its memory (``gpu_memory``:
+        allocated, reserved and the cap, bytes) (for operators and tests); with a group also its layout
+        (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt) and how
+        often it was rebuilt."""
         common = {"pid": os.getpid(), "steps_run": self.steps_run, "fuses": self.fuses, "ready_s": self.ready_s,
-                  "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
+                  "start_s": self.start_s, "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
         if self.group is None:
             return {**common, "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras,
                     "attention": self.stage.attention}

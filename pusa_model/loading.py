@@ -182,13 +182,13 @@ def load_components(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)} (known: {', '.join(PARTS)})")
+    # Weights go from the files straight to `device` (no whole copy in host memory first).
+    on = {"device_map": str(torch.device(device)), "local_files_only": True}
     loaders = {
         "tokenizer": lambda path: AutoTokenizer.from_pretrained(path, local_files_only=True),
-        "text_encoder": lambda path: UMT5EncoderModel.from_pretrained(path, dtype=dtype, local_files_only=True),
-        "vae": lambda path: AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32, local_files_only=True),
-        "transformer": lambda path: WanTransformer3DModel.from_pretrained(
-            path, torch_dtype=dtype, local_files_only=True
-        ),
+        "text_encoder": lambda path: UMT5EncoderModel.from_pretrained(path, dtype=dtype, **on),
+        "vae": lambda path: AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32, **on),
+        "transformer": lambda path: WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, **on),
     }
     loaded = {}
     for name in parts:
@@ -197,6 +197,6 @@ def load_components(
             raise FileNotFoundError(f"{path} does not exist (needed for the {name})")
         part = loaders[name](path)
         if isinstance(part, torch.nn.Module):
-            part = part.eval().requires_grad_(False).to(device)
+            part = part.eval().requires_grad_(False)
         loaded[name] = part
     return Components(**loaded)

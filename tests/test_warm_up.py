@@ -28,7 +28,8 @@ from deployments.dit_group import run_step
 replica = DiT.func_or_class(preset="tiny", options={"compile": True},
                             warmup=[{"width": 64, "height": 64, "frames": 17, "guidance": 5.0}])
 ready = {"graphs": counters["stats"]["unique_graphs"], "inductor": dict(counters["inductor"]),
-         "aot": dict(counters["aot_autograd"]), "ready_s": replica.ready_s}
+         "aot": dict(counters["aot_autograd"]), "ready_s": replica.ready_s,
+         "start_s": replica.start_s}
 text = np.zeros((1, 512, 32), dtype=np.float32)
 clean = np.zeros((1, 16, 5, 8, 8), dtype=np.float32)  # a 64x64x17 request, two guidance passes
 started = time.perf_counter()
@@ -54,6 +55,9 @@ def test_a_replica_compiles_before_it_is_ready_and_a_restart_loads_the_cache(tmp
     assert cold["graphs"] == 1 and cold["inductor"].get("fxgraph_cache_miss") == 1  # compiled in the constructor
     assert cold["graphs_after_step"] == 1 and cold["inductor_after_step"] == cold["inductor"]  # not in the step
     assert os.listdir(os.path.join(cache, "compile", "inductor"))  # the node-local cache, beside the weights
+    assert list(cold["start_s"]) == ["load", "warmup_0"]  # where the start went, in order
+    assert sum(cold["start_s"].values()) <= cold["ready_s"] + 0.02
+    assert cold["start_s"]["warmup_0"] > cold["start_s"]["load"]  # the tiny model compiles longer than it loads
 
     warm = start_replica(cache)  # a restarted replica on the same node
     assert warm["inductor"].get("fxgraph_cache_hit") == 1 and "fxgraph_cache_miss" not in warm["inductor"]
