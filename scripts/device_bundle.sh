@@ -50,7 +50,13 @@ for wheel in "$work"/wheels/*.whl; do
 done
 
 # Ray: no Java, RLlib, Tune, Train or LLM (Serve and Data need none of them); symbols stripped from its binaries.
-rm -rf "$work"/site/ray/{jars,rllib,tune,train,llm} "$work"/site/ray/dashboard/client/build
+# The dashboard's web UI goes too, but its folder stays (index.html and an empty static/): without it the
+# dashboard process fails and `ray.init` waits 60 s for it before starting anything (measured on the device).
+rm -rf "$work"/site/ray/{jars,rllib,tune,train,llm}
+build="$work/site/ray/dashboard/client/build"
+find "$build" -mindepth 1 -maxdepth 1 ! -name index.html -exec rm -rf {} +
+mkdir -p "$build/static"
+printf '<!doctype html><title>Ray</title><p>The Ray dashboard UI is not in this bundle.</p>\n' >"$build/index.html"
 find "$work/site/ray" -type f \( -name '*.so' -o -path '*/core/src/ray/*' \) -perm -u+x -exec strip --strip-unneeded {} + 2>/dev/null || true
 strip --strip-unneeded "$work/site/ray/_raylet.so"
 # botocore: the S3 service's data (and STS/SSO for credentials) of its 400 services.
