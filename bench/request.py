@@ -65,7 +65,8 @@ from pusa_model.random_checkpoint import UMT5_XXL  # noqa: E402
 from pusa_model.dit import DiTStage  # noqa: E402
 from pusa_model import media  # noqa: E402
 from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501
-from pusa_model.pipeline import PusaPipeline, StepEvent, decode_to_mp4  # noqa: E402
+from pusa_model.engine import StepEvent, decode_to_mp4  # noqa: E402
+from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.quantize import is_quantized, quantize_blocks  # noqa: E402
 from pusa_model.presets import (  # noqa: E402
     Preset,
