@@ -237,13 +237,15 @@ class JobRun:
             previous = ctx.files.window_frames_key(job.id, op.window - 1)
             carried.clean = await ctx.stages.encode_extension(job.id, window, previous, self._on_retry)
         elif isinstance(op, DecodeWindow):
-            if carried.latents is not None or not await self._persist(
+            # A run resumed at a window's decode may find its frames stored: decoded before this runner took
+            # the job over, and announced then, or not if that runner died first.
+            if carried.latents is None and await self._persist(
                     ctx.files.store.exists, ctx.files.window_frames_key(job.id, op.window)):
+                if op.window in carried.announced:
+                    return False
+            else:
                 await ctx.stages.decode_window(job.id, op.window, window, await self._latents(carried),
                                                self._on_retry)
-            elif op.window in carried.announced:  # decoded and announced before this runner took the job over
-                return False
-            # (decoded before this runner took the job over, its runner maybe dead before announcing it)
             return await self._stop(await self._segment(plan, op.window), (op.window + 1) * plan.request.steps)
         else:
             await self._record({"type": "decoding"}, progress=96)
