@@ -184,14 +184,16 @@ class StageProbe:
         setattr(obj, method, wrapped_chunks if inspect.isgeneratorfunction(original) else wrapped)
 
     def _wrap_denoise(self, pipeline: PusaPipeline) -> None:
-        original = pipeline.denoise
-        self._originals.append((pipeline, "denoise"))
+        """Keep the latents of the last step (`DiTStage.run`): a request's final latents once it is done."""
+        original = pipeline.dit.run
+        self._originals.append((pipeline.dit, "run"))
 
         def kept(*args, **kwargs):
-            self.latents = original(*args, **kwargs)
-            return self.latents
+            out = original(*args, **kwargs)
+            self.latents = torch.from_numpy(out)
+            return out
 
-        pipeline.denoise = kept
+        pipeline.dit.run = kept
 
     def _wrap_velocity(self, dit: DiTStage) -> None:
         original = dit.velocity
