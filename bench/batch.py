@@ -7,7 +7,7 @@
    `pusa batch` on a local Ray: wall time from the first submission to the last video (the batch's
    includes starting its actors), the throughput ratio, and the batch's pace once its actors are up.
 2. Time per denoising step: the batch DiT actor's (its rows' denoise time / steps) against the
-   in-process pipeline's `run_step` at the same size, in this process.
+   in-process stage's `DiTStage.run` at the same size, in this process.
 3. Peak memory of the driver (resident) and of the object store while `--memory-rows` rows of a smaller
    request stream through the batch pipeline.
 """
@@ -30,9 +30,10 @@ import ray
 from local_service import URL, start_service, stop_service
 from ray._private.internal_api import memory_summary
 
-from deployments.dit_group import run_step
 from pusa_batch.run import BatchSettings, run_batch
-from pusa_model.pipeline import PusaPipeline, encode_conditioning
+from pusa_model.engine import encode_conditioning
+from pusa_model.operations import StepInput
+from pusa_model.pipeline import PusaPipeline
 from pusa_model.request import parse_request, plan_request
 
 REQUEST = {"prompt": "a cat walks on the grass", "steps": 8}
@@ -65,21 +66,19 @@ async def online(rows: int) -> float:
 
 
 def in_process_step_s(rounds: int = 3) -> float:
-    """Median seconds of one `run_step` (the DiT actor's call) at REQUEST's size, in this process, over
+    """Median seconds of one `DiTStage.run` (the DiT actor's call) at REQUEST's size, in this process, over
     `rounds` runs of every step after one warm-up step."""
     pipe = PusaPipeline.from_preset("tiny", device="cpu")
     plan = plan_request(parse_request({**REQUEST, "seed": 1}), pipe.preset)
     prompt, negative = pipe.text.encode(plan.request.prompt, plan.request.negative_prompt)
     text = (prompt.numpy(), negative.numpy())
     clean = encode_conditioning(pipe.vae, plan).numpy()
-    sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
     times = []
     for _ in range(rounds):
         latents = None
         for k in range(plan.request.steps):
             t0 = time.perf_counter()
-            latents = run_step(pipe.dit, latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
-                               plan.request.guidance)
+            latents = pipe.dit.run(StepInput.of(plan, k, latents, clean, text))
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

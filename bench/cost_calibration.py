@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deployments.cost import Calibration, estimate_gpu_seconds, megapixel_frames  # noqa: E402
-from pusa_model.pipeline import PusaPipeline, encode_conditioning  # noqa: E402
+from pusa_model.engine import encode_conditioning  # noqa: E402
+from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import GenerationRequest, plan_request  # noqa: E402
 
 

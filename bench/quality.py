@@ -36,7 +36,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from pusa_model import media  # noqa: E402
 from pusa_model.cli import load_registry  # noqa: E402
-from pusa_model.pipeline import PusaPipeline, encode_conditioning  # noqa: E402
+from pusa_model.engine import encode_conditioning  # noqa: E402
+from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import GenerationPlan, parse_request, plan_request  # noqa: E402
 from pusa_model.transformer import DiTOptions  # noqa: E402
 from pusa_model.vae import VAEStage  # noqa: E402

@@ -65,7 +65,8 @@ from pusa_model.random_checkpoint import UMT5_XXL  # noqa: E402
 from pusa_model.dit import DiTStage  # noqa: E402
 from pusa_model import media  # noqa: E402
 from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501
-from pusa_model.pipeline import PusaPipeline, StepEvent, decode_to_mp4  # noqa: E402
+from pusa_model.engine import StepEvent, decode_to_mp4  # noqa: E402
+from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.quantize import is_quantized, quantize_blocks  # noqa: E402
 from pusa_model.presets import (  # noqa: E402
     Preset,
@@ -183,14 +184,16 @@ class StageProbe:
         setattr(obj, method, wrapped_chunks if inspect.isgeneratorfunction(original) else wrapped)
 
     def _wrap_denoise(self, pipeline: PusaPipeline) -> None:
-        original = pipeline.denoise
-        self._originals.append((pipeline, "denoise"))
+        """Keep the latents of the last step (`DiTStage.run`): a request's final latents once it is done."""
+        original = pipeline.dit.run
+        self._originals.append((pipeline.dit, "run"))
 
         def kept(*args, **kwargs):
-            self.latents = original(*args, **kwargs)
-            return self.latents
+            out = original(*args, **kwargs)
+            self.latents = torch.from_numpy(out)
+            return out
 
-        pipeline.denoise = kept
+        pipeline.dit.run = kept
 
     def _wrap_velocity(self, dit: DiTStage) -> None:
         original = dit.velocity

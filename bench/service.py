@@ -72,6 +72,7 @@ from serving import default_database, local_config, running_service  # noqa: E40
 from deployments.db import Database  # noqa: E402
 from deployments.dit import alpha_model_id  # noqa: E402
 from deployments.job_store import JobStore  # noqa: E402
+from pusa_model.operations import StepInput  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402
 from pusa_model.sampler import initial_latents, initial_noise  # noqa: E402
@@ -186,16 +187,13 @@ def handle_runs(pipe: PusaPipeline, size, steps: int, runs: int) -> list[list[fl
     prompt, negative = pipe.text.encode(req.prompt, req.negative_prompt)
     # One object for the whole job, as the runner puts the text embeddings in the object store once.
     text = ray.put((prompt.numpy(), negative.numpy()))
-    clean = np.zeros(plan.latent_shape, dtype=np.float32)
-    sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
     dit = serve.get_deployment_handle("DiT", APP).options(multiplexed_model_id=alpha_model_id(req.lora_alpha))
     out = []
     for _ in range(runs):
         latents, times = None, []
         for k in range(steps):
             t0 = time.perf_counter()
-            latents = dit.step.remote(latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
-                                      req.guidance).result()
+            latents = dit.step.remote(StepInput.of(plan, k, latents, None, text)).result()
             if k > 0:
                 times.append(time.perf_counter() - t0)
         out.append(times)

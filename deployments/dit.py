@@ -19,18 +19,20 @@ import threading
 import time
 
 import numpy as np
+import ray
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
+from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.request import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
 from .devices import gpu_memory, pick_device, release_on_oom
-from .dit_group import DiTGroup, DiTParallel, run_step
+from .dit_group import DiTGroup, DiTParallel
 from .observability import gpu_kind, job_logging, metrics
 
 logger = logging.getLogger("ray.serve")
@@ -116,50 +118,37 @@ class DiT:
         with self._compute:  # never under a forward in flight
             return self.stage.set_loras(combination)
 
-    def _step(self, *args) -> np.ndarray:
-        """`run_step` on this replica's stage; at a job's last step (the step before the schedule's final
-        sigma) also its peak GPU memory."""
+    def _step(self, inp: StepInput) -> np.ndarray:
+        """The step on this replica's stage; at a window's last step also its peak GPU memory."""
         on_gpu = torch.cuda.is_available()
         with self._compute:
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out = release_on_oom(run_step, self.stage, *args)
+            out = release_on_oom(self.stage.run, inp)
             self.steps_run += 1
-            step, sigmas = args[3], args[4]
-            if on_gpu and step == len(sigmas) - 2:
+            if on_gpu and inp.last:
                 metrics().memory_peak.observe(torch.cuda.max_memory_allocated(), tags=self.tags)
         return out
 
-    async def step(
-        self,
-        latents: np.ndarray | None,
-        clean: np.ndarray | None,
-        seed: int,
-        step: int,
-        sigmas: list[float],
-        multipliers: list[float],
-        text: tuple[np.ndarray, np.ndarray | None],
-        guidance: float,
-        job_id: str | None = None,
-        mode: str = "standard",
-    ) -> np.ndarray:
-        """Step `step` of a job: returns the next latents. At step 0 pass `latents=None` and the
-        clean conditioning latents; later steps pass the previous step's latents. `mode` is the request's:
-        its attention kernel (``dit_options.fast_attention`` for "fast")."""
+    async def step(self, inp: StepInput, job_id: str | None = None) -> np.ndarray:
+        """Step `inp` of a job (its text an object-store reference, or the embeddings); returns the next
+        latents, computed with the LoRA combination of the multiplexed model id and the attention kernel of
+        the request's mode (``dit_options.fast_attention`` for "fast")."""
         with job_logging(job_id):
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.load_loras(model_id)
-            args = (latents, clean, seed, step, sigmas, multipliers, text, guidance, mode)
+            if isinstance(inp.text, ray.ObjectRef):
+                inp = inp.with_text(await inp.text)
             first = self.steps_run == 0
             started = time.perf_counter()
             if self.group is None:
-                out = await asyncio.to_thread(self._step, *args)
+                out = await asyncio.to_thread(self._step, inp)
             else:
-                out = await self.group.step(*args)
+                out = await self.group.step(inp)
                 self.steps_run += 1
             seconds = time.perf_counter() - started
-            self.recent_steps.append({"job_id": job_id, "step": step, "compute_s": round(seconds, 4)})
+            self.recent_steps.append({"job_id": job_id, "step": inp.step, "compute_s": round(seconds, 4)})
             metrics().stage.observe(seconds, tags={"stage": "dit_step", "deployment": "DiT", **self.tags})
             if first:
                 metrics().first_step.observe(seconds, tags={**self.tags, "compiled": self._compiled})

@@ -9,7 +9,7 @@ replica's own share, so the bundles are the whole reservation.
 
 Start-up: every worker loads the model (independently; the node-local checkpoint copy is shared), then
 rank 0 names a TCP rendezvous (its node IP and a free port) and all join one torch.distributed group
-(NCCL on CUDA, gloo on the CPU) and build the ``(cfg, 1, U)`` mesh. A step sends the same arguments
+(NCCL on CUDA, gloo on the CPU) and build the ``(cfg, 1, U)`` mesh. A step sends the same `StepInput`
 (put in the object store once) to every worker; every rank computes the same latents, rank 0's come
 back.
 
@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pusa_model.errors import ConfigError, InvalidRequest
 from pusa_model.loras import PUSA
-from pusa_model.sampler import initial_latents, initial_noise
+from pusa_model.operations import StepInput
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,19 +60,6 @@ class DiTParallel(BaseModel):
     @property
     def size(self) -> int:
         return self.cfg * self.ulysses
-
-
-def run_step(stage, latents, clean, seed, step, sigmas, multipliers, text, guidance, mode="standard") -> np.ndarray:
-    """`DiT.step`'s arguments (numpy, lists) through `stage.step`; step 0 (``latents=None``) starts
-    from the seed's noise and the clean conditioning latents; `mode` is the request's (its attention)."""
-    sigmas, multipliers = torch.tensor(sigmas), torch.tensor(multipliers)
-    if latents is None:
-        clean = torch.from_numpy(clean)
-        x = initial_latents(initial_noise(tuple(clean.shape), seed), clean, multipliers)
-    else:
-        x = torch.from_numpy(latents)
-    prompt, negative = (None if t is None else torch.from_numpy(t) for t in text)
-    return stage.step(x, step, sigmas, multipliers, prompt, negative, guidance, mode=mode).numpy()
 
 
 def worker_device() -> str:
@@ -154,8 +141,8 @@ class DiTWorker:
         self.stage.warm_up(**shape)
         self.warm_ups.append(shape)
 
-    def step(self, args: tuple) -> np.ndarray | None:
-        out = run_step(self.stage, *args)
+    def step(self, inp: StepInput) -> np.ndarray | None:
+        out = self.stage.run(inp)
         self.steps_run += 1
         return out if self.rank == 0 else None  # every rank holds the same latents
 
@@ -264,10 +251,10 @@ class DiTGroup:
 
     # -- calls ----------------------------------------------------------------------------------
 
-    async def step(self, *args) -> np.ndarray:
+    async def step(self, inp: StepInput) -> np.ndarray:
         async with self._lock:
             workers = await self._ready()
-            packed = ray.put(args)  # latents and embeddings go to the object store once, not G times
+            packed = ray.put(inp)  # latents and embeddings go to the object store once, not G times
             return (await self._all([w.step.remote(packed) for w in workers]))[0]
 
     async def set_loras(self, loras: dict[str, float]) -> bool:

@@ -1,12 +1,14 @@
 """One claimed job, run from its last checkpoint (or the start) until it ends, is released or its lease is lost.
 
-The life of a job under one lease: text encoding; conditioning encoding (only when starting from step 0;
-a resumed job starts from its checkpointed latents); one DiT call per denoising step, each followed by a
-checkpoint of the latents in the blob store (every ``checkpoint_every`` steps) and one fenced write of the
-step's event, progress and checkpoint pointer; VAE decode to the store; the final write. Every fenced
+The runner's executor of a job's plan of operations (`pusa_model.operations`), each through a stage
+deployment: text encoding; the first window's conditioning (none for t2v); one DiT call per denoising step,
+each followed by a checkpoint of the latents in the blob store (every ``checkpoint_every`` steps, and a
+window's last step always) and one fenced write of the step's event, progress and checkpoint pointer; a long
+video's windows decoded to the store (each announced by a `segment` event) and the next window's conditioning
+encoded from the stored frames; the video decoded or stitched to the store; the final write. Every fenced
 write returns the flags other replicas raised, so a cancel lands after the step in flight. A draining
-runner releases the job after its current step; the next holder resumes from the checkpoint, and since
-the latents are saved exactly, its video is byte-identical to an uninterrupted run.
+runner releases the job after its current step; the next holder continues at the operation after the
+checkpoint's step, and since the latents are saved exactly, its video is byte-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pusa_model.errors import InvalidRequest
-from pusa_model.request import GenerationPlan
+from pusa_model.operations import (DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
+                                   Operation, Operations, StepInput, Stitch)
+from pusa_model.request import GenerationPlan, replan
 from pusa_model.schedule import frame_timesteps
 
 from .db import is_transient
@@ -28,7 +33,6 @@ from .job_store import JobStore, Lease, LeaseLost, Signals
 from .observability import bind_job, log_job_event, metrics, timed
 from .stages import StageFailed, Stages
 from .storage import StoreUnavailable
-from .vae import plan_from_job
 from .webhooks import delivery
 
 if TYPE_CHECKING:
@@ -51,6 +55,23 @@ class RunContext:
     retention_s: float
     webhook_url: str | None  # the deployment's receiver, if any (a request's own URL wins)
     draining: asyncio.Event
+
+
+# The operations of a long video's window that run again from its start when its stages give up.
+WINDOW_OPERATIONS = (EncodeConditioning, EncodeExtension, DenoiseStep)
+
+
+@dataclass
+class _Carried:
+    """What one run's operations hand on: the text's object-store reference, the window's conditioning, the
+    latents of the last step, when (and from which step) this run began the window's steps, and the windows
+    a runner before this one announced."""
+
+    text: Any = None
+    clean: Any = None
+    latents: Any = None
+    loop: tuple[float, int] | None = None
+    announced: set[int] = field(default_factory=set)
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -159,74 +180,86 @@ class JobRun:
             error = {"code": "runner_lost",
                      "message": f"the runner replica running this job was lost {job.takeovers} times; given up"}
             return await self._end("failed", {"type": "failed", "error": error}, error=error)
-        plan = plan_from_job(job.request, job.plan["seed"], ctx.preset)
-        windows, steps = plan.windows, plan.request.steps
-        start = job.checkpoint_step or 0
+        ops = replan(job.request, job.plan["seed"], ctx.preset).operations  # planned once for this run
+        done = job.checkpoint_step or 0
         if self.lease.resumed:
-            await self._record({"type": "queued", "requeued": True, "resume_step": start})
-        if await self._stop(await self._record({"type": "encoding"}, progress=max(job.progress, 1)), start):
+            await self._record({"type": "queued", "requeued": True, "resume_step": done})
+        if await self._stop(await self._record({"type": "encoding"}, progress=max(job.progress, 1)), done):
             return
-        text = await ctx.stages.encode_text(job.id, plan, self._on_retry)
-        # Resume in the window of the last checkpoint: after its last step, it still has to be decoded.
-        first, k = divmod(start, steps)
-        if k == 0 and first > 0:
-            first, k = first - 1, steps
-        announced: set[int] = set()  # segments whose event a runner before this one recorded
-        if self.lease.resumed and len(windows) > 1:
-            announced = {e["segment"] for e in await self._persist(ctx.jobs.events_after, job.id, -1)
-                         if e["type"] == "segment"}
-        for i in range(first, len(windows)):
-            if len(windows) > 1 and await self._persist(ctx.files.store.exists, ctx.files.window_frames_key(job.id, i)):
-                # Decoded before this runner took the job over (its runner may have died before announcing
-                # it). The next window starts from its own conditioning, with every one of its steps.
-                k = 0
-                if i not in announced and await self._stop(await self._segment(plan, i), (i + 1) * steps):
-                    return
-                continue
-            latents = await self._window(plan, i, k, text)
-            if latents is None:
-                return
-            if len(windows) > 1:
-                await self._decode_window(plan, i, latents)
-                if await self._stop(await self._segment(plan, i), (i + 1) * steps):
-                    return
-            k = 0
-        await self._record({"type": "decoding"}, progress=96)
-        if len(windows) > 1:
-            await ctx.stages.stitch(job.id, plan, self._on_retry)
-        else:
-            await ctx.stages.decode(job.id, plan, latents, self._on_retry)
+        if await self._execute(ops, ops.after_steps(done)):
+            return
         await self._end("completed", {"type": "completed", "url": f"/v1/videos/{job.id}/content"}, progress=100)
 
-    async def _window(self, plan: GenerationPlan, i: int, k: int, text) -> Any | None:
-        """Window `i`'s final latents, from its step `k` (0: from its conditioning, else from the checkpoint);
-        None when the job stopped or was released. A window whose stages gave up is run again from its start,
-        up to ``window_retries`` times, without redoing the windows before it."""
-        ctx, job, window = self.ctx, self.lease.job, plan.windows[i]
-        for attempt in range(ctx.settings.window_retries + 1):
+    async def _execute(self, ops: Operations, n: int) -> bool:
+        """Execute `ops` from operation `n` (after the checkpoint's step) to the end; True when the job stopped
+        or was released on the way. The text embeddings are never saved, so a resumed run executes operation
+        0 first; the latents it resumes from come from the checkpoint. A long video's window whose stages
+        gave up runs again from its first operation, up to ``window_retries`` times, without redoing the
+        windows before it."""
+        ctx, plan = self.ctx, ops.plan
+        carried = _Carried()
+        if n > 0:
+            await self._operation(ops, ops[0], carried)
+        if self.lease.resumed and len(plan.windows) > 1:  # segments whose event a runner before this one recorded
+            carried.announced = {e["segment"] for e in await self._persist(ctx.jobs.events_after, self.job_id, -1)
+                                 if e["type"] == "segment"}
+        retries: Counter[int] = Counter()
+        while n < len(ops):
+            op = ops[n]
             try:
-                if k == 0:
-                    latents = None
-                    if i == 0:
-                        clean = await ctx.stages.encode_conditioning(job.id, window.request.model_dump(), window,
-                                                                     job.inputs, self._on_retry)
-                    else:
-                        previous = ctx.files.window_frames_key(job.id, i - 1)
-                        clean = await ctx.stages.encode_extension(job.id, window, previous, self._on_retry)
-                else:
-                    clean, latents = None, await self._persist(ctx.files.get_checkpoint, self._checkpoint_key)
-                return await self._denoise(plan, i, k, latents, clean, text)
+                if await self._operation(ops, op, carried):
+                    return True
             except StageFailed as exc:
-                if len(plan.windows) == 1 or not exc.code.endswith("_unavailable") \
-                        or attempt == ctx.settings.window_retries:
+                window = getattr(op, "window", 0)
+                if len(plan.windows) == 1 or not isinstance(op, WINDOW_OPERATIONS) \
+                        or not exc.code.endswith("_unavailable") or retries[window] == ctx.settings.window_retries:
                     raise
-                await self._on_retry("window", attempt + 1, "stage_failed", str(exc), step=i * plan.request.steps)
-                k = 0
-        raise AssertionError("unreachable")
+                retries[window] += 1
+                await self._on_retry("window", retries[window], "stage_failed", str(exc),
+                                     step=window * plan.request.steps)
+                n, carried.clean, carried.latents, carried.loop = ops.window_start(window), None, None, None
+                continue
+            n += 1
+        return False
 
-    async def _decode_window(self, plan: GenerationPlan, i: int, latents) -> None:
-        """Decode window `i` of a long video to the store (its frames, then its MP4)."""
-        await self.ctx.stages.decode_window(self.job_id, i, plan.windows[i], latents, self._on_retry)
+    async def _operation(self, ops: Operations, op: Operation, carried: _Carried) -> bool:
+        """Execute `op` through the stage deployments; True when the job stopped or was released after it."""
+        ctx, job, plan = self.ctx, self.lease.job, ops.plan
+        window = plan.windows[getattr(op, "window", 0)]
+        if isinstance(op, DenoiseStep):
+            return await self._step(ops, op, carried)
+        carried.loop = None
+        if isinstance(op, EncodeText):
+            carried.text = await ctx.stages.encode_text(job.id, plan, self._on_retry)
+        elif isinstance(op, EncodeConditioning):
+            carried.clean = await ctx.stages.encode_conditioning(job.id, window, job.inputs, self._on_retry)
+        elif isinstance(op, EncodeExtension):
+            previous = ctx.files.window_frames_key(job.id, op.window - 1)
+            carried.clean = await ctx.stages.encode_extension(job.id, window, previous, self._on_retry)
+        elif isinstance(op, DecodeWindow):
+            # A run resumed at a window's decode may find its frames stored: decoded before this runner took
+            # the job over, and announced then, or not if that runner died first.
+            if carried.latents is None and await self._persist(
+                    ctx.files.store.exists, ctx.files.window_frames_key(job.id, op.window)):
+                if op.window in carried.announced:
+                    return False
+            else:
+                await ctx.stages.decode_window(job.id, op.window, window, await self._latents(carried),
+                                               self._on_retry)
+            return await self._stop(await self._segment(plan, op.window), (op.window + 1) * plan.request.steps)
+        else:
+            await self._record({"type": "decoding"}, progress=96)
+            if isinstance(op, Stitch):
+                await ctx.stages.stitch(job.id, plan, self._on_retry)
+            else:
+                await ctx.stages.decode(job.id, plan, await self._latents(carried), self._on_retry)
+        return False
+
+    async def _latents(self, carried: _Carried) -> Any:
+        """The latents of the last step: this run's, or the checkpoint's where it resumed."""
+        if carried.latents is None:
+            carried.latents = await self._persist(self.ctx.files.get_checkpoint, self._checkpoint_key)
+        return carried.latents
 
     async def _segment(self, plan: GenerationPlan, i: int) -> Signals:
         """Announce decoded window `i` of a long video (its `segment` event, with the URL of its MP4)."""
@@ -234,45 +267,47 @@ class JobRun:
         return await self._record({"type": "segment", "segment": i, "segments": len(plan.windows),
                                    "frames": plan.windows[i].frames, "url": url})
 
-    async def _denoise(self, plan: GenerationPlan, window: int, start: int, latents, clean, text) -> Any | None:
-        """Steps `start`.. of window `window`; its final latents, or None when the job stopped or was released.
-        Steps are counted over every window of a long video."""
-        ctx, job, steps = self.ctx, self.lease.job, plan.request.steps
-        windowed, total, offset = len(plan.windows) > 1, steps * len(plan.windows), window * steps
-        wplan = plan.windows[window]
-        loop_start = time.monotonic()
-        for k in range(start, steps):
-            async def on_retry(stage: str, attempt: int, cause: str, reason: str, k: int = k) -> None:
-                await self._on_retry(stage, attempt, cause, reason, step=offset + k + 1)
+    async def _step(self, ops: Operations, op: DenoiseStep, carried: _Carried) -> bool:
+        """Denoising step `op`, its checkpoint and its event; True when the job stopped or was released. Steps
+        are counted over every window of a long video."""
+        ctx, job, plan = self.ctx, self.lease.job, ops.plan
+        window, total, done, k = plan.windows[op.window], ops.steps, op.done, op.step
+        latents = None if k == 0 else await self._latents(carried)
+        if carried.loop is None:  # the window's steps begin (or resume) in this run
+            carried.loop = (time.monotonic(), k)
+        loop_start, first = carried.loop
 
-            step_started = time.monotonic()
-            latents = await ctx.stages.step(job.id, wplan, latents, clean if k == 0 else None, k, text, on_retry)
-            step_s = time.monotonic() - step_started
-            metrics().step.observe(step_s, tags=self._tags)
-            done = offset + k + 1
-            elapsed = time.monotonic() - loop_start
-            event = {"type": "step", "step": done, "total": total,
-                     "timesteps": [round(t, 3) for t in frame_timesteps(wplan.sigmas, wplan.multipliers, k).tolist()],
-                     "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (k + 1 - start) * (total - done), 3),
-                     "step_s": round(step_s, 3)}
-            if windowed:
-                event["segment"] = window
-            changes: dict[str, Any] = {"progress": progress_after(done, total)}
-            if done % ctx.settings.checkpoint_every == 0 or k + 1 == steps:
-                changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
-            signals = await self._record(event, **changes)
-            log_job_event("step", job.id, step=done, total=total, seconds=round(step_s, 4),
-                          elapsed_s=event["elapsed_s"], checkpoint="checkpoint_key" in changes)
-            if "checkpoint_key" in changes:
-                if self._checkpoint_key is not None:  # the pointer moved on: the old latents are garbage
-                    await self._persist(ctx.files.store.delete, self._checkpoint_key)
-                self._checkpoint_key = changes["checkpoint_key"]
-            if await self._stop(signals, done):
-                return None
-            if ctx.draining.is_set() and done < total:
-                await self._release(done, latents)
-                return None
-        return latents
+        async def on_retry(stage: str, attempt: int, cause: str, reason: str) -> None:
+            await self._on_retry(stage, attempt, cause, reason, step=done)
+
+        step_started = time.monotonic()
+        inp = StepInput.of(window, k, latents, carried.clean, carried.text)
+        latents = carried.latents = await ctx.stages.step(job.id, window, inp, on_retry)
+        step_s = time.monotonic() - step_started
+        metrics().step.observe(step_s, tags=self._tags)
+        elapsed = time.monotonic() - loop_start
+        event = {"type": "step", "step": done, "total": total,
+                 "timesteps": [round(t, 3) for t in frame_timesteps(window.sigmas, window.multipliers, k).tolist()],
+                 "elapsed_s": round(elapsed, 3), "eta_s": round(elapsed / (k + 1 - first) * (total - done), 3),
+                 "step_s": round(step_s, 3)}
+        if len(plan.windows) > 1:
+            event["segment"] = op.window
+        changes: dict[str, Any] = {"progress": progress_after(done, total)}
+        if done % ctx.settings.checkpoint_every == 0 or k + 1 == window.request.steps:
+            changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
+        signals = await self._record(event, **changes)
+        log_job_event("step", job.id, step=done, total=total, seconds=round(step_s, 4),
+                      elapsed_s=event["elapsed_s"], checkpoint="checkpoint_key" in changes)
+        if "checkpoint_key" in changes:
+            if self._checkpoint_key is not None:  # the pointer moved on: the old latents are garbage
+                await self._persist(ctx.files.store.delete, self._checkpoint_key)
+            self._checkpoint_key = changes["checkpoint_key"]
+        if await self._stop(signals, done):
+            return True
+        if ctx.draining.is_set() and done < total:
+            await self._release(done, latents)
+            return True
+        return False
 
     async def _stop(self, signals: Signals, step: int) -> bool:
         """End the job as cancelled if a replica asked for it (or its streaming client left)."""

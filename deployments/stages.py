@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import combination_id
+from pusa_model.operations import StepInput
 from pusa_model.request import GenerationPlan
 
 from .storage import StoreUnavailable
@@ -127,38 +128,31 @@ class Stages:
 
     async def encode_text(self, job_id: str, plan: GenerationPlan, on_retry: OnRetry) -> ray.ObjectRef:
         """The prompt's (and negative prompt's) embeddings, put in the object store once for every step."""
-        req = plan.request
-        negative = req.negative_prompt if req.guidance != 1.0 else None
-        embeddings = await self.call("text_encoder", lambda: self.text.encode.remote(req.prompt, negative, job_id),
+        prompt, negative = plan.prompts
+        embeddings = await self.call("text_encoder", lambda: self.text.encode.remote(prompt, negative, job_id),
                                      self.settings.text_encode.seconds(0), plan, on_retry)
         return ray.put(embeddings)
 
-    async def encode_conditioning(self, job_id: str, request: dict, plan: GenerationPlan, inputs: dict[str, str],
+    async def encode_conditioning(self, job_id: str, plan: GenerationPlan, inputs: dict[str, str],
                                   on_retry: OnRetry) -> np.ndarray:
+        """Clean latents of `plan`, the first window, from the job's media (`inputs`: field -> store key)."""
         return await self.call(
-            "vae", lambda: self.vae.encode_conditioning.remote(request, plan.seed, inputs, job_id),
+            "vae", lambda: self.vae.encode_conditioning.remote(plan, inputs, job_id),
             self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
 
     async def encode_extension(self, job_id: str, plan: GenerationPlan, previous_key: str, on_retry: OnRetry
                                ) -> np.ndarray:
         """Clean latents of `plan`, a later window of a long video, from the stored frames of the one before."""
-        request = plan.request.model_dump()
         return await self.call(
-            "vae", lambda: self.vae.encode_extension.remote(request, plan.seed, previous_key, job_id),
+            "vae", lambda: self.vae.encode_extension.remote(plan, previous_key, job_id),
             self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
 
-    async def step(self, job_id: str, plan: GenerationPlan, latents: np.ndarray | None, clean: np.ndarray | None,
-                   k: int, text: ray.ObjectRef, on_retry: OnRetry) -> np.ndarray:
-        """Step `k` on some DiT replica that holds the request's LoRA combination (step 0 takes `clean`)."""
-        req = plan.request
+    async def step(self, job_id: str, plan: GenerationPlan, inp: StepInput, on_retry: OnRetry) -> np.ndarray:
+        """Step `inp` of window `plan` on some DiT replica that holds the request's LoRA combination."""
         dit = self.dit.options(multiplexed_model_id=combination_id(plan.lora_combination))
-        sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
-        passes = 1 if req.guidance == 1.0 else 2
-        return await self.call(
-            "dit",
-            lambda: dit.step.remote(latents, clean, plan.seed, k, sigmas, multipliers, text, req.guidance, job_id,
-                                    mode=req.mode),
-            self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)
+        passes = 1 if inp.guidance == 1.0 else 2
+        return await self.call("dit", lambda: dit.step.remote(inp, job_id),
+                               self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)
 
     async def decode(self, job_id: str, plan: GenerationPlan, latents: np.ndarray, on_retry: OnRetry) -> dict:
         return await self.call("vae", lambda: self.vae.decode_to_store.remote(job_id, latents, plan.request.fps),

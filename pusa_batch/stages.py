@@ -1,15 +1,13 @@
 """The batch pipeline's stages, as Ray Data map functions over rows ``{"custom_id", "payload"}``.
 
-A payload is a pickled dict that grows as the row moves on: its request and seed (`prepare`), the clean
-conditioning latents (`Conditioning`), the prompt embeddings (`TextEncoding`), the final latents
-(`Denoising`) and at last its record (`Decoding`). A row that failed carries ``error`` instead and
-passes every later stage untouched. Each stage runs the service's own code: `read_row` (the API's
-`Submission` and `plan_request`) for the request, `encode_conditioning`, `run_step` for every DiT step,
-`decode_video_files` (the MP4 encoded as the frames decode).
-
-A long video (more frames than a window) is conditioned for its first window; the DiT actor runs every
-window, decoding each but the last and encoding its end as the next one's conditioning (with a VAE it loads
-for the first such row), and the decode stage stitches the windows' frames.
+A payload is a pickled dict: the row's plan (`prepare`: the API's `Submission` and `plan_request`, through
+`read_row`; planned once, here), its media, its timings, and the `State` its plan's operations
+(`pusa_model.operations`) hand on. Each stage's actor executes its part of the operations with
+`LocalEngine`, the in-process pipeline's executor: `Conditioning` the conditioning's encoding (none for
+t2v), `TextEncoding` the text's, `Denoising` every step (and for a long video each window's decode and the
+next window's conditioning, with a VAE it loads for the first such row), `Decoding` the rest (the video
+decoded, or a long video's last window decoded and the windows stitched) and the row's record. A row that
+failed carries ``error`` instead and passes every later stage untouched.
 """
 
 from __future__ import annotations
@@ -19,24 +17,24 @@ import os
 import pickle
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from deployments.devices import pick_device
-from deployments.dit_group import run_step
-from deployments.vae import plan_from_job
-from pusa_model import media
+from pusa_model.engine import LocalEngine, State
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
-from pusa_model.pipeline import (decode_video_files, encode_conditioning, encode_extension, load_dit_stage,
-                                 load_text_stage, load_vae_stage, model_folder, stitch_windows)
+from pusa_model.operations import EncodeConditioning, EncodeText, Operation, Operations
+from pusa_model.pipeline import load_dit_stage, load_text_stage, load_vae_stage, model_folder
 from pusa_model.presets import get_preset
+from pusa_model.text import TextEncoderStage
 from pusa_model.transformer import DiTOptions
 
 from .outputs import BatchOutputs
 from .rows import read_row
+
 
 def pack(payload: dict) -> bytes:
     return pickle.dumps(payload, protocol=5)
@@ -61,7 +59,7 @@ def prepare(row: dict, preset: str, base: str | None, loras: dict | None = None)
         plan, media_read = read_row(fields, get_preset(preset), base, LoraRegistry.model_validate(loras or {}))
     except InvalidRequest as exc:
         return {"custom_id": custom_id, "payload": pack(failed(custom_id, exc.field, str(exc)))}
-    payload = {"custom_id": custom_id, "request": plan.request.model_dump(), "seed": plan.seed, "media": media_read,
+    payload = {"custom_id": custom_id, "plan": plan, "media": media_read, "state": State(),
                "timings_s": {"prepare": round(time.perf_counter() - started, 4)}}
     return {"custom_id": custom_id, "payload": pack(payload)}
 
@@ -92,50 +90,69 @@ class _Stage:
             out["payload"].append(pack(payload))
         return out
 
-    def process(self, payload: dict) -> dict:
+    engine: LocalEngine
+
+    def part(self, ops: Operations) -> Sequence[Operation]:
+        """The operations of a row's plan that this stage executes."""
         raise NotImplementedError
+
+    def process(self, payload: dict) -> dict:
+        plan = payload["plan"]
+        self.engine.run(plan, payload["state"], self.part(plan.operations))
+        return payload
+
+
+def _model(preset: str):
+    spec = get_preset(preset)
+    return model_folder(spec), spec
 
 
 class Conditioning(_Stage):
-    """VAE-encodes a row's images or clip into clean latents (zeros for t2v)."""
+    """VAE-encodes a row's images or clip into clean latents (t2v has none)."""
 
     name = "conditioning"
 
     def __init__(self, preset: str, device: str | None = None, nice: int = 0) -> None:
         super().__init__(nice)
-        spec = get_preset(preset)
-        self.preset = preset
-        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
+        self.engine = LocalEngine(vae=load_vae_stage(*_model(preset), pick_device(device)))
+
+    def part(self, ops: Operations) -> Sequence[Operation]:
+        return [op for op in ops if isinstance(op, EncodeConditioning)]
 
     def process(self, payload: dict) -> dict:
-        plan = plan_from_job(payload["request"], payload["seed"], self.preset).windows[0]
-        payload["clean"] = encode_conditioning(self.stage, plan, payload.pop("media")).numpy()  # media limits apply
-        return payload
+        self.engine.sources = payload.pop("media")  # the default media limits apply
+        return super().process(payload)
+
+
+class CachedText:
+    """A text stage that keeps the embeddings of its last `size` prompt pairs, so that a batch's repeated
+    prompts (and the common negative prompt) are encoded once."""
+
+    def __init__(self, stage: TextEncoderStage, size: int) -> None:
+        self.stage, self.size = stage, size
+        self.cache: OrderedDict[tuple[str, str | None], tuple] = OrderedDict()
+
+    def encode(self, prompt: str, negative: str | None) -> tuple:
+        key = (prompt, negative)
+        if key not in self.cache:
+            self.cache[key] = self.stage.encode(prompt, negative)
+            if len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key]
 
 
 class TextEncoding(_Stage):
-    """Prompt embeddings; a batch's repeated prompts (and the common negative prompt) are encoded once."""
+    """Prompt embeddings, through a `CachedText`."""
 
     name = "text"
 
     def __init__(self, preset: str, device: str | None = None, cache_size: int = 64, nice: int = 0) -> None:
         super().__init__(nice)
-        spec = get_preset(preset)
-        self.stage = load_text_stage(model_folder(spec), spec, pick_device(device))
-        self.cache: OrderedDict[tuple[str, str | None], tuple] = OrderedDict()
-        self.cache_size = cache_size
+        self.engine = LocalEngine(text=CachedText(load_text_stage(*_model(preset), pick_device(device)), cache_size))
 
-    def process(self, payload: dict) -> dict:
-        request = payload["request"]
-        key = (request["prompt"], request["negative_prompt"] if request["guidance"] != 1.0 else None)
-        if key not in self.cache:
-            positive, negative = self.stage.encode(*key)
-            self.cache[key] = (positive.numpy(), None if negative is None else negative.numpy())
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(key)
-        payload["text"] = self.cache[key]
-        return payload
+    def part(self, ops: Operations) -> Sequence[Operation]:
+        return [op for op in ops if isinstance(op, EncodeText)]
 
 
 class Denoising(_Stage):
@@ -147,53 +164,32 @@ class Denoising(_Stage):
     def __init__(self, preset: str, device: str | None = None, dit_options: dict | None = None, nice: int = 0,
                  loras: dict | None = None, lora_base: str = "disk") -> None:
         super().__init__(nice)
-        spec = get_preset(preset)
         self.preset, self.device = preset, pick_device(device)
-        self.stage = load_dit_stage(model_folder(spec), spec, self.device, DiTOptions(**(dit_options or {})),
+        self.stage = load_dit_stage(*_model(preset), self.device, DiTOptions(**(dit_options or {})),
                                     LoraRegistry.model_validate(loras or {}), lora_base)
-        self.vae = None  # loaded for the first long video
+        self.engine = LocalEngine(dit=self.stage)  # and a VAE, loaded for the first long video
         self.refuses = 0
 
+    def part(self, ops: Operations) -> Sequence[Operation]:
+        return ops[ops.denoising]
+
     def process(self, payload: dict) -> dict:
-        plan = plan_from_job(payload["request"], payload["seed"], self.preset)
+        plan = payload["plan"]
         if self.stage.set_loras(plan.lora_combination):
             self.refuses += 1
-        clean, text = payload.pop("clean"), payload.pop("text")
-        first, *later = plan.windows
-        latents = self._denoise(first, clean, text)
-        windows: list[np.ndarray] = []
-        for window in later:  # a long video: decode the window before, condition this one on its end
-            windows.append(media.frames_to_uint8(self._vae().decode(torch.from_numpy(latents))))
-            latents = self._denoise(window, encode_extension(self._vae(), window, windows[-1]).numpy(), text)
-        payload["latents"] = latents
-        if windows:
-            payload["windows"] = windows  # the frames of every window but the last
-        return payload
-
-    def _denoise(self, plan, clean: np.ndarray, text) -> np.ndarray:
-        req, latents = plan.request, None
-        sigmas, multipliers = plan.sigmas.tolist(), plan.multipliers.tolist()
-        for k in range(req.steps):
-            latents = run_step(self.stage, latents, clean if k == 0 else None, plan.seed, k, sigmas, multipliers, text,
-                               req.guidance, req.mode)
-        return latents
-
-    def _vae(self):
-        if self.vae is None:
-            spec = get_preset(self.preset)
-            self.vae = load_vae_stage(model_folder(spec), spec, self.device)
-        return self.vae
+        if len(plan.windows) > 1 and self.engine.vae is None:
+            self.engine.vae = load_vae_stage(*_model(self.preset), self.device)
+        return super().process(payload)
 
 
 class Decoding(_Stage):
-    """Decodes a row's latents, stores its MP4 and thumbnail, then its record (which makes it complete)."""
+    """Decodes a row's video, stores its MP4 and thumbnail, then its record (which makes it complete)."""
 
     name = "decode"
 
     def __init__(self, preset: str, output: str, device: str | None = None, nice: int = 0) -> None:
         super().__init__(nice)
-        spec = get_preset(preset)
-        self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device))
+        self.engine = LocalEngine(vae=load_vae_stage(*_model(preset), pick_device(device)))
         self.outputs = BatchOutputs(output)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -207,16 +203,14 @@ class Decoding(_Stage):
             records.append(record)
         return {"custom_id": out["custom_id"], "record": [pickle.dumps(r) for r in records]}
 
+    def part(self, ops: Operations) -> Sequence[Operation]:
+        return ops[ops.denoising.stop:]
+
     def process(self, payload: dict) -> dict:
-        fps, latents = payload["request"]["fps"], torch.from_numpy(payload.pop("latents"))
-        if "windows" in payload:  # a long video: the windows before, then this last one
-            frames = stitch_windows([*payload.pop("windows"), media.frames_to_uint8(self.stage.decode(latents))])
-            files = media.video_files(frames, fps)
-        else:  # the MP4 encodes as the frames decode
-            files = decode_video_files(self.stage, latents, fps)
+        files = super().process(payload).pop("state").files
         uris = self.outputs.write_result(payload["custom_id"], *files)
-        payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris, "seed": payload["seed"],
-                             "timings_s": payload["timings_s"], "error": None}
+        payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris,
+                             "seed": payload["plan"].seed, "timings_s": payload["timings_s"], "error": None}
         return payload
 
 

@@ -1,22 +1,24 @@
 """The DiT stage: one VTA denoising step on WanTransformer3DModel, with a combination of LoRAs fused
 (the Pusa LoRA, and any of the deployment's registry).
 
-It keeps no request state: latents, schedule and embeddings come with every call, so consecutive
-steps of one video can run on different replicas.
+It keeps no request state: latents, schedule and embeddings come with every call (`StepInput`, `run`),
+so consecutive steps of one video can run on different replicas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
 from .errors import InvalidRequest
 from .lora import LoraFuser, LoraStack
 from .loras import PUSA
+from .operations import StepInput
 from .request import VAE_SPATIAL, VAE_TEMPORAL
-from .sampler import Guide, denoise_step, guided_velocity
+from .sampler import Guide, denoise_step, guided_velocity, initial_latents, initial_noise
 from .schedule import flow_sigmas
 from .text import MAX_SEQUENCE_LENGTH
 from .transformer import DiTOptions, apply_options, block_forward, forward_per_frame, select_attention_backend
@@ -112,6 +114,19 @@ class DiTStage:
         for mode in modes:
             self.step(x, 0, flow_sigmas(2), torch.ones(latent_frames), text, text if guidance != 1.0 else None,
                       guidance, mode=mode)
+
+    def run(self, inp: StepInput) -> np.ndarray:
+        """The step `inp` (its text resolved) with the LoRAs fused now; step 0 starts from the seed's noise
+        and the clean conditioning latents (zeros without conditioning). Returns the next latents."""
+        multipliers = torch.tensor(inp.multipliers)
+        if inp.latents is None:
+            clean = torch.zeros(inp.shape) if inp.clean is None else torch.from_numpy(inp.clean)
+            x = initial_latents(initial_noise(tuple(inp.shape), inp.seed), clean, multipliers)
+        else:
+            x = torch.from_numpy(inp.latents)
+        prompt, negative = (None if t is None else torch.from_numpy(t) for t in inp.text)
+        return self.step(x, inp.step, torch.tensor(inp.sigmas), multipliers, prompt, negative, inp.guidance,
+                         mode=inp.mode).numpy()
 
     @torch.no_grad()
     def step(

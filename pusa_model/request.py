@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidRequest
 from .loras import MAX_ALPHA, NAME_PATTERN, PUSA, LoraRegistry
-from .presets import Preset
+from .operations import Operations, plan_operations
+from .presets import Preset, get_preset
 from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps
 
 WAN_NEGATIVE_PROMPT = (
@@ -174,6 +175,17 @@ class GenerationPlan:
                                                   "window_frames": frames, "seed": seed})
             plans.append(_plan_window(req, self.width, self.height, frames, seed))
         return tuple(plans)
+
+    @cached_property
+    def operations(self) -> Operations:
+        """The ordered operations that make this video (`pusa_model.operations`)."""
+        return plan_operations(self)
+
+    @property
+    def prompts(self) -> tuple[str, str | None]:
+        """The prompt and the negative prompt the text encoder encodes (None without guidance: no
+        unconditional pass)."""
+        return self.request.prompt, self.request.negative_prompt if self.request.guidance != 1.0 else None
 
     @property
     def latent_frames(self) -> int:
@@ -367,6 +379,12 @@ def plan_request(
         first = _plan_window(req, width, height, window, seed)
         return GenerationPlan(req, width, height, frames, seed, first.conditioning, window_frames=window)
     return _plan_window(req, width, height, frames, seed)
+
+
+def replan(request: dict, seed: int, preset: str) -> GenerationPlan:
+    """The plan of a stored request (checked and resolved when it was accepted) and its seed: what a process
+    that gets a job from the database starts from (deterministic)."""
+    return plan_request(GenerationRequest.model_validate(request), get_preset(preset), default_seed=seed)
 
 
 def _check_frames(frames: int) -> None:

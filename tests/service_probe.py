@@ -22,7 +22,7 @@ from deployments.db import Database
 from deployments.job_store import JobStore
 from deployments.jobs import Job
 from deployments.schema import jobs
-from deployments.vae import plan_from_job
+from pusa_model.request import replan
 
 PREFIX = "SERVE_REPLICA::pusa#{}#"
 
@@ -127,7 +127,7 @@ class ServiceProbe:
     def reference_video(self, pipeline, job_id: str, folder: Path) -> bytes:
         """The job's video made by the in-process `pipeline` from the job's own request and seed."""
         job = self.record(job_id)
-        plan = plan_from_job(job.request, job.plan["seed"], "tiny")
+        plan = replan(job.request, job.plan["seed"], "tiny")
         with one_thread():  # as the service's replicas and workers run (under one CPU: one thread)
             return pipeline.generate(plan, folder / f"{job_id}.mp4").video_path.read_bytes()
 

@@ -33,9 +33,10 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import AppArgs
 from deployments.dit import alpha_model_id
-from deployments.dit_group import run_step, worker_resources
+from deployments.dit_group import worker_resources
 from deployments.launch import deploy, node_demands, unplaceable
 from pusa_model.media import load_video
+from pusa_model.operations import StepInput
 from pusa_model.schedule import flow_sigmas
 from service_probe import ServiceProbe, one_thread
 from serving import default_database, local_config, running_service
@@ -156,15 +157,16 @@ def _step_inputs(tiny_pipeline, height: int, width: int):
 
 
 def _compare_steps(tiny_pipeline, exact: bool) -> None:
-    """DiT steps through the handle (the group) against `run_step` on the in-process stage."""
+    """DiT steps through the handle (the group) against `DiTStage.run` on the in-process stage."""
     handle = _dit_handle(1.4)
     tiny_pipeline.dit.set_lora_alpha(1.4)
     for height, width, guidance in [(6, 10, 5.0), (8, 8, 5.0), (6, 10, 1.0)]:  # 15 tokens a frame: uneven
         latents, sigmas, multipliers, text = _step_inputs(tiny_pipeline, height, width)
-        args = (latents, None, 0, 2, sigmas, multipliers, text, guidance)
-        served = handle.step.remote(*args).result(timeout_s=120)
+        inp = StepInput(2, tuple(sigmas), tuple(multipliers), guidance, "standard", 0, latents.shape, latents,
+                        text=text)
+        served = handle.step.remote(inp).result(timeout_s=120)
         with one_thread():  # as the workers run
-            reference = run_step(tiny_pipeline.dit, *args)
+            reference = tiny_pipeline.dit.run(inp)
         if exact:
             assert np.array_equal(served, reference), (height, width, guidance)
         else:

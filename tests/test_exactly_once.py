@@ -47,8 +47,9 @@ def dropped() -> OperationalError:
 
 
 class FakeStages:
-    """The stages as exact arithmetic: a window's latents are its conditioning, then each step k maps x to
-    ``x * 1.5 + k + 1``; a window's frames are its latents doubled; the video is every window's frames.
+    """The stages as exact arithmetic: a window's latents are its conditioning (without one, its seed's
+    "noise"), then each step k maps x to ``x * 1.5 + k + 1``; a window's frames are its latents doubled; the
+    video is every window's frames.
     `before(name, args)` runs first in every call (to fail it, or act at a chosen point)."""
 
     def __init__(self, files: JobFiles) -> None:
@@ -65,7 +66,7 @@ class FakeStages:
         self._hook("encode_text")
         return "text"
 
-    async def encode_conditioning(self, job_id, request, plan, inputs, on_retry):
+    async def encode_conditioning(self, job_id, plan, inputs, on_retry):
         self._hook("encode_conditioning")
         return np.full(4, float(plan.seed % 1000), dtype=np.float32)
 
@@ -74,9 +75,12 @@ class FakeStages:
         frames = np.load(io.BytesIO(self.files.store.get(previous_key)), allow_pickle=False)
         return frames[-4:] + 1
 
-    async def step(self, job_id, plan, latents, clean, k, text, on_retry):
+    async def step(self, job_id, plan, inp, on_retry):
+        k = inp.step
         self._hook("step", k)
-        x = clean if latents is None else latents
+        x = inp.latents
+        if x is None:
+            x = np.full(4, float(inp.seed % 1000), dtype=np.float32) if inp.clean is None else inp.clean
         return (x * 1.5 + k + 1).astype(np.float32)
 
     async def decode_window(self, job_id, window, plan, latents, on_retry):

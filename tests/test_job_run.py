@@ -134,8 +134,8 @@ def test_a_window_whose_stages_give_up_runs_again_from_its_start(replicas, refer
     failures = []
 
     def fail_in_second_window(name: str, args: tuple) -> None:
-        if name == "step" and args[2] == REQUEST["seed"] + 1 and len(failures) < 2:  # window 1's seed
-            failures.append(args[3])
+        if name == "step" and args[0].seed == REQUEST["seed"] + 1 and len(failures) < 2:  # window 1's seed
+            failures.append(args[0].step)
             raise StoreUnavailable("injected")  # a retryable failure: retried once, then the stage gives up
 
     runner.dit_before = fail_in_second_window
@@ -160,7 +160,7 @@ def test_a_released_long_video_resumes_to_the_same_video(replicas, reference, tm
 
     def drain(name: str, args: tuple) -> None:
         if name == "step":
-            calls.append(args[3])
+            calls.append(args[0].step)
             if len(calls) == drain_at:  # the step in flight ends, then the job is released
                 runner.ctx.draining.set()
 
@@ -184,7 +184,7 @@ def test_a_cancel_lands_between_windows(replicas, tmp_path):
     job_id = runner.submit(REQUEST)
 
     def cancel_after_first_window(name: str, args: tuple) -> None:
-        if name == "step" and args[3] == STEPS - 1 and args[2] == REQUEST["seed"]:  # window 0's last step
+        if name == "step" and args[0].step == STEPS - 1 and args[0].seed == REQUEST["seed"]:  # window 0's last step
             runner.jobs.request_cancel(job_id)
 
     runner.dit_before = cancel_after_first_window

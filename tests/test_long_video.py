@@ -16,7 +16,7 @@ import torch
 
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
-from pusa_model.pipeline import encode_conditioning, encode_extension, stitch_windows
+from pusa_model.engine import encode_conditioning, encode_extension, stitch_windows
 from pusa_model.presets import get_preset
 from pusa_model.request import (DEFAULT_EXTENSION, OVERLAP_FRAMES, parse_request, plan_request,
                                 window_frame_counts)

@@ -27,11 +27,11 @@ from safetensors.torch import save_file
 
 from deployments.api_keys import Caller
 from deployments.dit import DiT
-from deployments.dit_group import run_step
 from deployments.openai_api import ApiError, Submission
 from deployments.quotas import Quotas
 from deployments.router import Router
 from pusa_model.loras import LoraRegistry, combination_id
+from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage
 from pusa_model.presets import build_tiny_distill_lora_state_dict, get_preset
 from pusa_model.request import parse_request, plan_request
@@ -83,12 +83,15 @@ def test_two_combinations_interleaved_fuse_once_per_replica(dit, registry, tiny_
     clean = np.zeros(plans[0].latent_shape, np.float32)
     schedule = [(p.sigmas.tolist(), p.multipliers.tolist()) for p in plans]
 
+    def step_input(j: int, k: int, x: np.ndarray | None) -> StepInput:
+        return StepInput(k, *map(tuple, schedule[j]), 1.0, "standard", plans[j].seed, clean.shape, x,
+                         clean if k == 0 else None, text)
+
     latents: list = [None, None]
     fuses = []
     for k in range(6):  # both jobs' step k in flight together, as two runners' jobs would be
         responses = [
-            dit.options(multiplexed_model_id=combination_id(combo)).step.remote(
-                latents[j], clean if k == 0 else None, plans[j].seed, k, *schedule[j], text, 1.0, f"job-{j}")
+            dit.options(multiplexed_model_id=combination_id(combo)).step.remote(step_input(j, k, latents[j]), f"job-{j}")
             for j, combo in enumerate(combos)
         ]
         latents = [r.result(timeout_s=120) for r in responses]
@@ -111,7 +114,7 @@ def test_two_combinations_interleaved_fuse_once_per_replica(dit, registry, tiny_
         x = None
         with torch.no_grad():
             for k in range(6):
-                x = run_step(stage, x, clean if k == 0 else None, plans[j].seed, k, *schedule[j], text, 1.0)
+                x = stage.run(step_input(j, k, x))
         np.testing.assert_allclose(latents[j], x, rtol=1e-5, atol=1e-5)
     assert not np.allclose(latents[0], latents[1], atol=1e-3)
 

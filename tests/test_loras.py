@@ -262,6 +262,7 @@ def test_batch_rows_take_loras_and_fast_mode_and_run_grouped_by_combination(tiny
 
     from pusa_batch.run import _lora_key
     from pusa_batch.stages import Denoising, prepare
+    from pusa_model.engine import State
 
     registry = {"distill": {"path": str(files["distill"]), "fast": True}}
     rows = [{"custom_id": f"r{i}", "prompt": "a cat", "seed": i, **fields} for i, fields in enumerate(
@@ -269,7 +270,7 @@ def test_batch_rows_take_loras_and_fast_mode_and_run_grouped_by_combination(tiny
     payloads = [pickle.loads(prepare({"custom_id": r["custom_id"], "row": json.dumps(r)}, "tiny", None, registry)["payload"])
                 for r in sorted(rows, key=_lora_key)]
     assert [p["custom_id"] for p in payloads] == ["r0", "r2", "r1", "r3"]  # grouped by combination
-    fast = payloads[0]["request"]
+    fast = payloads[0]["plan"].request.model_dump()
     assert (fast["steps"], fast["guidance"], fast["loras"]) == (4, 1.0, [{"name": "distill", "alpha": 1.0}])
     bad = pickle.loads(prepare({"custom_id": "x", "row": json.dumps({"prompt": "p", "loras": [{"name": "anime"}]})},
                                "tiny", None, registry)["payload"])
@@ -278,6 +279,5 @@ def test_batch_rows_take_loras_and_fast_mode_and_run_grouped_by_combination(tiny
     denoise = Denoising("tiny", "cpu", loras=registry, lora_base="cpu")
     text = (np.random.default_rng(0).standard_normal((1, 8, 32)).astype(np.float32), None)
     for payload in payloads:
-        shape = (1, 16, 5, 8, 8)
-        denoise.process({**payload, "clean": np.zeros(shape, np.float32), "text": text})
+        denoise.process({**payload, "state": State(text=text)})
     assert denoise.refuses == 2 and denoise.stage.fuses == 2  # 4 rows, 12 steps, 2 combinations

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from pusa_model import media
-from pusa_model.pipeline import decode_to_mp4, decode_video_files
+from pusa_model.engine import decode_to_mp4, decode_video_files
 from pusa_model.vae import VAEStage
 
 
@@ -75,7 +75,7 @@ def test_conditioning_is_decoded_within_the_limits_given(tiny_pipeline, tmp_path
     from PIL import Image
 
     from pusa_model.errors import InvalidRequest
-    from pusa_model.pipeline import encode_conditioning
+    from pusa_model.engine import encode_conditioning
     from pusa_model.request import parse_request, plan_request
 
     image = tmp_path / "start.png"

@@ -23,7 +23,7 @@ import json, time
 import numpy as np
 from torch._dynamo.utils import counters
 from deployments.dit import DiT
-from deployments.dit_group import run_step
+from pusa_model.operations import StepInput
 
 replica = DiT.func_or_class(preset="tiny", options={"compile": True},
                             warmup=[{"width": 64, "height": 64, "frames": 17, "guidance": 5.0}])
@@ -33,7 +33,7 @@ ready = {"graphs": counters["stats"]["unique_graphs"], "inductor": dict(counters
 text = np.zeros((1, 512, 32), dtype=np.float32)
 clean = np.zeros((1, 16, 5, 8, 8), dtype=np.float32)  # a 64x64x17 request, two guidance passes
 started = time.perf_counter()
-run_step(replica.stage, None, clean, 1, 0, [1.0, 0.5, 0.0], [1.0] * 5, (text, text), 5.0)
+replica.stage.run(StepInput(0, (1.0, 0.5, 0.0), (1.0,) * 5, 5.0, "standard", 1, clean.shape, None, clean, (text, text)))
 ready.update(first_step_s=time.perf_counter() - started, graphs_after_step=counters["stats"]["unique_graphs"],
              inductor_after_step=dict(counters["inductor"]))
 print(json.dumps(ready))
