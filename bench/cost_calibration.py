@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deployments.cost import Calibration, estimate_gpu_seconds, megapixel_frames  # noqa: E402
 from pusa_model.engine import encode_conditioning  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
-from pusa_model.request import GenerationRequest, plan_request  # noqa: E402
+from pusa_model.request import plan_request  # noqa: E402
+from pusa_model.request_schema import GenerationRequest  # noqa: E402
 
 
 def _sync() -> None:

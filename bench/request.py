@@ -75,7 +75,8 @@ from pusa_model.presets import (  # noqa: E402
     tiny_text_encoder_config,
     tiny_vae_config,
 )
-from pusa_model.request import GenerationRequest, plan_request  # noqa: E402
+from pusa_model.request import plan_request  # noqa: E402
+from pusa_model.request_schema import GenerationRequest  # noqa: E402
 from pusa_model.text import TextEncoderStage  # noqa: E402
 from pusa_model.transformer import DiTOptions  # noqa: E402
 from pusa_model.vae import VAEStage  # noqa: E402

@@ -20,7 +20,8 @@ from ray import serve
 
 from pusa_model.media import MediaLimits
 from pusa_model.presets import Preset
-from pusa_model.request import MAX_FRAMES, GenerationPlan
+from pusa_model.request import GenerationPlan
+from pusa_model.request_schema import MAX_FRAMES
 
 from .api_keys import Caller, KeyStore, Quotas
 from .batch_files import BatchLimits

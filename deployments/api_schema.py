@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pusa_model.request import MAX_SIDE, GenerationRequest
+from pusa_model.request_schema import MAX_SIDE, GenerationRequest
 
 from .batches import BatchStatus
 from .jobs import Status

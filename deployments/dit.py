@@ -28,7 +28,7 @@ from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combinati
 from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
-from pusa_model.request import SIZE_MULTIPLE, VAE_TEMPORAL
+from pusa_model.request_schema import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
 from .devices import gpu_memory, pick_device, release_on_oom

@@ -22,7 +22,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import Message, Receive
 
 from pusa_model.errors import InvalidRequest
-from pusa_model.request import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
+from pusa_model.request_schema import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
 
 MODEL_NAME = "pusa-v1"
 LIST_FIELDS = ("images", "positions", "multipliers", "extension_multipliers")

@@ -23,7 +23,8 @@ from pydantic import BaseModel, Field
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset
-from pusa_model.request import LoraChoice, parse_request, plan_request
+from pusa_model.request import parse_request, plan_request
+from pusa_model.request_schema import LoraChoice
 
 from .admission import Admission, ApiSettings, bearer
 from .api_schema import VideoCreate, request_body, responses

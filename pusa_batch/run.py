@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from deployments.observability import metrics
 from pusa_model.loras import LoraRegistry
+from pusa_model.request_schema import GenerationRequest
 
 from .outputs import CUSTOM_ID, BatchOutputs
 from .sources import parent, read_manifest
@@ -74,7 +75,9 @@ class BatchSettings(BaseModel):
 def _lora_key(row: dict) -> str:
     """The order rows run in: rows of one LoRA combination (Pusa alpha, mode, listed LoRAs) together, so
     that a DiT actor re-fuses rarely."""
-    return json.dumps([row.get("lora_alpha", 1.4), row.get("mode", "standard"), row.get("loras", [])],
+    fields = GenerationRequest.model_fields
+    return json.dumps([row.get("lora_alpha", fields["lora_alpha"].default), row.get("mode", fields["mode"].default),
+                       row.get("loras", [])],
                       sort_keys=True, default=str)
 
 

@@ -15,10 +15,9 @@ import json
 import mimetypes
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from pusa_model.cli import lora_choice
+from pusa_model.request_options import add_request_options, request_fields
 
 from .http import Api, ApiError, Unreachable, Upload
 from .watch import watch
@@ -26,22 +25,10 @@ from .watch import watch
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT = {"completed": 0, "failed": 1, "cancelled": 3}
 BAD_REQUEST, UNREACHABLE = 2, 4
-GENERATION_FIELDS = ("task", "prompt", "negative_prompt", "v2v_mode", "video_anchor", "positions", "multipliers",
-                     "noise_multiplier", "steps", "guidance", "lora_alpha", "seed", "size", "seconds", "frames", "fps",
-                     "window_frames", "extension_multipliers", "webhook_url")
 
 
 class BadInvocation(Exception):
     """The command cannot be sent as given (e.g. a file to upload is missing)."""
-
-
-def _list(kind: type) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-    return parse
 
 
 def _connection() -> argparse.ArgumentParser:
@@ -53,29 +40,17 @@ def _connection() -> argparse.ArgumentParser:
     return parser
 
 
-def _generation() -> argparse.ArgumentParser:
-    """The request fields that `submit` and `extend` share; left out, the service's defaults apply."""
+# Fields the extension endpoint takes from the video it continues; the command sends files itself.
+EXTENSION_FIXED = ("task", "images", "video", "v2v_mode", "video_anchor")
+SENT_AS_FILES = ("images", "video")
+
+
+def _generation(skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The request's fields (`pusa_model.request_options`) and the API's own; left out, the service's
+    defaults apply."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--positions", type=_list(int), help="latent frame indices, e.g. 0,4")
-    parser.add_argument("--pixel-positions", action="store_true", help="--positions are pixel frame indices")
-    parser.add_argument("--multipliers", type=_list(float), help="noise multiplier per position, e.g. 0.2,0.5")
-    parser.add_argument("--noise-multiplier", type=float)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--lora-alpha", type=float)
-    parser.add_argument("--fast", action="store_true", help="4 steps at guidance 1 with the service's distill LoRA")
-    parser.add_argument("--lora", type=lora_choice, action="append", default=[], metavar="NAME[=ALPHA]",
-                        help="a LoRA of the service's registry to fuse beside the Pusa LoRA (repeat for more)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--size", help="WIDTHxHEIGHT, multiples of 16")
+    add_request_options(parser, skip=skip)
     parser.add_argument("--seconds", type=float, help="duration (frames = seconds x fps, rounded to 4k+1)")
-    parser.add_argument("--frames", type=int, help="4k+1 frames; more than a window makes a long video")
-    parser.add_argument("--window-frames", type=int, help="frames of one window of a long video")
-    parser.add_argument("--extension-multipliers", type=_list(float),
-                        help="noise multipliers of the 4 latent frames each later window takes from the one before")
-    parser.add_argument("--fps", type=int)
     parser.add_argument("--webhook-url", help="receives the job's ending (video.completed, ...)")
     parser.add_argument("--idempotency-key", help="a retried request with the same key returns the same job")
     parser.add_argument("--wait", action="store_true", help="watch the job until it ends")
@@ -87,18 +62,15 @@ def _generation() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pusa client", description="the Pusa service's HTTP API")
     sub = parser.add_subparsers(dest="command", required=True)
-    conn, gen = _connection(), _generation()
+    conn = _connection()
 
-    submit = sub.add_parser("submit", parents=[conn, gen], help="queue a video; print its id")
-    submit.add_argument("--task", choices=("t2v", "i2v", "multi_frame", "v2v"),
-                        help="default: v2v with --video, multi_frame with 2+ images, i2v with one, else t2v")
-    submit.add_argument("--image", action="append", default=[], help="an image file (repeat for keyframes)")
-    submit.add_argument("--video", help="a video file, or the id of a completed video (v2v)")
-    submit.add_argument("--v2v-mode", choices=("completion", "extension"))
-    submit.add_argument("--video-anchor", choices=("start", "end"), help="condition on the video's first or last frames")
+    submit = sub.add_parser("submit", parents=[conn, _generation()], help="queue a video; print its id",
+                            epilog="--task defaults to v2v with --video, multi_frame with 2+ images, i2v with one, "
+                                   "else t2v; --video is a video file or the id of a completed video")
     submit.set_defaults(run=_submit)
 
-    extend = sub.add_parser("extend", parents=[conn, gen], help="continue a completed video")
+    extend = sub.add_parser("extend", parents=[conn, _generation(skip=EXTENSION_FIXED)],
+                            help="continue a completed video")
     extend.add_argument("video_id")
     extend.set_defaults(run=_extend)
 
@@ -128,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fields(args: argparse.Namespace) -> dict:
-    fields = {name: getattr(args, name) for name in GENERATION_FIELDS if getattr(args, name, None) is not None}
-    if args.pixel_positions:
-        fields["positions_unit"] = "pixel"
-    if args.fast:
-        fields["mode"] = "fast"
-    if args.lora:
-        fields["loras"] = args.lora
+    fields = request_fields(args, skip=SENT_AS_FILES)
+    if args.size is not None:  # sent as the API's own field, so that a refusal names what was given
+        del fields["width"], fields["height"]
+        fields["size"] = "{}x{}".format(*args.size)
+    for name in ("seconds", "webhook_url"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
     return fields
 
 
@@ -148,13 +120,14 @@ def _upload(field: str, path: str) -> Upload:
 
 def _submit(api: Api, args: argparse.Namespace) -> int:
     fields = _fields(args)
-    uploads = [_upload("images", path) for path in args.image]
+    images = [*args.image, *args.images]
+    uploads = [_upload("images", path) for path in images]
     if args.video and args.video.startswith("video_") and not Path(args.video).exists():
         fields["video"] = args.video  # a completed job's video
     elif args.video:
         uploads.append(_upload("video", args.video))
-    if args.task is None and (args.video or args.image):
-        fields["task"] = "v2v" if args.video else "multi_frame" if len(args.image) > 1 else "i2v"
+    if args.task is None and (args.video or images):
+        fields["task"] = "v2v" if args.video else "multi_frame" if len(images) > 1 else "i2v"
     return _submitted(api, api.create(fields, uploads, args.idempotency_key), args)
 
 

@@ -1,12 +1,10 @@
-"""`pusa`: generate a video in this process (no Ray), or print a request's plan; `pusa batch` runs a
-manifest on Ray (`pusa_batch`); `pusa client` calls a running service's HTTP API (`pusa_client`).
+"""`pusa generate` (one video in this process, no Ray; or a request's plan with ``--dry-run``) and `pusa
+checkpoint` (random weights at the real sizes). The `pusa` command (`pusa_cli`) runs them.
 
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
     pusa generate --fast --lora-registry loras.yaml --prompt "..."      # 4 steps, guidance 1, distill LoRA
     pusa checkpoint /models/pusa-random --device cuda                 # random weights at the real sizes
-    pusa batch requests.jsonl --output out/
-    pusa client submit --prompt "..." --wait -o out.mp4
 """
 
 from __future__ import annotations
@@ -17,77 +15,20 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, InvalidRequest
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def lora_choice(text: str) -> dict:
-    """``NAME`` or ``NAME=ALPHA`` as a request's ``loras`` entry."""
-    name, sep, alpha = text.partition("=")
-    if not sep:
-        return {"name": name}
-    try:
-        return {"name": name, "alpha": float(alpha)}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME or NAME=ALPHA, got {text!r}") from None
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-    return width, height
+from .request_options import add_request_options, request_fields
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import PRESET_NAMES  # torch: imported by the commands that need it, not by `pusa client`
-    from .request import TASKS
+    from .presets import PRESET_NAMES  # torch: imported by the commands that need it
 
     parser = argparse.ArgumentParser(prog="pusa", description="Pusa V1 video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video in this process")
-    gen.add_argument("--task", choices=TASKS, default="t2v")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt")
-    gen.add_argument("--image", action="append", default=[], help="conditioning image (repeat for keyframes)")
-    gen.add_argument("--images", type=lambda s: s.split(","), default=[], help="comma-separated images")
-    gen.add_argument("--video", help="conditioning video (v2v)")
-    gen.add_argument("--v2v-mode", choices=("completion", "extension"), default="completion")
-    gen.add_argument("--positions", type=_int_list, help="latent frame indices, e.g. 0,20")
-    gen.add_argument("--pixel-positions", action="store_true", help="--positions are pixel frame indices")
-    gen.add_argument("--multipliers", type=_float_list, help="noise multiplier per position, e.g. 0.2,0.5")
-    gen.add_argument("--noise-multiplier", type=float)
-    gen.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of 16 (preset default)")
-    gen.add_argument("--frames", type=int, help="4k+1 (preset default); more than a window makes a long video")
-    gen.add_argument("--window-frames", type=int, help="frames of one window of a long video (default 81)")
-    gen.add_argument("--extension-multipliers", type=_float_list,
-                     help="noise multipliers of the 4 latent frames each later window takes from the one before")
-    gen.add_argument("--fps", type=int, default=25)
-    gen.add_argument("--steps", type=int, help="denoising steps (default 10; 4 with --fast)")
-    gen.add_argument("--guidance", type=float, help="guidance scale (default 5; 1 with --fast)")
-    gen.add_argument("--lora-alpha", type=float, help="strength of the Pusa LoRA, 0.1 to 5 (default 1.4)")
-    gen.add_argument("--fast", action="store_true",
-                     help="mode fast: 4 steps at guidance 1 with the registry's fast (distill) LoRA")
-    gen.add_argument("--lora", type=lora_choice, action="append", default=[], metavar="NAME[=ALPHA]",
-                     help="a LoRA of --lora-registry to fuse beside the Pusa LoRA (repeat for more)")
+    add_request_options(gen)  # every field of the request: --prompt, --task, --image, --steps, ...
     gen.add_argument("--lora-registry", type=Path, metavar="FILE",
                      help="YAML or JSON {name: {path, alpha, fast}}, as the service's app arg loras")
     gen.add_argument("--lora-base", choices=("disk", "cpu", "device"), default="disk",
                      help="where the base weights for LoRA fusing are kept")
-    gen.add_argument("--seed", type=int)
     gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
@@ -105,36 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--pusa-rank", type=int, default=512, help="rank of the Pusa LoRA (released: 512)")
     ckpt.add_argument("--distill-rank", type=int, default=64, help="rank of the distill LoRA")
     return parser
-
-
-def request_from_args(args: argparse.Namespace) -> dict:
-    data = {
-        "task": args.task,
-        "prompt": args.prompt,
-        "images": [*args.image, *args.images],
-        "video": args.video,
-        "v2v_mode": args.v2v_mode,
-        "positions": args.positions,
-        "positions_unit": "pixel" if args.pixel_positions else "latent",
-        "multipliers": args.multipliers,
-        "noise_multiplier": args.noise_multiplier,
-        "frames": args.frames,
-        "window_frames": args.window_frames,
-        "extension_multipliers": args.extension_multipliers,
-        "fps": args.fps,
-        "seed": args.seed,
-        "loras": args.lora,
-    }
-    for name in ("steps", "guidance", "lora_alpha"):  # left out: the request's (or mode fast's) default
-        if getattr(args, name) is not None:
-            data[name] = getattr(args, name)
-    if args.fast:
-        data["mode"] = "fast"
-    if args.negative_prompt is not None:
-        data["negative_prompt"] = args.negative_prompt
-    if args.size:
-        data["width"], data["height"] = args.size
-    return data
 
 
 def load_registry(path: Path | None):
@@ -173,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     preset = get_preset(args.preset)
     registry = load_registry(args.lora_registry)
-    plan = plan_request(parse_request(request_from_args(args)), preset, loras=registry)
+    plan = plan_request(parse_request(request_fields(args)), preset, loras=registry)
     if args.dry_run:
         print(json.dumps(plan.describe(), indent=None if args.json else 2))
         return 0
@@ -198,16 +109,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["batch"]:  # Ray Data's batch path, outside this Ray-free package
-        from pusa_batch.cli import main as batch_main
-
-        return batch_main(argv[1:])
-    if argv[:1] == ["client"]:  # the HTTP API's client: no model, no Ray
-        from pusa_client.cli import main as client_main
-
-        return client_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    """`pusa generate ...` or `pusa checkpoint ...` (`argv` starts with the command's name)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _checkpoint(args) if args.command == "checkpoint" else _generate(args)
     except (InvalidRequest, ConfigError) as exc:

@@ -17,7 +17,7 @@ from .errors import InvalidRequest
 from .lora import LoraFuser, LoraStack
 from .loras import PUSA
 from .operations import StepInput
-from .request import VAE_SPATIAL, VAE_TEMPORAL
+from .request_schema import VAE_SPATIAL, VAE_TEMPORAL
 from .sampler import Guide, denoise_step, guided_velocity, initial_latents, initial_noise
 from .schedule import flow_sigmas
 from .text import MAX_SEQUENCE_LENGTH

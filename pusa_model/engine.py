@@ -22,7 +22,8 @@ from . import media
 from .dit import DiTStage
 from .operations import (DecodeVideo, DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
                          Operation, StepInput, Stitch)
-from .request import OVERLAP_FRAMES, GenerationPlan
+from .request import GenerationPlan
+from .request_schema import OVERLAP_FRAMES
 from .schedule import frame_timesteps
 from .text import TextEncoderStage
 from .vae import VAEStage

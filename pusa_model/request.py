@@ -1,6 +1,7 @@
 """Generation requests: the parameters of every task, their defaults and their checks.
 
-`GenerationRequest` is what a user sends (CLI flags, HTTP JSON). `plan_request` checks it against
+`GenerationRequest` (`pusa_model.request_schema`) is what a user sends (CLI flags, HTTP JSON, a batch
+row). `plan_request` checks it against
 itself and the preset's defaults and resolves it into a `GenerationPlan`: concrete sizes, the latent
 index and noise multiplier of every conditioning frame, and the sampling schedule. Every rejection
 is an `InvalidRequest` naming the field.
@@ -18,124 +19,21 @@ is shortened to end at ``frames``. The video is window 0 followed by each later 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
 from .errors import InvalidRequest
-from .loras import MAX_ALPHA, NAME_PATTERN, PUSA, LoraRegistry
+from .loras import PUSA, LoraRegistry
 from .operations import Operations, plan_operations
 from .presets import Preset, get_preset
+from .request_schema import (DEFAULT_COMPLETION_MULTIPLIER, DEFAULT_EXTENSION, DEFAULT_I2V_MULTIPLIER,
+                             DEFAULT_KEYFRAME_MULTIPLIERS, OVERLAP_FRAMES, PREVIOUS_WINDOW, SIZE_MULTIPLE, VAE_SPATIAL,
+                             VAE_TEMPORAL, GenerationRequest, LoraChoice)
 from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps
-
-WAN_NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, "
-    "static, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
-    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
-    "fused fingers, still picture, messy background, three legs, many people in the background, "
-    "walking backwards"
-)
-
-Task = Literal["t2v", "i2v", "multi_frame", "v2v"]
-TASKS: tuple[str, ...] = Task.__args__  # type: ignore[attr-defined]
-
-# Noise multipliers used when the request gives none (DESIGN §2.2, from the reference demo).
-DEFAULT_I2V_MULTIPLIER = 0.2
-DEFAULT_KEYFRAME_MULTIPLIERS = (0.2, 0.5)  # first image, every later image
-DEFAULT_COMPLETION_MULTIPLIER = 0.3
-DEFAULT_EXTENSION = ((0, 1, 2, 3), (0.0, 0.3, 0.4, 0.5))
-
-VAE_TEMPORAL = 4
-VAE_SPATIAL = 8
-SIZE_MULTIPLE = 16
-MAX_SIDE = 1920
-MAX_FRAMES = 1201  # a long video, as a chain of windows; a deployment may set a lower maximum
-MAX_WINDOW_FRAMES = 241
-OVERLAP_LATENTS = len(DEFAULT_EXTENSION[0])  # latent frames a later window of a long video takes from the one before
-OVERLAP_FRAMES = VAE_TEMPORAL * (OVERLAP_LATENTS - 1) + 1  # the pixel frames they encode
-PREVIOUS_WINDOW = "window:previous"  # the `video` of a later window's request: the frames of the window before
-MAX_LORAS = 4  # LoRAs a request may list beside the Pusa LoRA
-
-# What mode "fast" sets when the request leaves the field out (Pusa's own 4-step scripts: the
-# step-distillation LoRA at guidance 1, so no unconditional pass). The LoRA comes from the registry.
-FAST_FIELDS = {"steps": 4, "guidance": 1.0}
-
-
-class LoraChoice(BaseModel):
-    """A LoRA of the deployment's registry, fused beside the Pusa LoRA for this request."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    name: str = Field(pattern=NAME_PATTERN, description="a name of the deployment's LoRA registry")
-    alpha: float | None = Field(default=None, ge=0.0, le=MAX_ALPHA,
-                                description="its strength; the registry's default when left out")
-
-
-class GenerationRequest(BaseModel):
-    """One video to generate. Sizes left out take the preset's defaults."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    task: Task = "t2v"
-    prompt: str = Field(min_length=1, max_length=4000)
-    negative_prompt: str = Field(default=WAN_NEGATIVE_PROMPT, max_length=4000)
-    images: list[str] = Field(default_factory=list, description="conditioning images (i2v, multi_frame)")
-    video: str | None = Field(default=None, description="conditioning video (v2v)")
-    v2v_mode: Literal["completion", "extension"] = "completion"
-    video_anchor: Literal["start", "end"] = Field(
-        default="start", description="condition on the video's first frames, or its last (to continue it)"
-    )
-    positions: list[int] | None = None
-    positions_unit: Literal["latent", "pixel"] = "latent"
-    multipliers: list[float] | None = None
-    noise_multiplier: float | None = Field(default=None, ge=0.0, le=1.0)
-    steps: int = Field(default=10, ge=1, le=50)
-    guidance: float = Field(default=5.0, ge=1.0, le=20.0)
-    lora_alpha: float = Field(default=1.4, ge=0.1, le=MAX_ALPHA, description="strength of the Pusa LoRA")
-    mode: Literal["standard", "fast"] = Field(
-        default="standard", description="fast: 4 steps at guidance 1 with the deployment's distill LoRA, "
-                                        "unless the request sets steps, guidance or that LoRA itself")
-    loras: list[LoraChoice] = Field(default_factory=list, max_length=MAX_LORAS,
-                                    description="LoRAs of the deployment's registry to fuse beside the Pusa LoRA")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    width: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
-    height: int | None = Field(default=None, ge=SIZE_MULTIPLE, le=MAX_SIDE)
-    frames: int | None = Field(default=None, ge=1, le=MAX_FRAMES,
-                               description="more than window_frames makes a long video, a chain of windows")
-    window_frames: int | None = Field(default=None, ge=OVERLAP_FRAMES + VAE_TEMPORAL, le=MAX_WINDOW_FRAMES,
-                                      description="frames of one window of a long video (the preset's, 81, when left out)")
-    extension_multipliers: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(
-        default=None, min_length=OVERLAP_LATENTS, max_length=OVERLAP_LATENTS,
-        description="noise multipliers of the latent frames each later window of a long video takes from the "
-                    "window before (default 0, 0.3, 0.4, 0.5)")
-    fps: int = Field(default=25, ge=1, le=60)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _fast_defaults(cls, data):
-        """Mode ``fast`` fills the fields of `FAST_FIELDS` the request leaves out."""
-        if isinstance(data, dict) and data.get("mode") == "fast":
-            data = dict(data)
-            for name, value in FAST_FIELDS.items():
-                if data.get(name) is None:
-                    data[name] = value
-        return data
-
-    @field_validator("loras", mode="before")
-    @classmethod
-    def _loras_from_json(cls, value):
-        """A form field carries the list as JSON text."""
-        if isinstance(value, (str, bytes)):
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError("expected a list of {\"name\": ..., \"alpha\": ...} objects (JSON)") from None
-        return value
-
 
 @dataclass(frozen=True)
 class ConditioningFrame:

@@ -168,7 +168,7 @@ def test_a_killed_batch_resumes_without_duplicates(service, s3, tmp_path):
     manifest = put(s3, "in/resume.jsonl", _many(10, steps=4, size="128x128"))
     output = f"s3://{BUCKET}/out/resume"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "pusa_model.cli", "batch", manifest, "--output", output, "--json"]
+    command = [sys.executable, "-m", "pusa_cli", "batch", manifest, "--output", output, "--json"]
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     while len(keys(s3, "out/resume/rows/")) < 3:  # some rows done, others in flight

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pusa_model.cli import main
+from pusa_cli import main
 from pusa_model.media import probe_video, write_mp4
 
-PUSA = [sys.executable, "-m", "pusa_model.cli"]
+PUSA = [sys.executable, "-m", "pusa_cli"]
 
 
 @pytest.fixture
@@ -130,3 +130,20 @@ def test_unreadable_image_is_rejected(pusa, tmp_path):
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("pusa: error: images[0]: cannot read image")
+
+
+def test_every_request_field_has_the_same_flag_in_generate_and_client_submit():
+    from pusa_client.cli import build_parser as client_parser
+    from pusa_model.cli import build_parser as generate_parser
+    from pusa_model.request_schema import GenerationRequest
+
+    def flags(parser, command):
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        return {a.dest: (a.option_strings, a.choices, a.required) for a in sub._actions if a.option_strings}
+
+    generate, submit = flags(generate_parser(), "generate"), flags(client_parser(), "submit")
+    shared = {name for name in GenerationRequest.model_fields if name not in ("images", "loras")}
+    assert shared <= set(generate) and shared <= set(submit)
+    assert {name: generate[name] for name in shared} == {name: submit[name] for name in shared}
+    for parser in (generate, submit):  # the list fields' friendlier forms
+        assert {"image", "images", "lora", "size"} <= set(parser)

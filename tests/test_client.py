@@ -25,8 +25,8 @@ from deployments.job_files import JobFiles
 from deployments.job_store import JobStore
 from deployments.jobs import Job, job_created_at, new_job_id
 from deployments.storage import open_store
+from pusa_cli import main
 from pusa_client.http import Api
-from pusa_model.cli import main
 from pusa_model.media import probe_video
 from pusa_model.request import parse_request
 from serving import free_port, running_service
@@ -183,7 +183,7 @@ def test_list_pages(t2v):
 
 
 def test_cancelled_job_exits_3_and_delete(service):
-    waiting = subprocess.Popen([sys.executable, "-m", "pusa_model.cli", "client", "submit", "--prompt", "slow", *SLOW,
+    waiting = subprocess.Popen([sys.executable, "-m", "pusa_cli", "client", "submit", "--prompt", "slow", *SLOW,
                                 "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     video_id = waiting.stdout.readline().strip()
     with Api(service.url, service.key) as api:

@@ -18,8 +18,8 @@ from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.engine import encode_conditioning, encode_extension, stitch_windows
 from pusa_model.presets import get_preset
-from pusa_model.request import (DEFAULT_EXTENSION, OVERLAP_FRAMES, parse_request, plan_request,
-                                window_frame_counts)
+from pusa_model.request import parse_request, plan_request, window_frame_counts
+from pusa_model.request_schema import DEFAULT_EXTENSION, OVERLAP_FRAMES
 
 TINY = get_preset("tiny")
 

@@ -14,7 +14,7 @@ from diffusers.loaders import WanLoraLoaderMixin
 from safetensors.torch import save_file
 from test_lora import forward
 
-from pusa_model.cli import main as cli_main
+from pusa_cli import main as cli_main
 from pusa_model.dit import DiTStage
 from pusa_model.errors import InvalidRequest
 from pusa_model.lora import LoraStack, load_lora_state_dict

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, UMT5EncoderModel
 
 from pusa_model.dit import DiTStage
 from pusa_model.presets import get_preset
-from pusa_model.request import GenerationRequest, plan_request
+from pusa_model.request import plan_request
+from pusa_model.request_schema import GenerationRequest
 from pusa_model.sampler import initial_latents, initial_noise
 from pusa_model.schedule import flow_sigmas
 from pusa_model.text import TextEncoderStage

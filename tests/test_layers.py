@@ -1,0 +1,56 @@
+"""The packages' layers: the model library stands alone, the client needs neither the model nor Ray, and
+the `pusa` command loads only the subcommand it runs."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ("pusa_model", "pusa_client", "pusa_batch", "pusa_cli", "deployments")
+
+
+def imported_packages(package: str) -> dict[str, set[str]]:
+    """Top-level packages each module of `package` imports, at module level or inside a function."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        out[str(path.relative_to(ROOT))] = names
+    return out
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("pusa_model", {"ray", "deployments", "pusa_batch", "pusa_client", "pusa_cli"}),
+    ("pusa_client", {"ray", "torch", "deployments", "pusa_batch", "pusa_cli"}),
+])
+def test_a_package_imports_nothing_above_it(package, forbidden):
+    offending = {module: sorted(names & forbidden) for module, names in imported_packages(package).items()
+                 if names & forbidden}
+    assert offending == {}
+
+
+def loaded_after(statement: str) -> dict[str, bool]:
+    code = f"import sys\n{statement}\nimport json\nprint(json.dumps({{m: m in sys.modules for m in ('torch', 'ray')}}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_client_and_the_request_fields_load_neither_torch_nor_ray():
+    assert loaded_after("import pusa_client.cli, pusa_model.request_options") == {"torch": False, "ray": False}
+
+
+def test_pusa_client_runs_without_torch_or_ray():
+    statement = ("from pusa_cli import main\nsys.argv = ['pusa', 'client', 'get', 'video_x', '--url', 'http://127.0.0.1:9']\n"
+                 "assert main(sys.argv[1:]) == 4")  # unreachable: exit 4, after the command ran
+    assert loaded_after(statement) == {"torch": False, "ray": False}
