@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import Insert, and_, exists, func, insert, or_, select, update
 
 from . import quotas
 from .db import Database, db_now
@@ -247,7 +247,7 @@ class BatchStore:
     # -- the videos of its rows ------------------------------------------------------------------
 
     @staticmethod
-    def register_video(batch_id: str, custom_id: str, video_id: str):
+    def register_video(batch_id: str, custom_id: str, video_id: str) -> Insert:
         """The INSERT that records row `custom_id`'s video as made, for the transaction that makes it
         (`JobStore.create`'s ``also``): a second one for the row fails (`IntegrityError`)."""
         return insert(batch_videos).values(batch_id=batch_id, custom_id=custom_id, video_id=video_id)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, true, tuple_, update
+from sqlalchemy import Executable, and_, case, delete, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from . import quotas
@@ -123,7 +123,7 @@ class JobStore:
     # -- submission ------------------------------------------------------------------------------
 
     def create(self, job: Job, event: dict[str, Any], abandon_after_s: float | None = None,
-               charge: quotas.Charge | None = None, also=None) -> Job:
+               charge: quotas.Charge | None = None, also: Executable | None = None) -> Job:
         """Insert a new job with `event` as its event 0; with `abandon_after_s`, the job is cancelled that
         long after no client streams it any more (`keep_watching`). With an idempotency key the same
         owner used before: the existing job if its request hash matches, else `IdempotencyConflict`.
