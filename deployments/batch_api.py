@@ -33,6 +33,7 @@ from .batch_run import manifest_key
 from .batches import (BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile, batch_created_at,
                       file_created_at)
 from .job_files import JobFiles
+from .job_store import JobStore
 from .jobs import new_id
 from .openai_api import ApiError, limited
 from .quotas import Charge, QuotaExceeded
@@ -63,6 +64,7 @@ class BatchRoutes:
     admission: Admission
     batches: BatchStore
     files: JobFiles
+    jobs: JobStore  # its retention_s is the files' too
     preset: Preset
 
     async def _file(self, file_id: str, caller: Caller) -> StoredFile:
@@ -97,8 +99,10 @@ class BatchRoutes:
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from None
         file_id = new_id(FILE_PREFIX)
+        created_at = file_created_at(file_id)  # kept for the deployment's retention (a batch keeps its own copy)
         stored = StoredFile(id=file_id, owner=caller.owner, purpose="batch", filename=(upload.filename or "input.jsonl")[:255],
-                            bytes=len(data), created_at=file_created_at(file_id), key=f"files/{file_id}")
+                            bytes=len(data), created_at=created_at, key=f"files/{file_id}",
+                            expires_at=created_at + self.jobs.retention_s)
         await asyncio.to_thread(self.files.store.put, stored.key, data, "application/jsonl")
         await asyncio.to_thread(self.batches.add_file, stored)
         return stored.to_openai()

@@ -109,3 +109,11 @@ def error_line(batch_id: str, custom_id: str, record: dict | None, ended: str) -
                 "response": {"status_code": 400, "request_id": None, "body": {"error": error}}}
     return {"id": _request_line_id(batch_id, custom_id), "custom_id": custom_id, "response": None,
             "error": {"code": f"batch_{ended}", "message": f"the batch was {ended} before this request ran"}}
+
+
+def deleted_line(batch_id: str, custom_id: str) -> dict:
+    """The error-file line of a request whose video was made, then deleted before the batch ended (by its
+    owner, or at the end of its retention): it is not made again."""
+    return {"id": _request_line_id(batch_id, custom_id), "custom_id": custom_id, "response": None,
+            "error": {"code": "video_deleted",
+                      "message": "this request's video was made, then deleted before the batch ended"}}

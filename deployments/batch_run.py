@@ -6,7 +6,9 @@ drives the online jobs, shares neither its interpreter nor its CPU share with it
 
 The pipeline writes under ``batches/<id>/out/`` in the service's store; a runner that resumes a batch
 (after a crash or a drain) skips the rows already complete there. A row's video becomes a job whose id
-is derived from the batch and the row, so registering it again is a no-op.
+is derived from the batch and the row, recorded in ``batch_videos`` in the same transaction: registering
+it again is a no-op, and a video its owner deleted (wholly, or with its removal cut short) is not made
+again; the row goes to the error file as ``video_deleted``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
 from pusa_model.presets import get_preset
 
-from .batch_files import error_line, output_line
+from .batch_files import deleted_line, error_line, output_line
 from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, file_created_at
 from .db import is_transient, open_database
 from .job_files import JobFiles
@@ -63,8 +65,13 @@ class BatchContext:
     outage_s: float = 600.0  # how long a row's registration waits out an unreachable database or store
 
 
+def batch_folder(batch_id: str) -> str:
+    """Where a batch keeps what it stores: its requests, the pipeline's outputs, its output and error files."""
+    return f"batches/{batch_id}/"
+
+
 def manifest_key(batch_id: str) -> str:
-    return f"batches/{batch_id}/input.jsonl"
+    return f"{batch_folder(batch_id)}input.jsonl"
 
 
 def _video_id(batch: Batch, custom_id: str) -> str:
@@ -83,7 +90,7 @@ class BatchRun:
         self.stop = threading.Event()
         self.stop_reason = ""
         self.store = ctx.files.store
-        self.prefix = f"batches/{lease.batch.id}/out"
+        self.prefix = f"{batch_folder(lease.batch.id)}out"
         self.rows: list[dict] = []  # the manifest, in input order
         self.row_of: dict[str, dict] = {}  # by custom_id
 
@@ -111,8 +118,10 @@ class BatchRun:
             logger.warning("%s; stopping here", exc)
         except Exception as exc:
             logger.exception("batch %s failed", self.batch.id)
-            await asyncio.to_thread(self.ctx.batches.update, self.lease, status="failed", failed_at=time.time(),
-                                    lease_holder=None, errors={"object": "list", "data": [
+            now = time.time()
+            await asyncio.to_thread(self.ctx.batches.update, self.lease, status="failed", failed_at=now,
+                                    lease_holder=None, retention_ends_at=now + self.ctx.retention_s,
+                                    errors={"object": "list", "data": [
                                         {"code": "batch_failed", "message": repr(exc)[:500], "param": None,
                                          "line": None}]})
 
@@ -184,14 +193,15 @@ class BatchRun:
                 raise LeaseLost(f"batch {self.batch.id}: lease lost")
             raise BatchStopped(self.stop_reason)
 
-    def _register(self, record: dict) -> Job:
-        """The completed video of a row as a job of the batch's owner (made once: its id is derived)."""
-        video_id = _video_id(self.batch, record["custom_id"])
-        try:
-            return self.ctx.jobs.get(video_id)
-        except KeyError:
-            pass
-        fields = dict(self.row_of[record["custom_id"]])
+    def _register(self, record: dict) -> Job | None:
+        """The completed video of a row as a job of the batch's owner, made once (its id is derived, and
+        ``batch_videos`` records it in the same transaction); None once its owner deleted it, even when
+        the deletion was cut short (the row is hidden): it is not made again."""
+        custom_id = record["custom_id"]
+        video_id = _video_id(self.batch, custom_id)
+        if self.ctx.batches.registered(self.batch.id, custom_id):
+            return self._video(video_id)
+        fields = dict(self.row_of[custom_id])
         fields.pop("custom_id")
         plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None,
                            loras=self.ctx.settings.loras)
@@ -203,9 +213,18 @@ class BatchRun:
                   progress=100, request=plan.request.model_dump(), plan=job_plan(plan), started_at=now,
                   completed_at=now, expires_at=now + self.ctx.retention_s)
         try:
-            return self.ctx.jobs.create(job, {"type": "completed", "url": f"/v1/videos/{video_id}/content"})
-        except IntegrityError:  # registered meanwhile by a runner that lost this batch
-            return self.ctx.jobs.get(video_id)
+            return self.ctx.jobs.create(job, {"type": "completed", "url": f"/v1/videos/{video_id}/content"},
+                                        also=self.ctx.batches.register_video(self.batch.id, custom_id, video_id))
+        except IntegrityError:  # registered meanwhile by a runner that lost this batch (and maybe deleted since)
+            video = self._video(video_id)
+            if video is None:  # the files just stored belong to a deleted video
+                self.ctx.files.delete_all(video_id)
+            return video
+
+    def _video(self, video_id: str) -> Job | None:
+        """The registered video `video_id`; None when it is deleted or being deleted."""
+        job = self.ctx.jobs.peek(video_id)
+        return None if job is None or job.delete_requested else job
 
     def _finish(self) -> None:
         """Write the output and error files in input order and end the batch: ``completed``, or
@@ -218,28 +237,36 @@ class BatchRun:
         ended = "cancelled" if batch.status == "cancelling" or self.stop_reason == "cancelled" else \
             "expired" if self.stop_reason == "expired" or time.time() >= batch.expires_at else "completed"
         records = BatchOutputs(f"{self.store.uri}/{self.prefix}").records()
-        output, errors = [], []
+        output, errors, deleted = [], [], 0
         for row in self.rows:
             custom_id, record = row["custom_id"], records.get(row["custom_id"])
             if record is not None and record["status"] == "completed":
-                output.append(output_line(batch.id, custom_id, self._persist(self._register, record).to_openai()))
+                video = self._persist(self._register, record)
+                if video is None:  # made, then deleted by its owner: it counts as completed, and stays deleted
+                    deleted += 1
+                    errors.append(deleted_line(batch.id, custom_id))
+                else:
+                    output.append(output_line(batch.id, custom_id, video.to_openai()))
             else:
                 errors.append(error_line(batch.id, custom_id, record, ended))
-        file_ids = {name: self._write_file(name, lines) for name, lines in (("output", output), ("error", errors))
-                    if lines}
-        batches.update(self.lease, status=ended, **{f"{ended}_at": time.time()}, completed=len(output),
+        now = time.time()
+        retention_ends_at = now + self.ctx.retention_s
+        file_ids = {name: self._write_file(name, lines, retention_ends_at)
+                    for name, lines in (("output", output), ("error", errors)) if lines}
+        batches.update(self.lease, status=ended, **{f"{ended}_at": now}, completed=len(output) + deleted,
                        failed=sum(line["response"] is not None for line in errors),
-                       output_file_id=file_ids.get("output"), error_file_id=file_ids.get("error"), lease_holder=None)
+                       output_file_id=file_ids.get("output"), error_file_id=file_ids.get("error"), lease_holder=None,
+                       retention_ends_at=retention_ends_at)
         logger.info("batch %s %s: %d completed, %d with errors", batch.id, ended, len(output), len(errors))
 
-    def _write_file(self, name: str, lines: list[dict]) -> str:
+    def _write_file(self, name: str, lines: list[dict], expires_at: float) -> str:
         data = "".join(json.dumps(line) + "\n" for line in lines).encode()
         file_id = new_id(FILE_PREFIX)
-        key = f"batches/{self.batch.id}/{name}.jsonl"
+        key = f"{batch_folder(self.batch.id)}{name}.jsonl"
         self.store.put(key, data, "application/jsonl")
         self.ctx.batches.add_file(StoredFile(id=file_id, owner=self.batch.owner, purpose="batch_output",
                                              filename=f"{self.batch.id}_{name}.jsonl", bytes=len(data),
-                                             created_at=file_created_at(file_id), key=key))
+                                             created_at=file_created_at(file_id), key=key, expires_at=expires_at))
         return file_id
 
 

@@ -5,6 +5,9 @@ wide, holds a batch under a lease (so the batch pools' GPU cap holds however man
 it moves the batch to ``in_progress``, counts rows as they end, then ``finalizing`` and ``completed``.
 ``cancelling`` is set by the API; the holder ends the batch ``cancelled`` with what was done. A holder
 that dies stops renewing; another runner claims the batch and resumes it from its output prefix.
+
+Retention: an ended batch is kept until ``retention_ends_at``, a file until ``expires_at``; then the
+runners' sweep (`deployments.retention`) deletes them with what they stored.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import Insert, and_, exists, func, insert, or_, select, update
 
 from . import quotas
 from .db import Database, db_now
 from .job_store import LeaseLost, Order, page_query
 from .jobs import id_created_at
-from .schema import batches, files
+from .schema import batch_videos, batches, files
 
 FILE_PREFIX = "file-"
 BATCH_PREFIX = "batch_"
@@ -41,11 +44,12 @@ class StoredFile(BaseModel):
     bytes: int
     created_at: float
     key: str  # in the blob store
+    expires_at: float | None = None  # when the sweep deletes it
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": int(self.created_at),
-                "filename": self.filename, "purpose": self.purpose, "status": "processed", "expires_at": None,
-                "status_details": None}
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "expires_at": None if self.expires_at is None else int(self.expires_at), "status_details": None}
 
 
 class Batch(BaseModel):
@@ -77,6 +81,7 @@ class Batch(BaseModel):
     lease_holder: str | None = None
     lease_epoch: int = 0
     lease_expires_at: float | None = None
+    retention_ends_at: float | None = None  # set when it ends: when the sweep deletes it
 
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's `Batch` object, Pusa's cost estimate under ``pusa``."""
@@ -143,6 +148,18 @@ class BatchStore:
     def delete_file(self, file_id: str) -> None:
         with self.db.write() as conn:
             conn.execute(files.delete().where(files.c.id == file_id))
+
+    def expired_files(self, limit: int = 100) -> list[StoredFile]:
+        """Files whose retention is over, oldest first."""
+        query = select(files).where(files.c.expires_at < db_now()).order_by(files.c.expires_at).limit(limit)
+        with self.db.read() as conn:
+            return [StoredFile.model_validate(dict(row._mapping)) for row in conn.execute(query)]
+
+    def delete_expired_file(self, file_id: str) -> bool:
+        """Remove an expired file's row (after its bytes); False if it is gone or not expired."""
+        with self.db.write() as conn:
+            return bool(conn.execute(files.delete().where(files.c.id == file_id, files.c.expires_at < db_now()))
+                        .rowcount)
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -226,6 +243,36 @@ class BatchStore:
                     raise LeaseLost(f"batch {lease.batch.id}: lease epoch {lease.epoch} is no longer current")
         lease.batch = Batch.model_validate(dict(row._mapping))
         return lease.batch if matched else None
+
+    # -- the videos of its rows ------------------------------------------------------------------
+
+    @staticmethod
+    def register_video(batch_id: str, custom_id: str, video_id: str) -> Insert:
+        """The INSERT that records row `custom_id`'s video as made, for the transaction that makes it
+        (`JobStore.create`'s ``also``): a second one for the row fails (`IntegrityError`)."""
+        return insert(batch_videos).values(batch_id=batch_id, custom_id=custom_id, video_id=video_id)
+
+    def registered(self, batch_id: str, custom_id: str) -> bool:
+        """Whether the video of the batch's row `custom_id` was made (it may have been deleted since)."""
+        with self.db.read() as conn:
+            return conn.execute(select(batch_videos.c.video_id).where(
+                batch_videos.c.batch_id == batch_id, batch_videos.c.custom_id == custom_id)).first() is not None
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def expired(self, limit: int = 100) -> list[str]:
+        """Ids of ended batches whose retention is over, oldest first."""
+        query = (select(batches.c.id).where(batches.c.retention_ends_at < db_now())
+                 .order_by(batches.c.retention_ends_at).limit(limit))
+        with self.db.read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def delete_expired(self, batch_id: str) -> bool:
+        """Remove an expired batch's row and the record of its videos (after its stored files); False if it
+        is gone or not expired."""
+        with self.db.write() as conn:
+            return bool(conn.execute(batches.delete().where(batches.c.id == batch_id,
+                                                            batches.c.retention_ends_at < db_now())).rowcount)
 
     def release(self, lease: BatchLease) -> None:
         """Give the batch back (a runner draining): another runner may claim it at once."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, delete, func, insert, or_, select, true, tuple_, update
+from sqlalchemy import Executable, and_, case, delete, func, insert, or_, select, true, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from . import quotas
@@ -123,12 +123,12 @@ class JobStore:
     # -- submission ------------------------------------------------------------------------------
 
     def create(self, job: Job, event: dict[str, Any], abandon_after_s: float | None = None,
-               charge: quotas.Charge | None = None) -> Job:
+               charge: quotas.Charge | None = None, also: Executable | None = None) -> Job:
         """Insert a new job with `event` as its event 0; with `abandon_after_s`, the job is cancelled that
         long after no client streams it any more (`keep_watching`). With an idempotency key the same
         owner used before: the existing job if its request hash matches, else `IdempotencyConflict`.
         With a `charge`, the owner's quotas are checked and the charge recorded in the same transaction
-        (`quotas.QuotaExceeded` when over one)."""
+        (`quotas.QuotaExceeded` when over one); `also`, a statement, runs in it too."""
         # Listing pages by (created_at, id) and reads a cursor's time from its id: the row's time is the id's
         # (to the millisecond), whoever made the job.
         row = job.model_dump(exclude={"version"}) | {"version": 1, "created_at": job_created_at(job.id)}
@@ -141,6 +141,8 @@ class JobStore:
                     quotas.record(conn, charge, job.id)
                 conn.execute(insert(jobs).values(**values))
                 self._insert_event(conn, job.id, 0, event)
+                if also is not None:
+                    conn.execute(also)
         except IntegrityError:
             existing = self.find_idempotent(job.owner, job.idempotency_key) if job.idempotency_key else None
             if existing is None:

@@ -2,7 +2,7 @@
 
 Each replica claims queued, released or orphaned jobs from the database while it has room
 (``max_running_jobs``), renews the leases of the jobs it runs (only those: a job whose run gave up lapses
-and is adopted), sends due webhooks and deletes expired jobs.
+and is adopted), sends due webhooks and deletes expired jobs, batches and files.
 A replica that dies stops renewing, and another one adopts its jobs from their checkpoints once the leases
 expire. When Serve stops a replica (redeploy, downscale) its ``__del__`` drains: it stops claiming, lets
 each job finish the step in flight (up to ``drain_wait_s``), checkpoints it and releases it, so another
@@ -30,6 +30,7 @@ from .job_files import JobFiles
 from .job_run import JobRun, RunContext
 from .job_store import JobStore
 from .observability import metrics
+from .retention import sweep_expired
 from .stages import StageSettings, Stages
 from .storage import open_store
 from .webhooks import WebhookSender, WebhookSettings
@@ -51,7 +52,7 @@ class RunnerSettings(BaseModel):
     window_retries: int = 1  # a long video's window whose stages gave up runs again from its start
     drain_wait_s: float = 30.0  # on shutdown, how long a job may finish its step before it is released
     outage_s: float = 600.0  # how long a job waits out an unreachable database or store
-    sweep_s: float = 60.0  # how often expired jobs are deleted
+    sweep_s: float = 60.0  # how often expired jobs, batches and files are deleted
     run_batches: bool = True  # replicas claim batches (one at a time on the whole cluster; see batch_run.py)
     stages: StageSettings = StageSettings()
 
@@ -191,13 +192,11 @@ class Runner:
                 task.cancel()
 
     async def _sweep(self) -> None:
-        """Delete jobs past their retention period (files first, then the row and its events) and quota
-        charges past every quota's window."""
+        """Delete jobs, batches and files past their retention (`retention.sweep_expired`: files first, then
+        the rows) and quota charges past every quota's window."""
         while True:
             try:
-                for job_id in await asyncio.to_thread(self.jobs.expired):
-                    await asyncio.to_thread(self.ctx.files.delete_all, job_id)
-                    await asyncio.to_thread(self.jobs.delete_expired, job_id)
+                await asyncio.to_thread(sweep_expired, self.jobs, self.batches, self.ctx.files)
                 await asyncio.to_thread(self.jobs.prune_usage)
                 if self.webhooks is not None:
                     await asyncio.to_thread(self.webhooks.forget_settled, self.retention_s)

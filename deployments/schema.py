@@ -12,6 +12,8 @@ a test keeps the two in step.
   the bytes are in the blob store under ``key``.
 - ``batches``: batches of video requests (OpenAI's Batch API): status and its times, the request
   counts, the result files, and the lease of the runner that drives the batch's Ray Data pipeline.
+- ``batch_videos``: the rows of a batch whose video was registered (a job of the batch's owner), written
+  with the video: a row's video is made once, and not again once its owner deleted it.
 """
 
 from __future__ import annotations
@@ -125,8 +127,10 @@ files = Table(
     Column("bytes", Integer, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("key", String(512), nullable=False),
+    Column("expires_at", Float),  # when the sweep deletes it (NULL: kept; files made before revision 0007)
 )
 Index("ix_files_owner_created", files.c.owner, files.c.created_at, files.c.id)
+Index("ix_files_expires_at", files.c.expires_at)
 
 batches = Table(
     "batches",
@@ -157,6 +161,17 @@ batches = Table(
     Column("lease_holder", String(128)),
     Column("lease_epoch", Integer, nullable=False, server_default="0"),
     Column("lease_expires_at", Float),
+    # set when it ends: then the sweep deletes it, its stored input and outputs (its videos are jobs of their own)
+    Column("retention_ends_at", Float),
 )
 Index("ix_batches_owner_created", batches.c.owner, batches.c.created_at, batches.c.id)
 Index("ix_batches_status_created", batches.c.status, batches.c.created_at)
+Index("ix_batches_retention_ends_at", batches.c.retention_ends_at)
+
+batch_videos = Table(
+    "batch_videos",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True),
+    Column("custom_id", String(128), primary_key=True),
+    Column("video_id", String(64), nullable=False),
+)

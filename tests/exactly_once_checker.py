@@ -8,11 +8,11 @@ on 1-3 jobs of one window or of three (long videos). Every database transaction,
 call of a holder passes a *point* of the scheduler, which (from a seeded RNG) may first let other actors
 act — another runner claims a job and runs it (nested, with faults of its own), a lease expires, the job
 is cancelled or deleted, the runner drains (releases after its step, or is cancelled mid-call), a runner
-renews its leases, a new job is submitted, a batch registers its rows as videos, a listing pages through
-the jobs, the expiry sweep runs; and each run sits in a thread of its own with one baton between them, so
-it may also stall there (its process paused) while the others go on, and be resumed later — and then the
-point may inject a fault in the
-call itself: the runner dies before it, during it (the transaction rolled back) or after it committed;
+renews its leases, a new job is submitted, a batch registers its rows as videos (its owner deletes some of
+them, wholly or cut short, and the batch ends, registering its rows again), a listing pages through the
+jobs, the expiry sweep runs (jobs, batches and files); and each run sits in a thread of its own with one
+baton between them, so it may also stall there (its process paused) while the others go on, and be
+resumed later — and then the point may inject a fault in the call itself: the runner dies before it, during it (the transaction rolled back) or after it committed;
 the connection drops before the commit (never applied) or after it (applied, acknowledgement lost); a
 database or blob-store outage of several calls (outages longer than ``outage_s`` make the run give up).
 Faults wrap the real objects (a `Database` whose ``write``/``read`` fail around the real transaction, a
@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import random
 import sys
 import tempfile
@@ -52,15 +53,22 @@ import numpy as np  # noqa: E402
 from sqlalchemy import select, update  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
 
+from deployments import batch_run as batch_run_module  # noqa: E402
 from deployments import job_run as job_run_module  # noqa: E402
+from deployments.batch_run import BatchContext, BatchRun, batch_folder  # noqa: E402
+from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore  # noqa: E402
 from deployments.db import Database, open_database  # noqa: E402
 from deployments.job_files import JobFiles  # noqa: E402
 from deployments.job_run import JobRun, RunContext  # noqa: E402
 from deployments.job_store import JobStore, LeaseLost  # noqa: E402
 from deployments.jobs import ACTIVE, JOB_PREFIX, TERMINAL, Job, job_plan  # noqa: E402
+from deployments.retention import sweep_expired  # noqa: E402
 from deployments.runner import RunnerSettings  # noqa: E402
-from deployments.schema import job_events, jobs, webhook_deliveries  # noqa: E402
+from deployments.schema import batch_videos, job_events, jobs, webhook_deliveries  # noqa: E402
+from deployments.schema import batches as batches_table  # noqa: E402
+from deployments.schema import files as files_table  # noqa: E402
 from deployments.storage import LocalStore, Store, StoreUnavailable  # noqa: E402
+from pusa_batch.run import BatchSettings  # noqa: E402
 from pusa_model.presets import get_preset  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402
 from test_exactly_once import HOOK, LONG, SHORT, FakeStages, Killed, dropped  # noqa: E402
@@ -95,6 +103,9 @@ class VirtualClock:
     def monotonic(self) -> float:
         return self.now
 
+    def sleep_sync(self, delay: float) -> None:
+        self.now += delay
+
     async def sleep(self, delay: float, result: Any = None) -> Any:
         self.now += delay
         await _real_sleep(0)
@@ -112,16 +123,17 @@ class _AsyncioOnTheClock(types.ModuleType):
 
 @contextlib.contextmanager
 def virtual_clock() -> Iterator[VirtualClock]:
-    """`JobRun`'s ``asyncio.sleep`` and ``time.monotonic`` on `CLOCK` (everything else as it is)."""
+    """`JobRun`'s ``asyncio.sleep`` and ``time.monotonic``, and `BatchRun`'s ``time.sleep`` and
+    ``time.monotonic``, on `CLOCK` (everything else as it is)."""
     proxy = _AsyncioOnTheClock("asyncio")
     proxy.sleep = CLOCK.sleep
-    clock = types.SimpleNamespace(monotonic=CLOCK.monotonic, time=time.time)
-    saved = job_run_module.asyncio, job_run_module.time
-    job_run_module.asyncio, job_run_module.time = proxy, clock
+    clock = types.SimpleNamespace(monotonic=CLOCK.monotonic, time=time.time, sleep=CLOCK.sleep_sync)
+    saved = job_run_module.asyncio, job_run_module.time, batch_run_module.time
+    job_run_module.asyncio, job_run_module.time, batch_run_module.time = proxy, clock, clock
     try:
         yield CLOCK
     finally:
-        job_run_module.asyncio, job_run_module.time = saved
+        job_run_module.asyncio, job_run_module.time, batch_run_module.time = saved
 
 
 # -- the actors and the wrappers that fail around the real calls ---------------------------------------
@@ -351,6 +363,7 @@ class Checker:
         self.deleted: set[str] = set()  # ids whose deletion was requested (and accepted)
         self.swept: set[str] = set()  # ids the sweep removed (their retention over)
         self.batch_jobs: set[str] = set()  # videos a batch registered (ended when made)
+        self.batches: dict[str, dict[str, str | None]] = {}  # batch id: {custom id: its video, None if deleted}
         self.ended: dict[str, str] = {}  # job id: the terminal status seen first
         self.depth = 0
         self.handles: list[Handle] = []
@@ -399,7 +412,11 @@ class Checker:
                 handle.stall()
                 self.log(f"{actor.name}#{handle.n} goes on at {where}")
             elif action != "stall":
-                self.act(actor, action, where)
+                try:
+                    self.act(actor, action, where)
+                except Violation as exc:  # seen by another actor: the history stops here, as at a check
+                    self.violation = exc
+                    raise Stop() from exc
             if actor.dead:
                 raise Killed()
         area = op.split(".")[0]
@@ -531,41 +548,96 @@ class Checker:
     def register_batch_rows(self) -> None:
         """A batch driver registers its completed rows as videos of the batch's owner (`BatchRun._register`;
         ids derived from the batch's, times from its full-precision creation time), through the API's
-        faulty connection; a second driver (one that lost the batch) registers some of them again."""
-        from deployments.batch_run import BatchContext, BatchRun
-        from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
-        from pusa_batch.run import BatchSettings
-
+        faulty connection; a second driver (one that lost the batch) registers some of them again. The
+        owner may delete some of the videos (wholly, or hidden only: the API replica died), then the
+        batch's holder ends it (`BatchRun._finish`, which registers every completed row again)."""
+        rng = self.rng
         at = self.t0 + self.created // 2 * 0.001 + 0.0007
         self.created += 1
-        batch = Batch(id=f"{BATCH_PREFIX}{int(at * 1000):012x}{self.rng.getrandbits(48):012x}", owner=self.tag,
+        drivers = rng.randint(1, 2)
+        batch = Batch(id=f"{BATCH_PREFIX}{int(at * 1000):012x}{rng.getrandbits(48):012x}", owner=self.tag,
                       endpoint="/v1/videos", input_file_id="file-x", completion_window="24h", status="in_progress",
-                      cost_gpu_s=1.0, total=3, created_at=at, expires_at=at + 86400)
-        ctx = BatchContext(batches=BatchStore(self.db), jobs=self.api.jobs, files=self.api.files,
+                      cost_gpu_s=1.0, total=3, created_at=at, expires_at=at + 86400, lease_holder=f"d{drivers - 1}",
+                      lease_epoch=drivers, lease_expires_at=time.time() + 3600)
+        BatchStore(self.db).create(batch)
+        ctx = BatchContext(batches=BatchStore(self.api.db), jobs=self.api.jobs, files=self.api.files,
                            settings=BatchSettings(), preset="tiny", retention_s=RETENTION_S, renew_s=1.0,
                            draining=asyncio.Event())
         rows = [{"custom_id": f"row-{i}", "prompt": "a cat", "frames": 9, "steps": 2}
-                for i in range(self.rng.randint(1, 3))]
-        for driver in range(self.rng.randint(1, 2)):
+                for i in range(rng.randint(1, 3))]
+        videos: dict[str, str | None] = {}
+        self.batches[batch.id] = videos
+        for driver in range(drivers):
             run = BatchRun(ctx, BatchLease(batch=batch, holder=f"d{driver}", epoch=1 + driver))
             run.rows, run.row_of = rows, {row["custom_id"]: row for row in rows}
             for row in rows:
                 for folder, ext in (("videos", "mp4"), ("thumbnails", "webp")):
                     self.store.put(f"{run.prefix}/{folder}/{row['custom_id']}.{ext}", b"batch video")
+                self.store.put(f"{run.prefix}/rows/{row['custom_id']}.json",
+                               f'{{"custom_id": "{row["custom_id"]}", "status": "completed", "seed": 1}}'.encode())
             for row in rows:
-                for _ in range(50):
-                    try:
-                        job = run._register({"custom_id": row["custom_id"], "status": "completed", "seed": 1})
-                        break
-                    except (OperationalError, StoreUnavailable):
-                        continue
-                else:
-                    raise Violation("a batch row's registration never went through")
+                job = self.retried("a batch row's registration", run._register,
+                                   {"custom_id": row["custom_id"], "status": "completed", "seed": 1})
+                if job is None:
+                    continue  # deleted by its owner meanwhile (below, by the driver before)
                 self.batch_jobs.add(job.id)
-        self.log(f"a batch registers {len(rows)} row(s) as videos")
+                videos[row["custom_id"]] = job.id
+            self.log(f"a batch registers {len(rows)} row(s) as videos (driver d{driver})")
+            for custom_id, video_id in sorted(videos.items()):
+                how = rng.choice(("keep", "keep", "delete", "hide")) if video_id is not None else "keep"
+                if how != "keep":
+                    self.log(f"the owner deletes batch video {video_id[-6:]}{' (cut short)' if how == 'hide' else ''}")
+                    self.request("delete" if how == "delete" else "hide", video_id)
+                    videos[custom_id] = None
+        self.retried("the batch's end", run._finish)
+        self.log(f"the batch ends: {len(rows)} row(s), {sum(v is None for v in videos.values())} deleted")
+        self.check_batch(batch.id, rows, videos)
+
+    def retried(self, what: str, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` through the API's faulty connection, retried as its caller would."""
+        for _ in range(50):
+            try:
+                return fn(*args)
+            except (OperationalError, StoreUnavailable):
+                continue
+        raise Violation(f"{what} never went through")
+
+    def check_batch(self, batch_id: str, rows: list[dict], videos: dict[str, str | None]) -> None:
+        """An ended batch accounts for each row once: in its output file with its video, or (its video
+        deleted) in its error file as ``video_deleted``; a deleted video was not made again."""
+        store = BatchStore(self.db)
+        batch = store.get(batch_id)
+        lines = {}
+        for name, file_id in (("output", batch.output_file_id), ("error", batch.error_file_id)):
+            if file_id is not None:
+                for line in self.store.get(store.get_file(file_id).key).decode().splitlines():
+                    lines.setdefault(json.loads(line)["custom_id"], []).append((name, json.loads(line)))
+        if batch.status != "completed" or (batch.completed, batch.failed) != (len(rows), 0):
+            raise Violation(f"batch {batch_id}: {batch.status}, counts {batch.completed}/{batch.failed}")
+        for row in rows:
+            custom_id, video_id = row["custom_id"], videos.get(row["custom_id"])
+            got = lines.get(custom_id, [])
+            if len(got) != 1:
+                raise Violation(f"batch {batch_id}: row {custom_id} in its files {len(got)} times")
+            name, line = got[0]
+            if video_id is None:
+                if (name, line["error"] and line["error"]["code"]) != ("error", "video_deleted"):
+                    raise Violation(f"batch {batch_id}: deleted row {custom_id} ended as {line}")
+            elif (name, line["response"] and line["response"]["body"]["id"]) != ("output", video_id):
+                raise Violation(f"batch {batch_id}: row {custom_id} ended as {line}, its video is {video_id}")
+        with self.db.read() as conn:
+            made = {row.custom_id: row.video_id for row in conn.execute(
+                select(batch_videos).where(batch_videos.c.batch_id == batch_id))}
+            live = set(conn.execute(select(jobs.c.id).where(jobs.c.id.in_(list(made.values())),
+                                                            jobs.c.delete_requested.is_(False))).scalars())
+        if set(made) != {row["custom_id"] for row in rows}:
+            raise Violation(f"batch {batch_id}: videos recorded for {sorted(made)}")
+        if live != {v for v in videos.values() if v is not None}:
+            raise Violation(f"batch {batch_id}: live videos {sorted(live)}, expected {videos}")
 
     def request(self, action: str, job_id: str) -> None:
-        """The API's cancel or delete (a delete of an ended job removes its files and row at once)."""
+        """The API's cancel or delete (a delete of an ended job removes its files and row at once; ``hide``:
+        the API replica died once the job was hidden)."""
         for _ in range(50):
             try:
                 if action == "cancel":
@@ -576,7 +648,7 @@ class Checker:
                 except KeyError:
                     return  # gone already
                 self.deleted.add(job_id)
-                if ended:
+                if ended and action == "delete":
                     self.files.delete_all(job_id)
                     self.api.jobs.delete(job_id)
                 return
@@ -603,14 +675,14 @@ class Checker:
         in_thread(asyncio.run, bare._renew_round())
 
     def sweep(self) -> None:
-        """Retention passes for this history's ended jobs; the runners' sweep deletes them."""
+        """Retention passes for this history's ended jobs, batches and files; the runners' sweep
+        (`retention.sweep_expired`) deletes them."""
         with self.db.write() as conn:
-            conn.execute(update(jobs).where(jobs.c.owner == self.tag, jobs.c.expires_at.is_not(None))
-                         .values(expires_at=0.0))
-        for job_id in self.base.expired(limit=1000):
-            self.files.delete_all(job_id)
-            if self.base.delete_expired(job_id) and (job_id in self.kind or job_id in self.batch_jobs):
-                self.swept.add(job_id)
+            for table, column in ((jobs, jobs.c.expires_at), (batches_table, batches_table.c.retention_ends_at),
+                                  (files_table, files_table.c.expires_at)):
+                conn.execute(update(table).where(table.c.owner == self.tag, column.is_not(None)).values({column: 0.0}))
+        swept = sweep_expired(self.base, BatchStore(self.db), self.files, limit=1000)
+        self.swept.update(job_id for job_id in swept.jobs if job_id in self.kind or job_id in self.batch_jobs)
 
     def start_run(self, runner: Actor) -> Handle:
         """`runner` claims and runs a job in a thread of its own, until the run stalls or ends."""
@@ -767,13 +839,13 @@ class Checker:
         for job_id in self.batch_jobs:
             row = rows.get(job_id)
             if row is None:
-                if job_id not in self.swept:
-                    raise Violation(f"batch video {job_id}: gone before its retention ended")
+                if job_id not in self.swept and job_id not in self.deleted:
+                    raise Violation(f"batch video {job_id}: gone, never deleted nor expired")
                 continue
             types_ = [e["type"] for e in self.events(job_id)]
             if row.status != "completed" or types_ != ["completed"] or hooks.get(job_id):
                 raise Violation(f"batch video {job_id}: {row.status}, events {types_}, webhooks {hooks.get(job_id)}")
-            if self.store.get(self.files.result_key(job_id, "video")) != b"batch video":
+            if not row.delete_requested and self.store.get(self.files.result_key(job_id, "video")) != b"batch video":
                 raise Violation(f"batch video {job_id}: its video is not the batch's")
         unknown = set(rows) - set(self.kind) - self.batch_jobs
         if unknown:
@@ -784,6 +856,14 @@ class Checker:
         left = self.rows()
         if left:
             raise Violation(f"rows left after the sweep: {sorted(left)}")
+        with self.db.read() as conn:
+            left = [*conn.execute(select(batches_table.c.id).where(batches_table.c.owner == self.tag)).scalars(),
+                    *conn.execute(select(files_table.c.id).where(files_table.c.owner == self.tag)).scalars(),
+                    *conn.execute(select(batch_videos.c.video_id)
+                                  .where(batch_videos.c.batch_id.in_(list(self.batches)))).scalars()]
+        left += [key for batch_id in self.batches for key in self.store.list(batch_folder(batch_id))]
+        if left:
+            raise Violation(f"batches, files or their stored keys left after the sweep: {left}")
         with self.db.read() as conn:
             events = conn.execute(select(job_events.c.job_id)
                                   .where(job_events.c.job_id.in_([*self.kind, *self.batch_jobs]))).all()

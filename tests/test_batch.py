@@ -1,6 +1,8 @@
 """`pusa batch` on Ray Data (tiny preset, CPU, a real local Ray, a real S3 server): a mixed manifest of
 every task with media from S3 and data URLs and bad rows, end to end to `s3://`; byte-identity with the
-HTTP API; resume after the batch is killed mid-run; a DiT actor killed mid-batch."""
+HTTP API; resume after the batch is killed mid-run; a DiT actor killed mid-batch. OpenAI's Files and Batch
+APIs on the service: a batch to its output file, cancelled, refused inputs, its runner killed, its runner
+drained by a redeploy (the last test: it changes the service)."""
 
 from __future__ import annotations
 
@@ -23,13 +25,18 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
 from s3server import s3_server_fixture
 from service_probe import ServiceProbe
 from videoapi import image_bytes, mp4_bytes, wait_done
 
+from deployments.batches import BatchStore
+from deployments.db import open_database
+from deployments.launch import deploy
 from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
-from serving import free_port, running_service
+from serving import default_database, free_port, local_config, running_service
 
 BUCKET = "pusa-batch"
 
@@ -38,17 +45,25 @@ s3 = s3_server_fixture(scope="module")
 
 
 METRICS_PORT = free_port()
+RUNNER = {"lease_ttl_s": 10, "renew_s": 2, "drain_wait_s": 120}  # a lost runner's batch moves on soon
+DEPLOYMENTS = {"Runner": {"graceful_shutdown_timeout_s": 150}}  # Serve waits for a drain to end
 
 
 @pytest.fixture(scope="module")
-def service(s3, tmp_path_factory):
+def service_store(tmp_path_factory) -> str:
+    """The service's store (a folder); its job database is a SQLite file beside it."""
+    return str(tmp_path_factory.mktemp("svc") / "store")
+
+
+@pytest.fixture(scope="module")
+def service(s3, service_store):
     """The HTTP service (for byte-identity) on the same local Ray the batches run on."""
     env = s3.service_env()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        with running_service(str(tmp_path_factory.mktemp("svc") / "store"), env=env, metrics_port=METRICS_PORT,
-                             runner={"lease_ttl_s": 10, "renew_s": 2}) as url:  # a lost runner's batch moves on soon
+        with running_service(service_store, env=env, metrics_port=METRICS_PORT, runner=RUNNER,
+                             deployments=DEPLOYMENTS) as url:
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield url
 
@@ -246,6 +261,7 @@ def test_the_openai_client_runs_a_batch_to_its_output_file(service):
         ("bad-steps", {"prompt": "p", "steps": 99}),
     ])), purpose="batch")
     assert (upload.purpose, upload.status, upload.object) == ("batch", "processed", "file")
+    assert upload.expires_at == upload.created_at + 7 * 86400  # the service's retention (a week), then swept
     created = client.batches.create(input_file_id=upload.id, endpoint="/v1/videos", completion_window="24h",
                                     metadata={"run": "nightly"})
     assert created.status == "validating" and created.request_counts.total == 3
@@ -267,7 +283,8 @@ def test_the_openai_client_runs_a_batch_to_its_output_file(service):
     errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
     assert [(e["custom_id"], e["response"]["status_code"], e["response"]["body"]["error"]["param"])
             for e in errors] == [("bad-steps", 400, "steps")]
-    assert client.files.retrieve(batch.output_file_id).purpose == "batch_output"
+    output = client.files.retrieve(batch.output_file_id)
+    assert output.purpose == "batch_output" and output.expires_at >= batch.completed_at + 7 * 86400 - 1
     assert created.id in [b.id for b in client.batches.list(limit=5)]
 
 
@@ -336,3 +353,74 @@ def test_readme_batch_example(service, tmp_path):
     printed = [line.split() for line in res.stdout.splitlines()]
     assert [(p[0], p[2]) for p in printed] == [(f"cat-{i}", "completed") for i in range(3)] and \
         all(p[1].startswith("video_") for p in printed)
+
+
+def _descendant(title: str) -> psutil.Process | None:
+    """A process of this test's Ray (started by this process, unlike another session's) titled `title`."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def _replicas_stopping(deployment: str) -> int:
+    app = serve.status().applications.get("pusa")
+    dep = app.deployments.get(deployment) if app else None  # none while the new version is being built
+    return dep.replica_states.get("STOPPING", 0) if dep else 0
+
+
+def test_a_drained_runner_hands_its_batch_over(service, service_store):
+    """A redeploy replaces the runner mid-batch: Serve stops the old replica, which drains (its batch stops
+    at the next row's end and is released, not left to lapse), and the new replica claims the batch and
+    completes it from the rows done: every row once in the output file, each its own video. The batch's
+    decoding actor is paused (SIGSTOP) from its first row's end until the old runner is stopping, so the
+    drain lands mid-batch however fast the rows run."""
+    client = openai.OpenAI(api_key="unused", base_url=f"{service}/v1", max_retries=0)
+    rows = [(f"row-{i}", {"prompt": f"scene {i}", "steps": 2, "seed": i, "size": "64x64"}) for i in range(6)]
+    batch = client.batches.create(input_file_id=client.files.create(file=("r.jsonl", _requests(rows)), purpose="batch").id,
+                                  endpoint="/v1/videos", completion_window="24h")
+    db = open_database(default_database(service_store))
+    decoder = None
+    try:
+        deadline = time.monotonic() + 240
+        while (batch := client.batches.retrieve(batch.id)).request_counts.completed < 1:
+            assert batch.status in ("validating", "in_progress") and time.monotonic() < deadline, batch
+            time.sleep(0.2)
+        decoder = _descendant("MapBatches(Decoding)")
+        decoder.suspend()  # no row ends until the old runner drains
+        first = BatchStore(db).get(batch.id)
+        runner = serve.get_deployment_handle("Runner", app_name="pusa")
+        old = runner.stats.remote().result(timeout_s=60)
+        assert (first.lease_epoch, first.lease_holder, old["batch"]) == (1, old["holder"], batch.id), (first, old)
+
+        port = int(service.rsplit(":", 1)[1])  # a changed runner setting: Serve replaces the runner replica
+        config = local_config(service_store, port, runner={**RUNNER, "poll_s": 0.4}, deployments=DEPLOYMENTS)
+        problems: list = []
+        redeploy = threading.Thread(target=lambda: problems.extend(deploy(ServeDeploySchema.model_validate(config), 300)))
+        redeploy.start()
+        deadline = time.monotonic() + 240
+        while not _replicas_stopping("Runner"):
+            assert time.monotonic() < deadline and redeploy.is_alive(), "the old runner was not stopped"
+            time.sleep(0.1)
+        decoder.resume()
+        redeploy.join(timeout=300)
+        assert not redeploy.is_alive() and not problems, problems
+        batch = _batch_done(client, batch.id, timeout=300)
+        handed = BatchStore(db).get(batch.id)
+    finally:
+        if decoder is not None and decoder.is_running() and decoder.status() == psutil.STATUS_STOPPED:
+            decoder.resume()
+        db.dispose()
+    assert runner.stats.remote().result(timeout_s=60)["holder"] != old["holder"]  # another replica now
+    assert batch.status == "completed" and (batch.request_counts.completed, batch.request_counts.failed) == (6, 0)
+    # epochs: 1 claimed by the old runner, 2 released by its drain, 3 claimed by the new one (a lease left to
+    # lapse would have gone from 1 to 2)
+    assert handed.lease_epoch == 3 and first.completed < 6, (first, handed)
+    lines = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [line["custom_id"] for line in lines] == [cid for cid, _ in rows]
+    video_ids = [line["response"]["body"]["id"] for line in lines]
+    assert len(set(video_ids)) == 6 and all(client.videos.retrieve(v).status == "completed" for v in video_ids)
+    assert sorted(v.id for v in client.videos.list(limit=100) if v.id in video_ids) == sorted(video_ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -21,10 +21,13 @@ from ray.serve.schema import ServeDeploySchema
 from s3server import s3_server_fixture
 from service_probe import ServiceProbe, steps_done
 from serving import local_config, running_service
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from deployments.jobs import Job, job_created_at, job_plan, new_job_id
+from deployments.schema import job_events
 from deployments.launch import deploy
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
@@ -133,6 +136,61 @@ def orphaned_job(request: dict) -> Job:
                plan=job_plan(plan), lease_holder="runner-gone", lease_epoch=1, lease_expires_at=0.0)
 
 
+class EventGate:
+    """Holds a job's runner at its event writes, in the real PostgreSQL: an uncommitted `job_events` row of
+    the next seq (in a transaction of the gate's own) makes the runner's insert of that seq wait on the
+    primary key until the gate lets it go (rolls its row back). Reads, and the runner's writes that add no
+    event (the claim, lease renewals), go on: the gate's rows skip the foreign-key check (a superuser's
+    ``session_replication_role = replica``), whose lock on the job's row would hide the job from the
+    claim (``FOR UPDATE SKIP LOCKED``)."""
+
+    def __init__(self, engine: Engine, job_id: str) -> None:
+        self.engine, self.job_id = engine, job_id
+        self.held: dict[int, Connection] = {}
+
+    def _hold(self, seq: int) -> bool:
+        """Hold event `seq`; False if the runner wrote it already."""
+        conn = self.engine.connect()
+        conn.begin()
+        conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+        row = dict(job_id=self.job_id, seq=seq, type="held", data={}, created_at=0.0)
+        if conn.execute(pg_insert(job_events).values(**row).on_conflict_do_nothing()).rowcount:
+            self.held[seq] = conn
+            return True
+        conn.close()
+        return False
+
+    def _let_go(self, seq: int) -> None:
+        conn = self.held.pop(seq)
+        conn.rollback()
+        conn.close()
+
+    def close(self) -> None:
+        """Let every held write go."""
+        for seq in sorted(self.held):
+            self._let_go(seq)
+
+    def stop_after(self, svc: ServiceProbe, last: Callable[[dict], bool], timeout: float = 120) -> dict:
+        """Let the runner's events through one at a time until the last one written satisfies `last`; the
+        runner's next event write then waits (until `close`). Returns that last event."""
+        seq = len(svc.events(self.job_id))
+        while not self._hold(seq):  # the runner wrote it meanwhile (the conflict waited for its commit)
+            seq += 1
+        assert self._hold(seq + 1)
+        deadline = time.monotonic() + timeout
+        while True:  # held: seq (the runner's next event) and seq + 1; every event before seq is written
+            events = svc.events(self.job_id)
+            assert len(events) == seq, events[-3:]
+            if last(events[-1]):
+                return events[-1]
+            self._let_go(seq)
+            while len(svc.events(self.job_id)) == seq:  # the runner writes it, then waits at seq + 1
+                assert time.monotonic() < deadline, f"no event {seq} in {timeout} s: {events[-3:]}"
+                time.sleep(0.01)
+            seq += 1
+            assert self._hold(seq + 1)
+
+
 def test_runners_racing_for_orphaned_jobs_run_each_exactly_once(svc):
     steps, count = 6, 8
     before = svc.dit_steps()
@@ -164,12 +222,25 @@ def test_postgres_restart_mid_job(svc, postgres_server):
         assert svc.content(job_id)[4:8] == b"ftyp"
 
 
+def _checkpoints(s3, job_id: str) -> list[str]:
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{PREFIX}/checkpoints/{job_id}/")
+    return sorted(item["Key"].rsplit("/", 1)[1] for item in listed.get("Contents", []))
+
+
 def test_s3_outage_mid_job_and_while_the_video_is_written(svc, s3):
+    """The runner is held at its event writes (`EventGate`) where S3 must go down: after step 2 (its later
+    checkpoints and the video cannot be stored until S3 is back), and after the last step, once the
+    previous checkpoint is removed, before the `decoding` event: nothing reaches S3 until the VAE stores
+    the video, which fails until S3 is back. S3 stays down until the VAE's retry is recorded."""
     steps = 8
     request = {**SLOW, "steps": steps, "seed": 300}
     job_id = svc.submit(**request)
-    svc.wait_steps(job_id, 2)
-    s3.stop()  # checkpoints cannot be written for a while
+    gate = EventGate(svc.db.engine, job_id)
+    try:
+        gate.stop_after(svc, lambda e: e["type"] == "step" and e["step"] == 2)
+        s3.stop()  # checkpoints cannot be written for a while
+    finally:
+        gate.close()
     time.sleep(4)
     s3.restart()
     job = svc.wait_ended(job_id, timeout=120)
@@ -178,9 +249,18 @@ def test_s3_outage_mid_job_and_while_the_video_is_written(svc, s3):
     first = svc.content(job_id)
 
     again = svc.submit(**request)
-    svc.wait_for(again, lambda j, e: e[-1]["type"] == "decoding" or j.terminal, timeout=60, poll=0.02)
-    s3.stop()  # the decoded video cannot be stored
-    time.sleep(4)
+    gate = EventGate(svc.db.engine, again)
+    try:
+        gate.stop_after(svc, lambda e: e["type"] == "step" and e["step"] == steps)
+        deadline = time.monotonic() + 30
+        while not ((kept := _checkpoints(s3, again)) and len(kept) == 1 and kept[0].endswith(f"-s{steps}.npy")):
+            assert time.monotonic() < deadline, kept  # until the runner has removed the one before
+            time.sleep(0.05)
+        s3.stop()  # the decoded video cannot be stored
+    finally:
+        gate.close()  # the runner records `decoding`; the VAE decodes and tries to store the video
+    svc.wait_for(again, lambda j, e: any(x["type"] == "retry" and x["stage"] == "vae" for x in e) or j.terminal,
+                 timeout=120)
     s3.restart()
     job = svc.wait_ended(again, timeout=120)
     assert job.status == "completed", job.error

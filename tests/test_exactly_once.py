@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from deployments.job_run import JobRun, RunContext
 from deployments.job_store import JobStore, Lease, LeaseLost
 from deployments.jobs import Job, job_created_at, job_plan, new_job_id
 from deployments.runner import RunnerSettings
+from deployments.schema import batches as batches_table
 from deployments.schema import job_events, jobs, webhook_deliveries
 from deployments.storage import open_store
 from pusa_model.presets import get_preset
@@ -504,8 +506,9 @@ def test_a_job_cancelled_while_queued_without_a_receiver_queues_no_webhook(clust
 
 
 def _batch_run(cluster: Cluster, created_at: float, rows: int):
-    """A `BatchRun` of a batch created at `created_at` (full precision, as the API stamps it) whose `rows`
-    rows all completed in the pipeline (their files in the store)."""
+    """A `BatchRun` of a batch created at `created_at` (full precision, as the API stamps it; its row
+    inserted, unclaimed) whose `rows` rows all completed in the pipeline (their files and records in the
+    store)."""
     from deployments.batch_run import BatchContext, BatchRun
     from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
     from deployments.jobs import new_id
@@ -516,12 +519,15 @@ def _batch_run(cluster: Cluster, created_at: float, rows: int):
                   expires_at=created_at + 86400)
     ctx = BatchContext(batches=BatchStore(cluster.db), jobs=cluster.jobs, files=cluster.files,
                        settings=BatchSettings(), preset="tiny", retention_s=3600, renew_s=1.0, draining=asyncio.Event())
+    ctx.batches.create(batch)
     run = BatchRun(ctx, BatchLease(batch=batch, holder="r1", epoch=1))
     run.rows = [{"custom_id": f"row-{i}", "prompt": "a cat", "frames": 9, "steps": 2} for i in range(rows)]
     run.row_of = {row["custom_id"]: row for row in run.rows}
-    for row in run.rows:
+    for i, row in enumerate(run.rows):
         for folder, ext in (("videos", "mp4"), ("thumbnails", "webp")):
             cluster.files.store.put(f"{run.prefix}/{folder}/{row['custom_id']}.{ext}", b"data")
+        cluster.files.store.put(f"{run.prefix}/rows/{row['custom_id']}.json",
+                                json.dumps({"custom_id": row["custom_id"], "status": "completed", "seed": i}).encode())
     return run
 
 
@@ -610,7 +616,6 @@ def test_a_brief_outage_when_a_batch_row_ends_is_waited_out(cluster: Cluster, mo
 
     run = _batch_run(cluster, time.time(), rows=2)
     batches = run.ctx.batches
-    batches.create(run.batch)
     run.lease = batches.claim("r1")
     failures: list[str] = []
 
@@ -633,7 +638,7 @@ def test_a_brief_outage_when_a_batch_row_ends_is_waited_out(cluster: Cluster, mo
     assert (got.completed, got.failed) == (1, 1)
     assert [j.id for j in cluster.jobs.list(owner="alice")] == [run._register({"custom_id": "row-0"}).id]
 
-    monkeypatch.setattr(cluster.jobs, "get", lambda job_id: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(batches, "registered", lambda *args: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError):  # not an outage: raised at once
         run._on_record({"custom_id": "row-1", "status": "completed", "seed": 2})
 
@@ -737,3 +742,134 @@ def test_a_batch_keeps_renewing_its_lease_while_its_pipeline_ends_after_a_cancel
     asyncio.run(run._generate())
     assert len([t for t in renewals if t > stopped[0]]) >= 4, renewals
     assert run.stop_reason == "cancelled"
+
+
+# -- 9. a batch's video deleted during the batch stays deleted; batches and their files are swept -------
+
+
+def _lines(cluster: Cluster, file_id: str | None) -> list[dict]:
+    from deployments.batches import BatchStore
+
+    if file_id is None:
+        return []
+    data = cluster.files.store.get(BatchStore(cluster.db).get_file(file_id).key)
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def _delete_video(cluster: Cluster, video_id: str, how: str) -> None:
+    """The API's DELETE of an ended video: hidden, then its files and row removed (``half``: the replica
+    died after hiding it; the sweep removes the rest once its retention is over)."""
+    assert cluster.jobs.request_delete(video_id) is True
+    if how == "whole":
+        cluster.files.delete_all(video_id)
+        cluster.jobs.delete(video_id)
+
+
+@pytest.mark.parametrize("how", ["whole", "half"])
+def test_a_video_deleted_during_its_batch_is_not_made_again(cluster: Cluster, how: str) -> None:
+    """Every row's video is registered as it ends; the owner deletes one (wholly, or the deletion cut short)
+    while the batch runs; the runner that takes the batch over registers every completed row again at the
+    end. The deleted video is not made again and the batch completes, the row in its error file as
+    ``video_deleted`` (counted completed: it was made)."""
+    from deployments.batch_run import BatchRun
+    from deployments.batches import BatchLease
+
+    run = _batch_run(cluster, time.time(), rows=3)
+    batches = run.ctx.batches
+    run.lease = batches.claim("r1")
+    for row in run.rows:
+        run._on_record({"custom_id": row["custom_id"], "status": "completed", "seed": 1})
+    videos = {row["custom_id"]: run._register({"custom_id": row["custom_id"]}).id for row in run.rows}
+    _delete_video(cluster, videos["row-1"], how)
+
+    with batches.db.write() as conn:  # the first runner is lost; its lease lapses
+        conn.execute(update(batches_table).values(lease_expires_at=0.0))
+    taken = BatchRun(run.ctx, batches.claim("r2"))
+    taken.rows, taken.row_of = run.rows, run.row_of
+    taken._finish()
+
+    batch = batches.get(run.batch.id)
+    assert batch.status == "completed" and (batch.completed, batch.failed) == (3, 0), batch
+    assert [line["custom_id"] for line in _lines(cluster, batch.output_file_id)] == ["row-0", "row-2"]
+    assert [(line["custom_id"], line["error"]["code"]) for line in _lines(cluster, batch.error_file_id)] == \
+        [("row-1", "video_deleted")]
+    with pytest.raises(KeyError):
+        cluster.jobs.get(videos["row-1"])
+    if how == "whole":
+        assert cluster.jobs.peek(videos["row-1"]) is None
+        assert cluster.files.store.list(f"results/{videos['row-1']}/") == []
+    assert sorted(job.id for job in cluster.jobs.list(owner="alice")) == sorted([videos["row-0"], videos["row-2"]])
+    assert BatchRun(run.ctx, BatchLease(batch=batch, holder="r1", epoch=1))._register({"custom_id": "row-1"}) is None
+
+
+def test_a_fenced_out_runner_racing_a_deletion_leaves_no_video(cluster: Cluster, monkeypatch) -> None:
+    """A runner that lost the batch found a row unregistered, then the new holder registered it and the
+    owner deleted it before the first one's registration went through: that one stores the files again,
+    finds the row registered, and removes them (no video, no files)."""
+    run = _batch_run(cluster, time.time(), rows=1)
+    video_id = run._register({"custom_id": "row-0", "seed": 1}).id
+    _delete_video(cluster, video_id, "whole")
+    monkeypatch.setattr(run.ctx.batches, "registered", lambda *args: False)  # it looked before the others acted
+    assert run._register({"custom_id": "row-0", "seed": 1}) is None
+    assert cluster.jobs.peek(video_id) is None and cluster.files.store.list(f"results/{video_id}/") == []
+
+
+def test_an_ended_batch_its_files_and_inputs_are_swept_after_retention(cluster: Cluster) -> None:
+    """A batch's retention starts when it ends; then the runners' sweep deletes it with everything it stored
+    (its requests, the pipeline's outputs, its output and error files) and an uploaded input file after its
+    own; a batch still running and its videos (jobs with their own retention) are not touched."""
+    from deployments.batch_run import batch_folder, manifest_key
+    from deployments.batches import FILE_PREFIX, StoredFile
+    from deployments.jobs import new_id
+    from deployments.retention import sweep_expired
+    from deployments.schema import batch_videos, files
+
+    def sweep():
+        return sweep_expired(cluster.jobs, batches, cluster.files)
+
+    run = _batch_run(cluster, time.time(), rows=2)
+    batches = run.ctx.batches
+    upload_id = new_id(FILE_PREFIX)
+    batches.add_file(StoredFile(id=upload_id, owner="alice", purpose="batch", filename="in.jsonl", bytes=5,
+                                created_at=time.time(), key=f"files/{upload_id}", expires_at=time.time() + 3600))
+    cluster.files.store.put(f"files/{upload_id}", b"input")
+    cluster.files.store.put(manifest_key(run.batch.id), b"requests")
+    running = _batch_run(cluster, time.time() + 1, rows=1)
+    run.lease = batches.claim("r1")
+    for row in run.rows:
+        run._on_record({"custom_id": row["custom_id"], "status": "completed", "seed": 1})
+    before = time.time()
+    run._finish()
+
+    batch = batches.get(run.batch.id)
+    assert batch.status == "completed" and before + 3600 <= batch.retention_ends_at <= time.time() + 3600
+    outputs = [batches.get_file(batch.output_file_id)]
+    assert outputs[0].expires_at == batch.retention_ends_at
+    assert outputs[0].to_openai()["expires_at"] == int(batch.retention_ends_at)
+    assert batches.get(running.batch.id).retention_ends_at is None
+    assert sweep().batches == [] and batches.get(run.batch.id)  # not yet
+
+    with cluster.db.write() as conn:  # retention passes for every batch, file and job that has one
+        conn.execute(update(batches_table).where(batches_table.c.retention_ends_at.is_not(None))
+                     .values(retention_ends_at=0.0))
+        conn.execute(update(files).where(files.c.expires_at.is_not(None)).values(expires_at=0.0))
+    swept = sweep()
+    assert (swept.batches, sorted(swept.files), swept.jobs) == \
+        ([run.batch.id], sorted([upload_id, batch.output_file_id]), [])
+    with pytest.raises(KeyError):
+        batches.get(run.batch.id)
+    assert cluster.files.store.list(batch_folder(run.batch.id)) == [] and cluster.files.store.list("files/") == []
+    with cluster.db.read() as conn:
+        assert conn.execute(select(batch_videos.c.custom_id).where(batch_videos.c.batch_id == run.batch.id)).all() == []
+    assert len(cluster.jobs.list(owner="alice")) == 2  # the videos: jobs of their own, kept for theirs
+    assert batches.get(running.batch.id).status == "in_progress"
+    assert cluster.files.store.list(batch_folder(running.batch.id))
+    assert sweep() == type(swept)()
+
+
+def test_a_failed_batch_is_kept_for_the_retention_too(cluster: Cluster) -> None:
+    run = _batch_run(cluster, time.time(), rows=1)  # its requests were never stored: reading them fails
+    run.lease = run.ctx.batches.claim("r1")
+    asyncio.run(run.run())
+    batch = run.ctx.batches.get(run.batch.id)
+    assert batch.status == "failed" and batch.retention_ends_at is not None, batch

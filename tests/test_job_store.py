@@ -26,7 +26,7 @@ from deployments.schema import api_keys, job_events, jobs, metadata, usage, webh
 from deployments.webhooks import delivery
 
 T0 = 1_760_000_000.0
-HEAD = "0006"  # the latest schema revision
+HEAD = "0007"  # the latest schema revision
 
 
 @pytest.fixture

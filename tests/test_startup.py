@@ -1,8 +1,10 @@
 """`pusa-serve` answers HTTP from the moment its port opens: 503 "loading" (with Retry-After) on the API,
-/health and the web page until every deployment runs, then 200 — never a 404, a 502 or a hang."""
+/health and the web page until every deployment runs, then 200 — never a 404, a 502 or a hang; and,
+once a batch has run, a SIGTERM ends it cleanly (exit status 0)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,8 +57,9 @@ def test_start_answers_loading_then_ready(tmp_path, tiny_folder):
                         continue
                     seen.append((time.monotonic() - started, path, response))
                 time.sleep(0.2)
+            batch = run_a_batch(http)
     finally:
-        proc.send_signal(signal.SIGTERM)  # as a service manager stops it: a clean end, exit status 0
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it, after a batch: a clean end, exit status 0
         try:
             exit_status = proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -66,6 +69,7 @@ def test_start_answers_loading_then_ready(tmp_path, tiny_folder):
         except ProcessLookupError:  # nothing left
             pass
     assert exit_status == 0, "".join(output[-30:])
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 1, batch
 
     statuses = [(round(t, 1), path, r.status_code) for t, path, r in seen]
     first_200 = min(t for t, _, r in seen if r.status_code == 200)
@@ -94,3 +98,19 @@ def test_start_answers_loading_then_ready(tmp_path, tiny_folder):
     assert [r.json()["data"][0]["id"] for _, p, r in seen if p == "/v1/models" and r.status_code == 200][-1] == "pusa-v1"
     # every response after the ready line is a 200
     assert all(r.status_code == 200 for t, _, r in seen if t > ready_at[0] - started), statuses
+
+
+def run_a_batch(http: httpx.Client, timeout: float = 240) -> dict:
+    """A one-request batch through the Files and Batch APIs, to its end; returns the batch object."""
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/videos", "body": {"prompt": "a cat", "steps": 1}}
+    upload = http.post("/v1/files", data={"purpose": "batch"},
+                       files={"file": ("in.jsonl", json.dumps(line).encode() + b"\n", "application/jsonl")}, timeout=30)
+    assert upload.status_code == 200, upload.text
+    batch = http.post("/v1/batches", json={"input_file_id": upload.json()["id"], "endpoint": "/v1/videos",
+                                           "completion_window": "24h"}, timeout=30).json()
+    deadline = time.monotonic() + timeout
+    while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+        batch = http.get(f"/v1/batches/{batch['id']}", timeout=30).json()
+    return batch
