@@ -30,18 +30,20 @@ postgres_server = postgres_server_fixture(scope="session")
 # their usual order. Only the order changes: every module runs whole, in one process.
 LONGEST_FIRST = (
     "test_control_plane.py",
-    "test_autoscaling.py",
     "test_batch.py",
     "test_faults.py",
-    "test_web.py",
-    "test_api.py",
-    "test_client.py",
-    "test_dit_group.py",
-    "test_fuzz.py",
     "test_access.py",
+    "test_dit_group.py",
+    "test_web.py",
+    "test_fuzz.py",
+    "test_cli.py",
+    "test_client.py",
     "test_observability.py",
-    "test_api_limits.py",
     "test_openai_client.py",
+    "test_api_limits.py",
+    "test_autoscaling.py",
+    "test_api_s3.py",
+    "test_api.py",
 )
 
 
