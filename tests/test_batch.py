@@ -44,9 +44,14 @@ BUCKET = "pusa-batch"
 s3 = s3_server_fixture(scope="module")
 
 
-METRICS_PORT = free_port()
 RUNNER = {"lease_ttl_s": 10, "renew_s": 2, "drain_wait_s": 120}  # a lost runner's batch moves on soon
 DEPLOYMENTS = {"Runner": {"graceful_shutdown_timeout_s": 150}}  # Serve waits for a drain to end
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """Where the local Ray's metrics agent serves Prometheus metrics (picked when the service starts)."""
+    return free_port()
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +61,13 @@ def service_store(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def service(s3, service_store):
+def service(s3, metrics_port, service_store):
     """The HTTP service (for byte-identity) on the same local Ray the batches run on."""
     env = s3.service_env()
     with pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        with running_service(service_store, env=env, metrics_port=METRICS_PORT, runner=RUNNER,
+        with running_service(service_store, env=env, metrics_port=metrics_port, runner=RUNNER,
                              deployments=DEPLOYMENTS) as url:
             ray.data.DataContext.get_current().enable_progress_bars = False
             yield url
@@ -90,7 +95,7 @@ def jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def test_mixed_manifest_of_every_task_to_s3(service, s3):
+def test_mixed_manifest_of_every_task_to_s3(service, s3, metrics_port):
     s3.client().create_bucket(Bucket=BUCKET)
     start = put(s3, "media/start.png", image_bytes("PNG", seed=1))
     clip = put(s3, "media/clip.mp4", mp4_bytes(frames=17, seed=2))
@@ -133,7 +138,7 @@ def test_mixed_manifest_of_every_task_to_s3(service, s3):
     rows_ended = {}  # the driver's counter, on Ray's Prometheus endpoint
     deadline = time.monotonic() + 30
     while len(rows_ended) < 2 and time.monotonic() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         rows_ended = {s.labels["status"]: s.value for family in text_string_to_metric_families(text)
                       for s in family.samples if s.name == "ray_pusa_batch_rows_total"
                       and s.labels["batch"] == f"s3://{BUCKET}/out/mixed"}
@@ -203,10 +208,21 @@ def test_a_killed_batch_resumes_without_duplicates(service, s3, tmp_path):
     assert len(keys(s3, "out/resume/videos/")) == 10 and len(keys(s3, "out/resume/thumbnails/")) == 10
 
 
+def _own_ray_processes() -> list[tuple[psutil.Process, str]]:
+    """The processes of this test process's local Ray (its descendants), with their titles: never those of
+    another Ray on the machine (another test process, another checkout)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            found.append((proc, " ".join(proc.cmdline()).strip()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
 def _dit_actor(busy: bool) -> psutil.Process | None:
     """The Denoising actor's process (Ray titles it by the task it runs: `.submit` while on a row)."""
-    for proc in psutil.process_iter(["cmdline"]):
-        title = " ".join(proc.info["cmdline"] or []).strip()
+    for proc, title in _own_ray_processes():
         if "MapBatches(Denoising)" in title and (not busy or title.endswith(".submit")):
             return proc
     return None
@@ -224,7 +240,7 @@ def test_a_dit_actor_killed_mid_batch_costs_no_row(service, tmp_path):
     while (victim := _dit_actor(busy=True)) is None or not records:  # one row through, the actor on the next
         assert time.monotonic() < deadline and thread.is_alive(), records
         time.sleep(0.05)
-    worker = next(p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:pusa:DiT" in " ".join(p.info["cmdline"] or []))
+    worker = next(p for p, title in _own_ray_processes() if "ServeReplica:pusa:DiT" in title)
     assert victim.nice() == min(19, worker.nice() + 5)  # the stage actors: 5 below Ray's workers (15 by default)
     victim.kill()
     thread.join(timeout=300)

@@ -2,6 +2,9 @@
 
 The SDK sends every create/extend as multipart/form-data: `extra_body` lists become repeated
 `name[]` fields and objects `name[key]` fields, which the router must accept.
+
+The module's service is the local profile as it is (no setting changed), so it also carries the smoke test:
+a text-to-video job over plain HTTP with the profile's defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +28,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:Deprec
 def url(tmp_path_factory):
     with running_service(str(tmp_path_factory.mktemp("store"))) as url:
         yield url
+
+
+def test_the_local_profile_completes_a_t2v_job_over_http(url, tmp_path):
+    """The smoke test: the local profile, deployed unchanged, completes a t2v job of its default shape."""
+    job = httpx.post(f"{url}/v1/videos", json={"prompt": "a cat", "steps": 3, "seed": 5}, timeout=30).json()
+    assert job["status"] == "queued" and job["pusa"]["seed"] == 5
+    deadline = time.monotonic() + 120
+    while job["status"] not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = httpx.get(f"{url}/v1/videos/{job['id']}", timeout=10).json()
+    assert job["status"] == "completed", job
+    video = httpx.get(f"{url}/v1/videos/{job['id']}/content", timeout=30)
+    assert video.headers["content-type"] == "video/mp4"
+    (tmp_path / "out.mp4").write_bytes(video.content)
+    info = probe_video(tmp_path / "out.mp4")
+    assert (info["width"], info["height"], info["frames"]) == (64, 64, 17)
 
 
 @pytest.fixture(scope="module")
