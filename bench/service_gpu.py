@@ -13,6 +13,8 @@ phase that fails is recorded and the next one still runs):
   interval (events) against the DiT's own compute time (``DiT.stats``'s ``recent_steps``) and the round trip
   the runner saw (the event's ``step_s``). Fault: the DiT replica is killed (SIGKILL) during step 2 of a fast
   job; the job must complete, repeating at most one step, with the same MP4 bytes as the timed fast job.
+- ``restart``: the page cache dropped again, then ``pusa-serve`` as in ``service`` (the node's compile cache now
+  filled): start to ready and a timed fast request; a restart of the service on its node.
 - ``inprocess``: `PusaPipeline.from_preset` on the same checkpoint, LoRAs and options in this process, the
   same requests (a one-step warm-up and a timed one per variant); ``fast_fp8`` quantizes the loaded DiT.
 - ``capped``: the service again with FP8 GEMMs and the A6000 layout of ``serve_config.yaml`` emulated by
@@ -156,12 +158,13 @@ class StartupProbe(threading.Thread):
 class Service:
     """``pusa-serve`` in a subprocess (its own local Ray), with this process joined to that Ray."""
 
-    def __init__(self, config: Path, env: dict, workdir: Path) -> None:
+    def __init__(self, config: Path, env: dict, workdir: Path, read_ahead: bool) -> None:
         self.t0 = time.monotonic()
         self.probe = StartupProbe(self.t0)
         self.probe.start()
-        self.proc = subprocess.Popen([sys.executable, "-m", "deployments.launch", str(config), "--start-timeout", "900"],
-                                     cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [sys.executable, "-m", "deployments.launch", str(config), "--start-timeout", "900"]
+        self.proc = subprocess.Popen(command + (["--read-ahead"] if read_ahead else []), cwd=workdir, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.ready_s: float | None = None
         threading.Thread(target=self._read, daemon=True).start()
@@ -269,7 +272,7 @@ def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict 
     work = Path(tempfile.mkdtemp(prefix=f"pusa-{name}-"))
     config = work / "serve_config.yaml"
     write_config(config, dit_options, caps)
-    service = Service(config, env, work)
+    service = Service(config, env, work, args.read_ahead)
     out = results.setdefault(name, {})
     try:
         out.update(service.wait_ready(args.start_timeout))
@@ -452,11 +455,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("/tmp/pusa-random"))
     parser.add_argument("--layers", type=int, help="transformer blocks of the checkpoint (default: all 40)")
-    parser.add_argument("--phases", default="checkpoint,service,inprocess,capped")
+    parser.add_argument("--phases", default="checkpoint,service,restart,inprocess,capped")
     parser.add_argument("--variants", default="standard,fast,fast_fp8", help="in-process variants")
     parser.add_argument("--service-variants", default="standard,fast")
     parser.add_argument("--fault", action=argparse.BooleanOptionalAction, default=True,
                         help="kill the DiT replica mid-job in the service phase")
+    parser.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="start pusa-serve with --read-ahead")
     parser.add_argument("--oom-size", default="1920x1920x81", help="WIDTHxHEIGHTxFRAMES of the request past the cap")
     parser.add_argument("--start-timeout", type=float, default=900)
     parser.add_argument("--out", default="service_gpu.json")
@@ -484,6 +489,9 @@ def main() -> int:
     if "service" in phases:
         plan = [timed(v) for v in args.service_variants.split(",")] + ([kill_dit_mid_job] if args.fault else [])
         service_phase(args, results, "service", standard_options, None, plan)
+    if "restart" in phases:
+        results["restart_page_cache"] = settle_disk()
+        service_phase(args, results, "restart", standard_options, None, [timed("fast")])
     if "inprocess" in phases:
         try:
             inprocess_phase(args, results)

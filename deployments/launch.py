@@ -8,6 +8,7 @@ the deployments that are not running and why, instead of hanging.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -25,10 +26,16 @@ from ray.serve._private.client import ServeControllerClient
 from ray.serve.config import ProxyLocation, gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
+from pusa_model.presets import get_preset
+from pusa_model.readahead import ReadAhead, checkpoint_order, package_folders
+
 from .admission import check_exposure
 from .loading import LoadingRouter
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
+# What every model replica imports, read ahead first: the build task and the replicas import them right away.
+READ_AHEAD_PACKAGES = ("torch", "nvidia", "triton", "torchao", "diffusers", "transformers", "safetensors",
+                       "tokenizers", "numpy", "imageio_ffmpeg")
 
 
 def replica_demand(options: dict) -> dict[str, float]:
@@ -199,6 +206,25 @@ def still_loading(config: ServeDeploySchema) -> list[str]:
     return problems
 
 
+def read_ahead(config: ServeDeploySchema) -> ReadAhead:
+    """Start reading, on this node, the packages the replicas import and the local checkpoint folder of each
+    of the config's applications (with its local LoRA files) into the page cache (`pusa_model.readahead`)."""
+    paths = package_folders(READ_AHEAD_PACKAGES)
+    for app in config.applications:
+        if app.import_path != APP_IMPORT_PATH:
+            continue
+        args = app.args or {}
+        try:
+            source = get_preset(args.get("preset", "tiny")).source
+        except ValueError:
+            continue  # the build reports a bad preset
+        folder = Path(source).expanduser()
+        if not source.startswith("s3://") and folder.is_dir():
+            loras = [entry.get("path", "") for entry in (args.get("loras") or {}).values()]
+            paths += checkpoint_order(folder, loras)
+    return ReadAhead(paths, threads=min(16, os.cpu_count() or 1))
+
+
 def started_ray_here() -> bool:
     """Whether `ray.init` started a local Ray in this process (rather than joining a cluster)."""
     node = getattr(ray._private.worker.global_worker, "node", None)
@@ -211,9 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every replica")
     parser.add_argument("--no-block", action="store_true", help="return once running (leave Serve up)")
+    parser.add_argument("--read-ahead", action="store_true",
+                        help="read the model packages and the local checkpoint into this node's page cache while "
+                             "the service starts (a node whose disk cache is cold)")
     args = parser.parse_args(argv)
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(args.config.read_text()))
+    reader = read_ahead(config) if args.read_ahead else None
     host = config.http_options.host
     for app in config.applications:
         auth = ((app.args or {}).get("api") or {}).get("auth", "keys")
@@ -235,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             serve.shutdown()
         return 1  # a Ray this process started goes down with it, without waiting for replicas
     http = config.http_options
+    if reader is not None:
+        done = reader.wait(timeout=0)
+        print(f"pusa-serve: read ahead {done['bytes'] / 1e9:.1f} of {done['planned_bytes'] / 1e9:.1f} GB"
+              + (f" in {done['seconds']} s" if done["done"] else " so far"), file=sys.stderr, flush=True)
     print(f"Pusa service ready at http://{http.host}:{http.port}", flush=True)
     if args.no_block:
         return 0

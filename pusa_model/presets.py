@@ -19,10 +19,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: a launcher reads presets without it
+    import torch
 
 TINY_SEED = 20250
 LORA_FILENAME = "pusa_v1.safetensors"
@@ -54,6 +56,8 @@ class Preset:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
 
@@ -150,11 +154,14 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_lora_state_dict(
-    transformer: torch.nn.Module, rank: int = 4, device: str = "cpu", dtype: torch.dtype = torch.float32
+    transformer: torch.nn.Module, rank: int = 4, device: str = "cpu", dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """Random Pusa-style LoRA weights for `transformer`, in the released PEFT key form
     (``blocks.N.self_attn.q.lora_A.default.weight``), targeting q, k, v, o of both attentions and
-    the two FFN linears of every block; drawn on `device`, stored on the CPU in `dtype`."""
+    the two FFN linears of every block; drawn on `device`, stored on the CPU in `dtype` (default float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     names = {"self_attn": "attn1", "cross_attn": "attn2"}
     proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
     ffn = {"ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
@@ -175,13 +182,16 @@ def build_tiny_lora_state_dict(
 
 def build_tiny_distill_lora_state_dict(
     transformer: torch.nn.Module, rank: int = 8, seed: int = TINY_SEED + 2, norms: bool = True,
-    device: str = "cpu", dtype: torch.dtype = torch.float32,
+    device: str = "cpu", dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """A random stand-in for a step-distillation LoRA (LightX2V's), in its ComfyUI key form: ``diffusion_model.``
     prefix, ``lora_down``/``lora_up`` with an ``alpha`` (rank / 2) for q, k, v, o of both attentions and
     the two FFN linears, ``diff_b`` for their biases and the output head's, and (with `norms`) ``diff`` for
     the cross-attention norm (Wan's ``norm3``), the q/k RMS norms and every block's ``modulation``; drawn
-    on `device`, stored on the CPU in `dtype`."""
+    on `device`, stored on the CPU in `dtype` (default float32)."""
+    import torch
+
+    dtype = dtype or torch.float32
     gen = torch.Generator(device).manual_seed(seed)
     wan = {"self_attn": "attn1", "cross_attn": "attn2"}
     proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
@@ -213,6 +223,7 @@ def build_tiny_distill_lora_state_dict(
 
 def build_tiny_checkpoint(dest: Path) -> Path:
     """Write the tiny preset's checkpoint to `dest` in diffusers layout (deterministic)."""
+    import torch
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -230,6 +241,7 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
                     files: dict[str, dict[str, torch.Tensor]]) -> None:
     """Write the four parts in diffusers layout under `dest` with ``model_index.json``, and each state dict of
     `files` (LoRAs) at its relative path: ``.safetensors`` or, for ``.pt``/``.pth``, ``torch.save``."""
+    import torch
     from safetensors.torch import save_file
 
     dest = Path(dest)
