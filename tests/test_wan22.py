@@ -163,6 +163,9 @@ def test_each_step_runs_on_the_expert_of_its_timestep(wan22_pipeline, steps, gui
     passes = {0: 1 if guidance == 1.0 else 2, 1: 1 if guidance_2 == 1.0 else 2}
     assert log.calls == [e for e in boundary_experts(steps) for _ in range(passes[e])]
     assert [s.lora.combination for s in wan22_pipeline.dit.stages] == [{"pusa": 1.5}, {"pusa": 1.4}]
+    last = StepInput.of(p, steps - 1, np.zeros(p.latent_shape, np.float32), None, random_text(1))
+    with pytest.raises(ValueError, match="expert 1 sent to the DiT of expert 0"):
+        wan22_pipeline.dit.stage(0).run(last)  # one expert's stage refuses the other's step
 
 
 # --- against the authors' loop ------------------------------------------------------------------------------
