@@ -173,7 +173,7 @@ class DiTStage:
 class DiTExperts:
     """The DiT of a two-expert model in one process: a `DiTStage` per expert (``stages[e].expert == e``),
     each with its own transformer and LoRA stack. A step runs on the stage of the expert its `StepInput`
-    names, with that expert's guidance; LoRAs are fused per expert (`set_loras`)."""
+    names, with that expert's guidance; each stage fuses its own expert's LoRA combination."""
 
     def __init__(self, stages: Sequence[DiTStage]) -> None:
         if [s.expert for s in stages] != list(range(len(stages))):
@@ -184,19 +184,7 @@ class DiTExperts:
         """The stage of `expert`."""
         return self.stages[expert]
 
-    def set_loras(self, combinations: Sequence[Mapping[str, float]]) -> bool:
-        """Fuse each expert's combination into its transformer (`DiTStage.set_loras`); whether any wrote."""
-        return any([stage.set_loras(c) for stage, c in zip(self.stages, combinations, strict=True)])
-
-    @property
-    def fuses(self) -> int:
-        return sum(stage.fuses for stage in self.stages)
-
     def run(self, inp: StepInput) -> np.ndarray:
         """The step `inp` on its expert's stage (`DiTStage.run`)."""
         return self.stages[inp.expert].run(inp)
 
-    def warm_up(self, width: int, height: int, frames: int, guidance: float = 5.0) -> None:
-        """Each expert's `DiTStage.warm_up`."""
-        for stage in self.stages:
-            stage.warm_up(width, height, frames, guidance)

@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: a launcher reads 
 TINY_SEED = 20250
 LORA_FILENAME = "pusa_v1.safetensors"
 WAN22_LORAS = ("high_noise_pusa.safetensors", "low_noise_pusa.safetensors")  # Pusa-Wan2.2's, one per expert
-EXPERT_NAMES = ("high_noise", "low_noise")  # a two-expert model's experts: transformer/, transformer_2/
 
 # Words the tiny tokenizer is trained on: Wan's negative prompt and common prompt vocabulary.
 _TINY_CORPUS = (
