@@ -3,11 +3,14 @@
 
 It keeps no request state: latents, schedule and embeddings come with every call (`StepInput`, `run`),
 so consecutive steps of one video can run on different replicas.
+
+A two-expert model (Pusa-Wan2.2) has one `DiTStage` per expert, each with its own transformer and its own
+`LoraStack`; `DiTExperts` holds them in one process and runs each step on the expert its `StepInput` names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,14 +32,17 @@ class DiTStage:
 
     `lora` holds the LoRAs (a `LoraStack`, the Pusa LoRA named ``pusa``; a `LoraFuser` is its Pusa LoRA).
     `options` (attention kernel, fused QKV, compile, quantized GEMMs) are applied to `transformer` here, in
-    place, after the LoRAs' base weights were taken; None leaves the model as it is.
+    place, after the LoRAs' base weights were taken; None leaves the model as it is. `expert`: which
+    transformer of its model this is (0; 1 for a two-expert model's low-noise one): it runs only that
+    expert's steps.
     """
 
     def __init__(
         self, transformer: WanTransformer3DModel, lora: LoraStack | LoraFuser | None = None,
-        options: DiTOptions | None = None,
+        options: DiTOptions | None = None, expert: int = 0,
     ) -> None:
         self.transformer = transformer
+        self.expert = expert
         self.lora: LoraStack | None = lora.stack if isinstance(lora, LoraFuser) else lora
         self.device = next(transformer.parameters()).device
         self.dtype = transformer.patch_embedding.weight.dtype  # some parameters stay float32
@@ -115,9 +121,16 @@ class DiTStage:
             self.step(x, 0, flow_sigmas(2), torch.ones(latent_frames), text, text if guidance != 1.0 else None,
                       guidance, mode=mode)
 
+    def stage(self, expert: int) -> DiTStage:
+        """The stage that runs `expert`'s steps: this one, when it is that expert."""
+        if expert != self.expert:
+            raise ValueError(f"a step of expert {expert} sent to the DiT of expert {self.expert}")
+        return self
+
     def run(self, inp: StepInput) -> np.ndarray:
         """The step `inp` (its text resolved) with the LoRAs fused now; step 0 starts from the seed's noise
         and the clean conditioning latents (zeros without conditioning). Returns the next latents."""
+        self.stage(inp.expert)
         multipliers = torch.tensor(inp.multipliers)
         if inp.latents is None:
             clean = torch.zeros(inp.shape) if inp.clean is None else torch.from_numpy(inp.clean)
@@ -155,3 +168,23 @@ class DiTStage:
             self.velocity, x, step, sigmas, multipliers, prompt_embeds, negative_embeds, guidance, self.guide
         )
         return out.cpu()
+
+
+class DiTExperts:
+    """The DiT of a two-expert model in one process: a `DiTStage` per expert (``stages[e].expert == e``),
+    each with its own transformer and LoRA stack. A step runs on the stage of the expert its `StepInput`
+    names, with that expert's guidance; each stage fuses its own expert's LoRA combination."""
+
+    def __init__(self, stages: Sequence[DiTStage]) -> None:
+        if [s.expert for s in stages] != list(range(len(stages))):
+            raise ValueError(f"stages of experts {[s.expert for s in stages]}, expected 0..{len(stages) - 1} in order")
+        self.stages = tuple(stages)
+
+    def stage(self, expert: int) -> DiTStage:
+        """The stage of `expert`."""
+        return self.stages[expert]
+
+    def run(self, inp: StepInput) -> np.ndarray:
+        """The step `inp` on its expert's stage (`DiTStage.run`)."""
+        return self.stages[inp.expert].run(inp)
+

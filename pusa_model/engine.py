@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import media
-from .dit import DiTStage
+from .dit import DiTExperts, DiTStage
 from .operations import (DecodeVideo, DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
                          Operation, StepInput, Stitch)
 from .request import GenerationPlan
@@ -148,9 +148,12 @@ TIMING = {EncodeText: "text", EncodeConditioning: "conditioning", EncodeExtensio
 class LocalEngine:
     """Executes operations with the stages of this process (an executor of a part of a plan needs only the
     stages of its operations). `sources` and `limits`: the conditioning's media (default: the request's own
-    paths) and what decoding them may cost; `on_step` hears of every step."""
+    paths) and what decoding them may cost; `on_step` hears of every step. `dit` is a `DiTStage`, or a
+    two-expert model's `DiTExperts`: each step runs on the stage of its `StepInput.expert`, with that
+    expert's LoRA combination fused."""
 
-    def __init__(self, text: TextEncoderStage | None = None, vae: VAEStage | None = None, dit: DiTStage | None = None,
+    def __init__(self, text: TextEncoderStage | None = None, vae: VAEStage | None = None,
+                 dit: DiTStage | DiTExperts | None = None,
                  sources: dict[str, media.Source] | None = None, limits: media.MediaLimits = media.DEFAULT_LIMITS,
                  on_step: StepCallback | None = None) -> None:
         self.text, self.vae, self.dit = text, vae, dit
@@ -191,9 +194,10 @@ class LocalEngine:
     def _step(self, plan: GenerationPlan, window: GenerationPlan, op: DenoiseStep, state: State) -> None:
         if op.step == 0:
             self._window_started = time.perf_counter()
-        self.dit.set_loras(plan.lora_combination)
         inp = StepInput.of(window, op.step, None if op.step == 0 else state.latents, state.clean, state.text)
-        state.latents = self.dit.run(inp)
+        stage = self.dit.stage(inp.expert)
+        stage.set_loras(plan.lora_combination_of(inp.expert))
+        state.latents = stage.run(inp)
         if op.step == 0:
             state.clean = None  # only step 0 reads it
         if self.on_step is not None:

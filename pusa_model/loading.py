@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".complete"
 PARTS = ("tokenizer", "text_encoder", "vae", "transformer")
+EXPERT_PARTS = ("transformer_2",)  # a two-expert model's second transformer (loaded when asked for)
 
 
 def resolve_source(source: str, cache_dir: Path | None = None, *, s3_endpoint: str | None = None) -> Path:
@@ -166,6 +167,7 @@ class Components:
     text_encoder: UMT5EncoderModel | None = None
     vae: AutoencoderKLWan | None = None
     transformer: WanTransformer3DModel | None = None
+    transformer_2: WanTransformer3DModel | None = None
 
 
 def load_components(
@@ -179,9 +181,9 @@ def load_components(
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS + EXPERT_PARTS)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)} (known: {', '.join(PARTS)})")
+        raise ValueError(f"unknown parts {sorted(unknown)} (known: {', '.join(PARTS + EXPERT_PARTS)})")
     # Weights go from the files straight to `device` (no whole copy in host memory first).
     on = {"device_map": str(torch.device(device)), "local_files_only": True}
     loaders = {
@@ -190,6 +192,7 @@ def load_components(
         "vae": lambda path: AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32, **on),
         "transformer": lambda path: WanTransformer3DModel.from_pretrained(path, torch_dtype=dtype, **on),
     }
+    loaders["transformer_2"] = loaders["transformer"]
     loaded = {}
     for name in parts:
         path = Path(folder) / name

@@ -9,7 +9,13 @@ LoRA files a deployment may fuse beside the Pusa LoRA, each with its default alp
       style: {path: /mnt/loras/style.safetensors, alpha: 0.8}
 
 A path is an ``s3://bucket/key`` (copied once per node), an absolute local file, or a file relative to the
-model folder (the checkpoint's own copy, e.g. one uploaded beside ``pusa_v1.pt``).
+model folder (the checkpoint's own copy, e.g. one uploaded beside ``pusa_v1.pt``). On a two-expert model
+(Pusa-Wan2.2) every entry names a file per expert: ``path`` for the high-noise expert and ``path_2`` for the
+low-noise one (Wan2.2-Lightning's 4-step LoRA ships as such a pair), fused at the entry's one alpha::
+
+    loras:
+      lightning: {path: lightning/high_noise_model.safetensors, path_2: lightning/low_noise_model.safetensors,
+                  alpha: 1.0, fast: true}
 
 A combination is what a DiT holds fused: ``{"pusa": lora_alpha, name: alpha, ...}``. Its id
 (`combination_id`, e.g. ``distill=1.0,pusa=1.4``) is the Serve multiplexed model id that routes a request
@@ -33,7 +39,10 @@ class LoraEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    path: str = Field(min_length=1, description="s3://bucket/key, an absolute file, or a file in the model folder")
+    path: str = Field(min_length=1, description="s3://bucket/key, an absolute file, or a file in the model folder "
+                                                "(a two-expert model's high-noise expert's)")
+    path_2: str | None = Field(default=None, min_length=1,
+                               description="two-expert models: the low-noise expert's file (as path)")
     alpha: float = Field(default=1.0, ge=0.0, le=MAX_ALPHA, description="the strength when a request gives none")
     fast: bool = Field(default=False, description="the LoRA that mode 'fast' adds (at most one)")
 

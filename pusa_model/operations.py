@@ -12,6 +12,11 @@ after each step. Resuming is continuing at an operation index (`Operations.after
 the DiT deployment and its group's workers to `DiTStage.run`. The LoRA combination is not part of it: it is
 the weights the step runs on, which the executor fuses (the service routes the step to a replica holding
 them).
+
+The plan is the same for every model: a two-expert model (Pusa-Wan2.2) has the same operations, and each
+step's `StepInput` names its `expert` (`GenerationPlan.expert`: by the step's timestep against the model's
+boundary) and carries that expert's guidance; the executor runs it on that expert's DiT with that expert's
+LoRA combination (`GenerationPlan.lora_combination_of`).
 """
 
 from __future__ import annotations
@@ -144,7 +149,8 @@ class StepInput:
     At step 0 `latents` is None: the step starts from the seed's noise of `shape`, with the conditioning's
     `clean` latents mixed in by their multipliers (None: no conditioning, as for t2v). `text` is the prompt's
     and negative prompt's embeddings (the negative None without guidance), or a reference to them that the
-    executor resolves before the step (the service's object-store reference, put once a job)."""
+    executor resolves before the step (the service's object-store reference, put once a job). `expert` is the
+    transformer that runs it (0, or 1 for a two-expert model's low-noise expert) and `guidance` that expert's."""
 
     step: int
     sigmas: tuple[float, ...]
@@ -156,14 +162,15 @@ class StepInput:
     latents: np.ndarray | None = None
     clean: np.ndarray | None = None
     text: Any = None
+    expert: int = 0
 
     @classmethod
     def of(cls, plan: GenerationPlan, step: int, latents: np.ndarray | None, clean: np.ndarray | None,
            text: Any) -> StepInput:
         """Step `step` of window `plan` (`clean` matters at step 0 only)."""
-        req = plan.request
-        return cls(step, tuple(plan.sigmas.tolist()), tuple(plan.multipliers.tolist()), req.guidance, req.mode,
-                   plan.seed, plan.latent_shape, latents, clean if step == 0 else None, text)
+        return cls(step, tuple(plan.sigmas.tolist()), tuple(plan.multipliers.tolist()), plan.guidance_at(step),
+                   plan.request.mode, plan.seed, plan.latent_shape, latents, clean if step == 0 else None, text,
+                   plan.expert(step))
 
     @property
     def last(self) -> bool:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from .dit import DiTStage
+from .dit import DiTExperts, DiTStage
+from .errors import ConfigError
 from .engine import LocalEngine, State, StepCallback
 from .transformer import DiTOptions
 from .loading import fill_once, load_components, resolve_source
 from .lora import LoraStack, SafetensorsWeights, load_lora_state_dict
 from .loras import PUSA, LoraRegistry, lora_path
-from .presets import TINY_SEED, Preset, build_tiny_checkpoint, get_preset
+from .presets import TINY_SEED, Preset, build_tiny_checkpoint, build_tiny_wan22_checkpoint, get_preset
 from .request import GenerationPlan
 from .text import TextEncoderStage
 from .vae import VAEStage
@@ -37,10 +38,17 @@ def _build_tiny(folder: Path) -> dict:
     return {"preset": "tiny", "seed": TINY_SEED}
 
 
+def _build_tiny_wan22(folder: Path) -> dict:
+    build_tiny_wan22_checkpoint(folder)
+    return {"preset": "tiny-wan2.2", "seed": TINY_SEED}
+
+
 def model_folder(preset: Preset) -> Path:
-    """Local folder of `preset`'s checkpoint: built for `tiny`, copied once for ``s3://``."""
+    """Local folder of `preset`'s checkpoint: built for `tiny` and `tiny-wan2.2`, copied once for ``s3://``."""
     if preset.name == "tiny":
         return fill_once(Path(preset.source), _build_tiny)
+    if preset.name == "tiny-wan2.2":
+        return fill_once(Path(preset.source), _build_tiny_wan22)
     return resolve_source(preset.source)
 
 
@@ -49,30 +57,44 @@ LORA_BASES = ("disk", "cpu", "device")
 
 def load_dit_stage(
     folder: Path, preset: Preset, device: str, options: DiTOptions | None = None,
-    loras: LoraRegistry | None = None, lora_base: str = "disk",
-) -> DiTStage:
+    loras: LoraRegistry | None = None, lora_base: str = "disk", expert: int | None = None,
+) -> DiTStage | DiTExperts:
     """The DiT with the preset's LoRA (``pusa``) and the registry's `loras` ready to fuse in any combination,
     and the speed `options` applied. Base weights for re-fusing: `lora_base` ``disk`` re-reads them from the
     checkpoint (no memory kept), ``cpu`` keeps a copy of every targeted weight in host memory, ``device`` keeps
     it beside the model together with the LoRAs' tensors (fastest switches; as much device memory again as
-    the targeted weights, plus the LoRAs)."""
+    the targeted weights, plus the LoRAs).
+
+    A two-expert preset gives a `DiTExperts` of both experts, or with `expert` (0 or 1) that expert's
+    `DiTStage` alone: its transformer folder, its Pusa LoRA file and each registry entry's file for it
+    (``path``, or ``path_2`` for the low-noise expert)."""
     if lora_base not in LORA_BASES:
         raise ValueError(f"lora_base must be one of {LORA_BASES}, got {lora_base!r}")
-    transformer = load_components(folder, preset.torch_dtype, device, parts=("transformer",)).transformer
+    if expert is None and preset.experts > 1:
+        return DiTExperts([load_dit_stage(folder, preset, device, options, loras, lora_base, e)
+                           for e in range(preset.experts)])
+    expert = expert or 0
+    if not 0 <= expert < preset.experts:
+        raise ValueError(f"preset {preset.name} has no expert {expert} (it has {preset.experts})")
+    part = preset.transformers[expert]
+    transformer = getattr(load_components(folder, preset.torch_dtype, device, parts=(part,)), part)
     states = {}
-    if preset.lora:
-        states[PUSA] = load_lora_state_dict(folder / preset.lora)
+    if preset.loras[expert]:
+        states[PUSA] = load_lora_state_dict(folder / preset.loras[expert])
     for name, entry in (loras.root if loras is not None else {}).items():
-        states[name] = load_lora_state_dict(lora_path(entry.path, folder))
+        if (entry.path_2 is not None) != (preset.experts > 1):
+            raise ConfigError(f"LoRA {name!r}: a two-expert model needs a file per expert (path and path_2), a "
+                              f"one-expert model one file (path); preset {preset.name} has {preset.experts}")
+        states[name] = load_lora_state_dict(lora_path(entry.path_2 if expert else entry.path, folder))
     stack = None
     if states:
         if lora_base == "disk":
-            stack = LoraStack(transformer, states, base_weights=SafetensorsWeights(folder / "transformer"))
+            stack = LoraStack(transformer, states, base_weights=SafetensorsWeights(folder / part))
         else:
             on_device = lora_base == "device"
             stack = LoraStack(transformer, states, base_device=device if on_device else "cpu",
                               lora_device=device if on_device else None)
-    return DiTStage(transformer, stack, options)
+    return DiTStage(transformer, stack, options, expert=expert)
 
 
 def load_text_stage(folder: Path, preset: Preset, device: str) -> TextEncoderStage:
@@ -89,9 +111,9 @@ def load_vae_stage(folder: Path, preset: Preset, device: str, tiling: bool = Fal
 
 
 class PusaPipeline:
-    """Text encoder, VAE and DiT of one preset in this process."""
+    """Text encoder, VAE and DiT of one preset in this process (`dit`: a two-expert preset's `DiTExperts`)."""
 
-    def __init__(self, preset: Preset, text: TextEncoderStage, vae: VAEStage, dit: DiTStage) -> None:
+    def __init__(self, preset: Preset, text: TextEncoderStage, vae: VAEStage, dit: DiTStage | DiTExperts) -> None:
         self.preset = preset
         self.text = text
         self.vae = vae

@@ -1,4 +1,4 @@
-"""Model presets: the embedded `tiny` checkpoint and the real Pusa V1 model.
+"""Model presets: the embedded `tiny` checkpoints and the real models, Pusa V1 and Pusa-Wan2.2.
 
 A preset names where a checkpoint in diffusers layout lives (a local folder or an ``s3://`` prefix),
 which LoRA file to apply, and the default output shape. The layout on disk is always::
@@ -10,7 +10,13 @@ which LoRA file to apply, and the default output shape. The layout on disk is al
     tokenizer/     its tokenizer
     <lora file>    Pusa LoRA (PEFT or ComfyUI keys), optional
 
-`tiny` is built here, deterministically from a fixed seed, the first time it is asked for.
+A two-expert model (Wan2.2-T2V-A14B: diffusers' Wan2.2 layout) has a second transformer,
+``transformer_2/`` (the low-noise expert; ``transformer/`` is the high-noise one) with its own Pusa LoRA
+file, and a `boundary`: a step whose scheduler timestep t is at least ``boundary * 1000`` runs the
+high-noise expert, any later step the low-noise one (`schedule.step_expert`).
+
+`tiny` and `tiny-wan2.2` are built here, deterministically from a fixed seed, the first time they are
+asked for.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: a launcher reads 
 
 TINY_SEED = 20250
 LORA_FILENAME = "pusa_v1.safetensors"
+WAN22_LORAS = ("high_noise_pusa.safetensors", "low_noise_pusa.safetensors")  # Pusa-Wan2.2's, one per expert
 
 # Words the tiny tokenizer is trained on: Wan's negative prompt and common prompt vocabulary.
 _TINY_CORPUS = (
@@ -47,12 +54,32 @@ class Preset:
     name: str
     source: str  # local folder or s3://bucket/prefix
     lora: str | None = LORA_FILENAME  # path inside `source`, or None for no LoRA
+    lora_alpha: float = 1.4  # the Pusa LoRA's alpha when a request leaves lora_alpha out
+    # A two-expert model: the low-noise expert's Pusa LoRA and alpha, and the boundary (None: one expert).
+    lora_2: str | None = None
+    lora_alpha_2: float | None = None
+    boundary: float | None = None
     width: int = 832
     height: int = 480
     frames: int = 81
     window_frames: int = 81  # the longest video made in one window; longer ones are chains of windows
     dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
+
+    @property
+    def experts(self) -> int:
+        """How many transformers the model has: 1, or 2 (high noise, low noise) with a `boundary`."""
+        return 1 if self.boundary is None else 2
+
+    @property
+    def transformers(self) -> tuple[str, ...]:
+        """The folders of the experts' transformers, in expert order."""
+        return ("transformer", "transformer_2")[: self.experts]
+
+    @property
+    def loras(self) -> tuple[str | None, ...]:
+        """Each expert's Pusa LoRA file."""
+        return (self.lora, self.lora_2)[: self.experts]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,11 +94,13 @@ def default_cache_dir() -> Path:
 
 
 def get_preset(name: str) -> Preset:
-    """Return the preset called `name`: ``tiny`` or ``pusa-v1``.
+    """Return the preset called `name`: ``tiny``, ``tiny-wan2.2``, ``pusa-v1`` or ``pusa-wan2.2``.
 
     ``pusa-v1`` reads its source from ``PUSA_MODEL_SOURCE`` (a folder or ``s3://`` prefix holding
     Wan2.1-T2V-14B in diffusers layout) and its LoRA path from ``PUSA_LORA`` (default
-    ``pusa_v1.pt``, relative to the source).
+    ``pusa_v1.pt``, relative to the source). ``pusa-wan2.2`` reads its source from ``PUSA_WAN22_SOURCE``
+    (Wan2.2-T2V-A14B in diffusers layout with the two Pusa LoRA files `WAN22_LORAS` beside it); its
+    boundary is 0.875 and its default alphas 1.5 (high noise) and 1.4 (low noise), the authors' values.
     """
     if name == "tiny":
         return Preset(
@@ -82,16 +111,30 @@ def get_preset(name: str) -> Preset:
             frames=17,
             dtype="float32",
         )
+    if name == "tiny-wan2.2":
+        return Preset(name="tiny-wan2.2", source=str(default_cache_dir() / TINY_WAN22_BUILD), width=64, height=64,
+                      frames=17, dtype="float32", **_wan22_fields())
+    if name == "pusa-wan2.2":
+        source = os.environ.get("PUSA_WAN22_SOURCE")
+        if not source:
+            raise ConfigError("preset pusa-wan2.2 needs PUSA_WAN22_SOURCE (a folder or s3:// prefix)")
+        return Preset(name="pusa-wan2.2", source=source, **_wan22_fields())
     if name == "pusa-v1":
         source = os.environ.get("PUSA_MODEL_SOURCE")
         if not source:
             raise ConfigError("preset pusa-v1 needs PUSA_MODEL_SOURCE (a folder or s3:// prefix)")
         return Preset(name="pusa-v1", source=source, lora=os.environ.get("PUSA_LORA", "pusa_v1.pt"))
-    raise ConfigError(f"unknown preset {name!r} (known: tiny, pusa-v1)")
+    raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESET_NAMES)})")
 
 
-PRESET_NAMES = ("tiny", "pusa-v1")
+def _wan22_fields() -> dict:
+    """What the Wan2.2 presets share: the LoRA files, the authors' alphas and the boundary."""
+    return dict(lora=WAN22_LORAS[0], lora_2=WAN22_LORAS[1], lora_alpha=1.5, lora_alpha_2=1.4, boundary=0.875)
+
+
+PRESET_NAMES = ("tiny", "tiny-wan2.2", "pusa-v1", "pusa-wan2.2")
 TINY_BUILD = "tiny-2"  # the cache folder of the tiny checkpoint; a new name when its configs change
+TINY_WAN22_BUILD = "tiny-wan2.2-1"  # the tiny two-expert checkpoint's
 
 
 def tiny_transformer_config() -> dict:
@@ -154,18 +197,20 @@ def build_tiny_tokenizer():
 
 
 def build_tiny_lora_state_dict(
-    transformer: torch.nn.Module, rank: int = 4, device: str = "cpu", dtype: torch.dtype | None = None
+    transformer: torch.nn.Module, rank: int = 4, device: str = "cpu", dtype: torch.dtype | None = None,
+    seed: int = TINY_SEED + 1,
 ) -> dict[str, torch.Tensor]:
     """Random Pusa-style LoRA weights for `transformer`, in the released PEFT key form
     (``blocks.N.self_attn.q.lora_A.default.weight``), targeting q, k, v, o of both attentions and
-    the two FFN linears of every block; drawn on `device`, stored on the CPU in `dtype` (default float32)."""
+    the two FFN linears of every block; drawn from `seed` on `device`, stored on the CPU in `dtype` (default
+    float32)."""
     import torch
 
     dtype = dtype or torch.float32
     names = {"self_attn": "attn1", "cross_attn": "attn2"}
     proj = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0"}
     ffn = {"ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
-    gen = torch.Generator(device).manual_seed(TINY_SEED + 1)
+    gen = torch.Generator(device).manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
 
     for i, block in enumerate(transformer.blocks):
@@ -237,10 +282,35 @@ def build_tiny_checkpoint(dest: Path) -> Path:
     return Path(dest)
 
 
+def build_tiny_wan22_checkpoint(dest: Path) -> Path:
+    """Write the tiny two-expert preset's checkpoint to `dest` in diffusers' Wan2.2 layout (deterministic): the
+    tiny preset's tokenizer, text encoder and VAE (the same weights), two different random transformers of
+    the tiny config and a different random Pusa LoRA for each (`WAN22_LORAS`)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(TINY_SEED)
+    high = WanTransformer3DModel(**tiny_transformer_config())
+    vae = AutoencoderKLWan(**tiny_vae_config())
+    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_text_encoder_config(len(tokenizer))))
+    torch.manual_seed(TINY_SEED + 10)
+    low = WanTransformer3DModel(**tiny_transformer_config())
+    loras = {WAN22_LORAS[0]: build_tiny_lora_state_dict(high, seed=TINY_SEED + 11),
+             WAN22_LORAS[1]: build_tiny_lora_state_dict(low, seed=TINY_SEED + 12)}
+    save_checkpoint(dest, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=high,
+                    transformer_2=low, files=loras, boundary_ratio=0.875)
+    return Path(dest)
+
+
 def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
-                    files: dict[str, dict[str, torch.Tensor]]) -> None:
+                    files: dict[str, dict[str, torch.Tensor]], transformer_2=None,
+                    boundary_ratio: float | None = None) -> None:
     """Write the four parts in diffusers layout under `dest` with ``model_index.json``, and each state dict of
-    `files` (LoRAs) at its relative path: ``.safetensors`` or, for ``.pt``/``.pth``, ``torch.save``."""
+    `files` (LoRAs) at its relative path: ``.safetensors`` or, for ``.pt``/``.pth``, ``torch.save``. With
+    `transformer_2` (a two-expert model), also ``transformer_2/`` and the index's ``boundary_ratio``, as
+    diffusers' Wan2.2 checkpoints have them."""
     import torch
     from safetensors.torch import save_file
 
@@ -248,6 +318,8 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dest / "tokenizer")
     transformer.save_pretrained(dest / "transformer")
+    if transformer_2 is not None:
+        transformer_2.save_pretrained(dest / "transformer_2")
     vae.save_pretrained(dest / "vae")
     text_encoder.save_pretrained(dest / "text_encoder")
     for name, state in files.items():
@@ -264,4 +336,6 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
         "vae": ["diffusers", "AutoencoderKLWan"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
     }
+    if transformer_2 is not None:
+        model_index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=boundary_ratio)
     (dest / "model_index.json").write_text(json.dumps(model_index, indent=2))

@@ -15,6 +15,10 @@ v2v extension conditioned on the last `OVERLAP_FRAMES` frames of the window befo
 `OVERLAP_LATENTS` latent frames, noise multipliers ``extension_multipliers``, the reference demo's
 extension defaults when left out) with its own seed (the request's plus its index), and the last window
 is shortened to end at ``frames``. The video is window 0 followed by each later window after its overlap.
+
+On a two-expert model (the preset has a `boundary`, e.g. Pusa-Wan2.2) the plan says which expert runs each
+step (`GenerationPlan.expert`: by the step's own timestep against the boundary) with its guidance and its
+LoRA combination; `plan_request` fills the request's per-expert fields the request leaves out (`resolve_experts`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .presets import Preset, get_preset
 from .request_schema import (DEFAULT_COMPLETION_MULTIPLIER, DEFAULT_EXTENSION, DEFAULT_I2V_MULTIPLIER,
                              DEFAULT_KEYFRAME_MULTIPLIERS, OVERLAP_FRAMES, PREVIOUS_WINDOW, SIZE_MULTIPLE, VAE_SPATIAL,
                              VAE_TEMPORAL, GenerationRequest, LoraChoice)
-from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps
+from .schedule import flow_sigmas, frame_sigma_deltas, frame_timesteps, step_expert
 
 @dataclass(frozen=True)
 class ConditioningFrame:
@@ -56,6 +60,7 @@ class GenerationPlan:
     seed: int
     conditioning: tuple[ConditioningFrame, ...]  # a long video's: its first window's
     window_frames: int | None = None  # set when the request is a long video (frames > window_frames)
+    boundary: float | None = None  # a two-expert model's (the preset's); None: one expert
 
     @cached_property
     def windows(self) -> tuple[GenerationPlan, ...]:
@@ -71,7 +76,7 @@ class GenerationPlan:
             seed = (self.seed + i) % 2**63
             req = self.request.model_copy(update={**(extension if i else {}), "frames": frames,
                                                   "window_frames": frames, "seed": seed})
-            plans.append(_plan_window(req, self.width, self.height, frames, seed))
+            plans.append(_plan_window(req, self.width, self.height, frames, seed, self.boundary))
         return tuple(plans)
 
     @cached_property
@@ -81,9 +86,30 @@ class GenerationPlan:
 
     @property
     def prompts(self) -> tuple[str, str | None]:
-        """The prompt and the negative prompt the text encoder encodes (None without guidance: no
+        """The prompt and the negative prompt the text encoder encodes (None when no expert guides: no
         unconditional pass)."""
-        return self.request.prompt, self.request.negative_prompt if self.request.guidance != 1.0 else None
+        guided = any(g != 1.0 for g in self.guidances)
+        return self.request.prompt, self.request.negative_prompt if guided else None
+
+    @property
+    def experts(self) -> int:
+        """How many transformers the model has: 1, or 2 (high noise, low noise) with a `boundary`."""
+        return 1 if self.boundary is None else 2
+
+    def expert(self, step: int) -> int:
+        """The expert that runs step `step`: by the step's scheduler timestep ``1000 * sigma_step`` against the
+        boundary (`schedule.step_expert`), whatever the frames' own scaled timesteps; 0 with one expert."""
+        return step_expert(float(self.sigmas[step]), self.boundary)
+
+    @property
+    def guidances(self) -> tuple[float, ...]:
+        """Each expert's guidance: ``guidance``, and on a two-expert model ``guidance_2`` (resolved)."""
+        req = self.request
+        return (req.guidance,) if self.experts == 1 else (req.guidance, req.guidance_2)
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance of step `step`: its expert's."""
+        return self.guidances[self.expert(step)]
 
     @property
     def latent_frames(self) -> int:
@@ -106,8 +132,15 @@ class GenerationPlan:
     @property
     def lora_combination(self) -> dict[str, float]:
         """The LoRAs the DiT fuses for this request, name -> alpha: the Pusa LoRA at ``lora_alpha`` and
-        every listed LoRA of non-zero alpha (the request was resolved against the registry)."""
-        combination = {PUSA: self.request.lora_alpha}
+        every listed LoRA of non-zero alpha (the request was resolved against the registry). On a two-expert
+        model, the high-noise expert's (`lora_combination_of`)."""
+        return self.lora_combination_of(0)
+
+    def lora_combination_of(self, expert: int) -> dict[str, float]:
+        """The LoRA combination `expert` runs with: its Pusa LoRA at its alpha (``lora_alpha``, or
+        ``lora_alpha_2`` for the low-noise expert) and every listed LoRA, whose file for that expert the
+        deployment holds, at the one alpha the request gives it."""
+        combination = {PUSA: self.request.lora_alpha if expert == 0 else self.request.lora_alpha_2}
         for i, choice in enumerate(self.request.loras):
             if choice.alpha is None:
                 raise InvalidRequest(f"loras[{i}].alpha", "no alpha given and no LoRA registry to default it from")
@@ -133,9 +166,12 @@ class GenerationPlan:
                 "sigma": round(float(sigmas[k]), 6),
                 "sigma_next": round(float(sigmas[k + 1]), 6),
                 "frame_sigma_deltas": [round(v, 6) for v in frame_sigma_deltas(sigmas, m, k).tolist()],
+                **({"expert": self.expert(k), "guidance": self.guidance_at(k)} if self.experts > 1 else {}),
             }
             for k in range(self.request.steps)
         ]
+        experts = ({"boundary": self.boundary, "guidance_2": self.request.guidance_2,
+                    "lora_alpha_2": self.request.lora_alpha_2} if self.experts > 1 else {})
         if self.window_frames is not None:
             windows = self.windows
             return {**windows[0].describe(), "frames": self.frames, "window_frames": self.window_frames,
@@ -155,7 +191,8 @@ class GenerationPlan:
             "lora_alpha": self.request.lora_alpha,
             "mode": self.request.mode,
             "loras": [choice.model_dump() for choice in self.request.loras],
-            "cfg_passes_per_step": 1 if self.request.guidance == 1.0 else 2,
+            **experts,
+            "cfg_passes_per_step": 1 if all(g == 1.0 for g in self.guidances) else 2,  # at most, over the steps
             "conditioning": [c.__dict__ for c in self.conditioning],
             "video_frames_needed": self.video_frames_needed,
             "steps": steps,
@@ -246,6 +283,27 @@ def resolve_loras(req: GenerationRequest, registry: LoraRegistry) -> GenerationR
     return req.model_copy(update={"loras": chosen})
 
 
+def resolve_experts(req: GenerationRequest, preset: Preset) -> GenerationRequest:
+    """`req` with the per-model fields it leaves out filled from `preset`: ``lora_alpha`` (the preset's, the
+    high-noise expert's on a two-expert model) and, on a two-expert model, ``lora_alpha_2`` (the preset's
+    low-noise alpha) and ``guidance_2`` (``guidance``, as diffusers' ``guidance_scale_2``). A one-expert
+    model refuses ``guidance_2`` and ``lora_alpha_2``."""
+    update: dict = {}
+    if "lora_alpha" not in req.model_fields_set:
+        update["lora_alpha"] = preset.lora_alpha
+    if preset.experts == 1:
+        for name in ("guidance_2", "lora_alpha_2"):
+            if getattr(req, name) is not None:
+                raise InvalidRequest(name, f"model {preset.name} has one transformer; {name} is for two-expert "
+                                           "models (Wan2.2)")
+    else:
+        if req.lora_alpha_2 is None:
+            update["lora_alpha_2"] = preset.lora_alpha_2
+        if req.guidance_2 is None:
+            update["guidance_2"] = req.guidance
+    return req.model_copy(update=update) if update else req
+
+
 def window_frame_counts(frames: int, window: int) -> list[int]:
     """The frames of each window of a long video of `frames` frames in windows of `window` (both 4k+1):
     full windows, the last one shortened; each after the first adds all but its `OVERLAP_FRAMES`."""
@@ -262,6 +320,7 @@ def plan_request(
     request was resolved before, e.g. a stored job's). Raises `InvalidRequest`."""
     if loras is not None:
         req = resolve_loras(req, loras)
+    req = resolve_experts(req, preset)
     width = req.width or preset.width
     height = req.height or preset.height
     frames = req.frames or preset.frames
@@ -274,9 +333,10 @@ def plan_request(
             raise InvalidRequest("window_frames", f"a window of a long video must have 4k+1 frames, at least "
                                                   f"{OVERLAP_FRAMES + VAE_TEMPORAL}; got {window}")
         _check_frames(frames)
-        first = _plan_window(req, width, height, window, seed)
-        return GenerationPlan(req, width, height, frames, seed, first.conditioning, window_frames=window)
-    return _plan_window(req, width, height, frames, seed)
+        first = _plan_window(req, width, height, window, seed, preset.boundary)
+        return GenerationPlan(req, width, height, frames, seed, first.conditioning, window_frames=window,
+                              boundary=preset.boundary)
+    return _plan_window(req, width, height, frames, seed, preset.boundary)
 
 
 def replan(request: dict, seed: int, preset: str) -> GenerationPlan:
@@ -290,7 +350,8 @@ def _check_frames(frames: int) -> None:
         raise InvalidRequest("frames", f"{frames} is not of the form 4k+1 (e.g. 81)")
 
 
-def _plan_window(req: GenerationRequest, width: int, height: int, frames: int, seed: int) -> GenerationPlan:
+def _plan_window(req: GenerationRequest, width: int, height: int, frames: int, seed: int,
+                 boundary: float | None = None) -> GenerationPlan:
     """The plan of one window of `frames` frames: every check of the request's task and conditioning."""
     _check_size("width", width)
     _check_size("height", height)
@@ -334,4 +395,4 @@ def _plan_window(req: GenerationRequest, width: int, height: int, frames: int, s
             for i, (p, m) in enumerate(zip(positions, multipliers))
         )
 
-    return GenerationPlan(req, width, height, frames, seed, conditioning)
+    return GenerationPlan(req, width, height, frames, seed, conditioning, boundary=boundary)

@@ -79,8 +79,17 @@ class GenerationRequest(BaseModel):
                                            description="one noise multiplier for every conditioning frame")
     steps: int = Field(default=10, ge=1, le=50, description="denoising steps")
     guidance: float = Field(default=5.0, ge=1.0, le=20.0,
-                            description="classifier-free guidance scale (1: no unconditional pass)")
-    lora_alpha: float = Field(default=1.4, ge=0.1, le=MAX_ALPHA, description="strength of the Pusa LoRA")
+                            description="classifier-free guidance scale (1: no unconditional pass); on a "
+                                        "two-expert model (Wan2.2), the high-noise expert's")
+    guidance_2: float | None = Field(default=None, ge=1.0, le=20.0,
+                                     description="two-expert models only: the low-noise expert's guidance "
+                                                 "(guidance when left out)")
+    lora_alpha: float = Field(default=1.4, ge=0.1, le=MAX_ALPHA,
+                              description="strength of the Pusa LoRA (when left out, the model's: 1.4; on "
+                                          "Wan2.2, the high-noise expert's, 1.5)")
+    lora_alpha_2: float | None = Field(default=None, ge=0.1, le=MAX_ALPHA,
+                                       description="two-expert models only: the low-noise expert's Pusa LoRA "
+                                                   "strength (the model's, 1.4 on Wan2.2, when left out)")
     mode: Literal["standard", "fast"] = Field(
         default="standard", description="fast: 4 steps at guidance 1 with the deployment's distill LoRA, "
                                         "unless the request sets steps, guidance or that LoRA itself")
