@@ -55,12 +55,12 @@ from pgserver import running_postgres_server  # noqa: E402
 from s3server import REGION, running_s3_server  # noqa: E402
 from sqlalchemy import event, insert  # noqa: E402
 
-from deployments.db import Database, open_database  # noqa: E402
-from deployments.job_files import JobFiles  # noqa: E402
-from deployments.job_store import JobStore  # noqa: E402
-from deployments.jobs import Job, job_created_at, new_job_id  # noqa: E402
-from deployments.schema import job_events, jobs  # noqa: E402
-from deployments.storage import S3Store, Store, open_store  # noqa: E402
+from pusa_jobs.db import Database, open_database  # noqa: E402
+from pusa_jobs.job_files import JobFiles  # noqa: E402
+from pusa_jobs.job_store import JobStore  # noqa: E402
+from pusa_jobs.jobs import Job, job_created_at, new_job_id  # noqa: E402
+from pusa_jobs.schema import job_events, jobs  # noqa: E402
+from pusa_jobs.storage import S3Store, Store, open_store  # noqa: E402
 
 OLD_REF = "6b4fd00"  # the last commit with the file/S3 job records
 STEPS, JOBS_PER_CASE = 50, 3

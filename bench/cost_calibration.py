@@ -1,4 +1,4 @@
-"""Measure a device's cost calibration (`deployments/cost.py`): seconds per DiT forward at two sizes,
+"""Measure a device's cost calibration (`pusa_jobs/cost.py`): seconds per DiT forward at two sizes,
 fitted to ``a·M + b·M²`` (M: million pixel-frames), the decode's ``d·M`` and the encoders' fixed time.
 
     python bench/cost_calibration.py --preset tiny                       # the CPU entry
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deployments.cost import Calibration, estimate_gpu_seconds, megapixel_frames  # noqa: E402
+from pusa_jobs.cost import Calibration, estimate_gpu_seconds, megapixel_frames  # noqa: E402
 from pusa_model.engine import encode_conditioning  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import plan_request  # noqa: E402

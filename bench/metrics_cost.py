@@ -44,7 +44,7 @@ class StepObserver:
     def __init__(self, log_path: str) -> None:
         from ray._common.formatters import JSONFormatter
 
-        import deployments.observability  # noqa: F401 - imports ray.serve, which resets its logger first
+        import pusa_jobs.observability  # noqa: F401 - imports ray.serve, which resets its logger first
 
         handler = logging.FileHandler(log_path)
         handler.setFormatter(JSONFormatter())
@@ -54,7 +54,7 @@ class StepObserver:
         serve_logger.propagate = False
 
     def run(self, steps: int, observe: bool) -> float:
-        from deployments.observability import job_logging, log_job_event, metrics, timed
+        from pusa_jobs.observability import job_logging, log_job_event, metrics, timed
 
         job = "video_0000000000000000bench01"
         job_tags = {"task": "t2v", "preset": "tiny"}

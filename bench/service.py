@@ -69,9 +69,9 @@ import torch  # noqa: E402
 from ray import serve  # noqa: E402
 from serving import default_database, local_config, running_service  # noqa: E402  (tests/serving.py)
 
-from deployments.db import Database  # noqa: E402
 from deployments.dit import alpha_model_id  # noqa: E402
-from deployments.job_store import JobStore  # noqa: E402
+from pusa_jobs.db import Database  # noqa: E402
+from pusa_jobs.job_store import JobStore  # noqa: E402
 from pusa_model.operations import StepInput  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402

@@ -18,8 +18,8 @@ import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from .api_keys import ApiKey, KeyStore, Quotas
-from .db import open_database
+from pusa_jobs.api_keys import ApiKey, KeyStore, Quotas
+from pusa_jobs.db import open_database
 
 DEFAULT_DATABASE = "sqlite:///data/jobs.db"
 

@@ -18,17 +18,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from pusa_jobs.api_keys import Caller, KeyStore, Quotas
+from pusa_jobs.cost import CostSettings, cost_drivers, estimate_gpu_seconds
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.quotas import Charge, QuotaExceeded
 from pusa_model.media import MediaLimits
 from pusa_model.presets import Preset
 from pusa_model.request import GenerationPlan
 from pusa_model.request_schema import MAX_FRAMES
 
-from .api_keys import Caller, KeyStore, Quotas
 from .batch_files import BatchLimits
-from .cost import CostSettings, cost_drivers, estimate_gpu_seconds
-from .job_store import JobStore
 from .openai_api import ApiError
-from .quotas import Charge, QuotaExceeded
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")

@@ -1,5 +1,5 @@
 """The HTTP API's shapes as OpenAPI documents them: request bodies (JSON and multipart), the `Video`
-object, lists, errors. The routes read bodies themselves (`openai_api.Submission`, which also takes
+object, lists, errors. The routes read bodies themselves (`openai_api.read_submission`, which also takes
 the OpenAI SDK's form encodings); these models describe the wire format for clients and for fuzzing.
 """
 
@@ -9,11 +9,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pusa_jobs.batches import BatchStatus
+from pusa_jobs.jobs import Status
+from pusa_jobs.submission import MODEL_NAME
 from pusa_model.request_schema import MAX_SIDE, GenerationRequest
-
-from .batches import BatchStatus
-from .jobs import Status
-from .openai_api import MODEL_NAME
 
 SIZE_PATTERN = r"^[0-9]{2,4}x[0-9]{2,4}$"
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 from ray.serve import Application
 
 from pusa_batch.run import BatchSettings
+from pusa_jobs.webhooks import WebhookSettings
 from pusa_model.loras import LoraRegistry
 
 from .dit import DiT, WarmUpShape
@@ -22,7 +23,6 @@ from .router import Router
 from .runner import Runner, RunnerSettings
 from .text_encoder import TextEncoder
 from .vae import VAE
-from .webhooks import WebhookSettings
 
 
 class AppArgs(BaseModel):

@@ -21,22 +21,22 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from pusa_batch.rows import read_row
+from pusa_jobs.api_keys import Caller, Quotas
+from pusa_jobs.batches import (BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile, batch_created_at,
+                               file_created_at)
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import new_id
+from pusa_jobs.quotas import Charge, QuotaExceeded
 from pusa_model.errors import InvalidRequest
 from pusa_model.presets import Preset
 
 from .admission import Admission, ApiSettings, bearer, owned, quota_error
-from .api_keys import Caller, Quotas
 from .api_schema import (BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject, FileUpload,
                          responses)
 from .batch_files import read_requests
 from .batch_run import manifest_key
-from .batches import (BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile, batch_created_at,
-                      file_created_at)
-from .job_files import JobFiles
-from .job_store import JobStore
-from .jobs import new_id
 from .openai_api import ApiError, limited
-from .quotas import Charge, QuotaExceeded
 
 batch_routes = APIRouter()
 COMPLETION_WINDOW_S = {"24h": 86400.0}

@@ -31,15 +31,16 @@ from pusa_batch.outputs import BatchOutputs
 from pusa_batch.rows import read_row
 from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
+from pusa_jobs.batches import (FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, batch_folder,
+                               file_created_at)
+from pusa_jobs.db import is_transient, open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore, LeaseLost
+from pusa_jobs.jobs import JOB_PREFIX, Job, job_created_at, job_plan, new_id
+from pusa_jobs.storage import StoreUnavailable, open_store
 from pusa_model.presets import get_preset
 
 from .batch_files import deleted_line, error_line, output_line
-from .batches import FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, file_created_at
-from .db import is_transient, open_database
-from .job_files import JobFiles
-from .job_store import JobStore, LeaseLost
-from .jobs import JOB_PREFIX, Job, job_created_at, job_plan, new_id
-from .storage import StoreUnavailable, open_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,11 +64,6 @@ class BatchContext:
     renew_s: float
     draining: asyncio.Event
     outage_s: float = 600.0  # how long a row's registration waits out an unreachable database or store
-
-
-def batch_folder(batch_id: str) -> str:
-    """Where a batch keeps what it stores: its requests, the pipeline's outputs, its output and error files."""
-    return f"batches/{batch_id}/"
 
 
 def manifest_key(batch_id: str) -> str:

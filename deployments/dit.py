@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
+from pusa_jobs.observability import gpu_kind, job_logging, metrics
+from pusa_model.devices import gpu_memory, pick_device, release_on_oom
 from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
 from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage, model_folder
@@ -31,9 +33,7 @@ from pusa_model.presets import get_preset
 from pusa_model.request_schema import SIZE_MULTIPLE, VAE_TEMPORAL
 from pusa_model.transformer import DiTOptions
 
-from .devices import gpu_memory, pick_device, release_on_oom
 from .dit_group import DiTGroup, DiTParallel
-from .observability import gpu_kind, job_logging, metrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -14,8 +14,8 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 
-from .job_store import JobStore
-from .jobs import TERMINAL
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import TERMINAL
 
 KEEPALIVE = ": keep-alive\n\n"
 

@@ -21,19 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pusa_jobs.db import is_transient
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore, Lease, LeaseLost, Signals
+from pusa_jobs.observability import bind_job, log_job_event, metrics, timed
+from pusa_jobs.storage import StoreUnavailable
+from pusa_jobs.webhooks import delivery
 from pusa_model.errors import InvalidRequest
 from pusa_model.operations import (DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
                                    Operation, Operations, StepInput, Stitch)
 from pusa_model.request import GenerationPlan, replan
 from pusa_model.schedule import frame_timesteps
 
-from .db import is_transient
-from .job_files import JobFiles
-from .job_store import JobStore, Lease, LeaseLost, Signals
-from .observability import bind_job, log_job_event, metrics, timed
 from .stages import StageFailed, Stages
-from .storage import StoreUnavailable
-from .webhooks import delivery
 
 if TYPE_CHECKING:
     from .runner import RunnerSettings

@@ -21,6 +21,17 @@ from ray.serve.handle import DeploymentHandle
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pusa_jobs.api_keys import Caller, KeyStore
+from pusa_jobs.batches import BatchStore
+from pusa_jobs.db import open_database
+from pusa_jobs.job_files import RESULT_FILES, JobFiles
+from pusa_jobs.job_store import IdempotencyConflict, JobStore
+from pusa_jobs.jobs import TERMINAL, Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.observability import log_job_event, metrics
+from pusa_jobs.quotas import QuotaExceeded
+from pusa_jobs.storage import StoreUnavailable, open_store
+from pusa_jobs.submission import MODEL_NAME, Submission
+from pusa_jobs.webhooks import WebhookSettings, receiver_problem
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
@@ -28,23 +39,12 @@ from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
 from .admission import Admission, ApiSettings, CrossSiteGate, bearer, check_exposure, owned, proxy_host, quota_error
-from .api_keys import Caller, KeyStore
 from .api_schema import ModelList, Video, VideoCreate, VideoDeleted, VideoExtend, VideoList, request_body, responses
 from .batch_api import BatchRoutes, batch_routes
-from .batches import BatchStore
-from .db import open_database
 from .event_stream import job_events, sse
-from .job_files import RESULT_FILES, JobFiles
-from .job_store import IdempotencyConflict, JobStore
-from .jobs import TERMINAL, Job, job_created_at, job_plan, new_job_id
 from .loading import ROUTER_SURGE_PERCENT, LoadingGate, Readiness
-from .observability import log_job_event, metrics
-from .openai_api import (MODEL_NAME, ApiError, Submission, check_idempotency_key, check_webhook_url,
-                         request_fingerprint)
-from .quotas import QuotaExceeded
-from .storage import StoreUnavailable, open_store
+from .openai_api import ApiError, check_idempotency_key, check_webhook_url, read_submission, request_fingerprint
 from .web import WebRoutes, web_files, web_routes
-from .webhooks import WebhookSettings, receiver_problem
 
 logger = logging.getLogger("ray.serve")
 
@@ -283,7 +283,7 @@ class Router(BatchRoutes, WebRoutes):
         """Queue a generation job (JSON or multipart). An ``Idempotency-Key`` header makes a retried
         request return the job the first one made."""
         caller = await self.admission.caller(credentials)
-        sub = await Submission.read(request, self.settings.max_upload_bytes)
+        sub = await read_submission(request, self.settings.max_upload_bytes)
         data = await self._generation_data(sub, caller)
         return await self._view(await self._accept(caller, sub, data, idempotency_key))
 
@@ -294,7 +294,7 @@ class Router(BatchRoutes, WebRoutes):
         """Continue a completed job's video (by id) or an uploaded one: Pusa's v2v extension,
         conditioned on the source's last frames."""
         caller = await self.admission.caller(credentials)
-        sub = await Submission.read(request, self.settings.max_upload_bytes)
+        sub = await read_submission(request, self.settings.max_upload_bytes)
         if "video" not in sub.fields:
             raise ApiError(400, "video: give the id of a completed video or upload one", param="video")
         sub.fields.setdefault("task", ["v2v"])
@@ -314,7 +314,7 @@ class Router(BatchRoutes, WebRoutes):
         """Queue a job and stream its events until it ends. A client that drops the stream may resume it
         at ``/v1/videos/{id}/events``; a job nobody streams for ``stream_grace_s`` is cancelled."""
         caller = await self.admission.caller(credentials)
-        sub = await Submission.read(request, self.settings.max_upload_bytes)
+        sub = await read_submission(request, self.settings.max_upload_bytes)
         data = await self._generation_data(sub, caller)
         job = await self._accept(caller, sub, data, idempotency_key, interactive=True)
         created = await self._view(job)

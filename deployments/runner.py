@@ -23,17 +23,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pusa_jobs.batches import BatchLease, BatchStore
+from pusa_jobs.db import open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.observability import metrics
+from pusa_jobs.retention import sweep_expired
+from pusa_jobs.storage import open_store
+from pusa_jobs.webhooks import WebhookSender, WebhookSettings
+
 from .batch_run import BatchDriver
-from .batches import BatchLease, BatchStore
-from .db import open_database
-from .job_files import JobFiles
 from .job_run import JobRun, RunContext
-from .job_store import JobStore
-from .observability import metrics
-from .retention import sweep_expired
 from .stages import StageSettings, Stages
-from .storage import open_store
-from .webhooks import WebhookSender, WebhookSettings
 
 logger = logging.getLogger("ray.serve")
 

@@ -23,12 +23,11 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
                                   RequestCancelledError)
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
+from pusa_jobs.storage import StoreUnavailable
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import combination_id
 from pusa_model.operations import StepInput
 from pusa_model.request import GenerationPlan
-
-from .storage import StoreUnavailable
 
 logger = logging.getLogger("ray.serve")
 

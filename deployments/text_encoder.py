@@ -7,11 +7,10 @@ import asyncio
 import numpy as np
 from ray import serve
 
+from pusa_jobs.observability import gpu_kind, job_logging, metrics, timed
+from pusa_model.devices import pick_device
 from pusa_model.pipeline import load_text_stage, model_folder
 from pusa_model.presets import get_preset
-
-from .devices import pick_device
-from .observability import gpu_kind, job_logging, metrics, timed
 
 
 @serve.deployment(name="TextEncoder")

@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from ray import serve
 
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.observability import gpu_kind, job_logging, metrics, timed
+from pusa_jobs.storage import open_store
 from pusa_model import media
+from pusa_model.devices import pick_device, release_on_oom
 from pusa_model.engine import decode_frames, decode_video_files, encode_conditioning, encode_extension, stitch_files
 from pusa_model.pipeline import load_vae_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan
-
-from .devices import pick_device, release_on_oom
-from .job_files import JobFiles
-from .observability import gpu_kind, job_logging, metrics, timed
-from .storage import open_store
 
 
 @serve.deployment(name="VAE")

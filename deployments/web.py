@@ -28,7 +28,7 @@ from pusa_model.request_schema import LoraChoice
 
 from .admission import Admission, ApiSettings, bearer
 from .api_schema import VideoCreate, request_body, responses
-from .openai_api import ApiError, Submission
+from .openai_api import ApiError, read_submission
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 web_routes = APIRouter()
@@ -123,7 +123,7 @@ class WebRoutes:
         """The plan of a create request (same body, same checks: fields, cost limit, media), without
         making a job or charging a quota: sizes, conditioning and every step's per-frame timesteps."""
         caller = await self.admission.caller(credentials)
-        sub = await Submission.read(request, self.settings.max_upload_bytes)
+        sub = await read_submission(request, self.settings.max_upload_bytes)
         data = await self._generation_data(sub, caller)
         try:
             plan = plan_request(parse_request(data), self.preset, loras=self.loras)

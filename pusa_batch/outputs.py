@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from deployments.storage import Store, open_store
+from pusa_jobs.storage import Store, open_store
 
 CUSTOM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -3,7 +3,7 @@ and a ``POST /v1/videos`` body mean the same video."""
 
 from __future__ import annotations
 
-from deployments.openai_api import Submission
+from pusa_jobs.submission import Submission
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset

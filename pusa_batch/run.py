@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from deployments.observability import metrics
+from pusa_jobs.observability import metrics
 from pusa_model.loras import LoraRegistry
 from pusa_model.request_schema import GenerationRequest
 

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 
-from deployments.storage import open_store
+from pusa_jobs.storage import open_store
 from pusa_model.errors import InvalidRequest
 
 MANIFEST_FORMATS = (".jsonl", ".json", ".csv", ".parquet")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.devices import pick_device
+from pusa_model.devices import pick_device
 from pusa_model.engine import LocalEngine, State
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry

@@ -55,20 +55,20 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 
 from deployments import batch_run as batch_run_module  # noqa: E402
 from deployments import job_run as job_run_module  # noqa: E402
-from deployments.batch_run import BatchContext, BatchRun, batch_folder  # noqa: E402
-from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore  # noqa: E402
-from deployments.db import Database, open_database  # noqa: E402
-from deployments.job_files import JobFiles  # noqa: E402
+from deployments.batch_run import BatchContext, BatchRun  # noqa: E402
 from deployments.job_run import JobRun, RunContext  # noqa: E402
-from deployments.job_store import JobStore, LeaseLost  # noqa: E402
-from deployments.jobs import ACTIVE, JOB_PREFIX, TERMINAL, Job, job_plan  # noqa: E402
-from deployments.retention import sweep_expired  # noqa: E402
 from deployments.runner import RunnerSettings  # noqa: E402
-from deployments.schema import batch_videos, job_events, jobs, webhook_deliveries  # noqa: E402
-from deployments.schema import batches as batches_table  # noqa: E402
-from deployments.schema import files as files_table  # noqa: E402
-from deployments.storage import LocalStore, Store, StoreUnavailable  # noqa: E402
 from pusa_batch.run import BatchSettings  # noqa: E402
+from pusa_jobs.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore, batch_folder  # noqa: E402
+from pusa_jobs.db import Database, open_database  # noqa: E402
+from pusa_jobs.job_files import JobFiles  # noqa: E402
+from pusa_jobs.job_store import JobStore, LeaseLost  # noqa: E402
+from pusa_jobs.jobs import ACTIVE, JOB_PREFIX, TERMINAL, Job, job_plan  # noqa: E402
+from pusa_jobs.retention import sweep_expired  # noqa: E402
+from pusa_jobs.schema import batch_videos, job_events, jobs, webhook_deliveries  # noqa: E402
+from pusa_jobs.schema import batches as batches_table  # noqa: E402
+from pusa_jobs.schema import files as files_table  # noqa: E402
+from pusa_jobs.storage import LocalStore, Store, StoreUnavailable  # noqa: E402
 from pusa_model.presets import get_preset  # noqa: E402
 from pusa_model.request import parse_request, plan_request  # noqa: E402
 from test_exactly_once import HOOK, LONG, SHORT, FakeStages, Killed, dropped  # noqa: E402

@@ -18,10 +18,10 @@ from ray import serve
 from ray.exceptions import RayError
 from sqlalchemy import update
 
-from deployments.db import Database
-from deployments.job_store import JobStore
-from deployments.jobs import Job
-from deployments.schema import jobs
+from pusa_jobs.db import Database
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import Job
+from pusa_jobs.schema import jobs
 from pusa_model.request import replan
 
 PREFIX = "SERVE_REPLICA::pusa#{}#"

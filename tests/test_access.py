@@ -18,11 +18,11 @@ from service_probe import ServiceProbe
 from videoapi import mp4_bytes, sse
 
 from deployments.admission import check_exposure, proxy_host
-from deployments.api_keys import KeyStore, Quotas
-from deployments.cost import CALIBRATIONS, estimate_gpu_seconds
-from deployments.db import open_database
-from deployments.schema import usage
-from deployments.webhooks import receiver_problem
+from pusa_jobs.api_keys import KeyStore, Quotas
+from pusa_jobs.cost import CALIBRATIONS, estimate_gpu_seconds
+from pusa_jobs.db import open_database
+from pusa_jobs.schema import usage
+from pusa_jobs.webhooks import receiver_problem
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 from serving import running_service
@@ -291,9 +291,9 @@ def test_a_webhook_is_sent_to_the_address_that_was_checked(tmp_path, monkeypatch
     import httpx
     from sqlalchemy import insert, select
 
-    from deployments.db import open_database
-    from deployments.schema import webhook_deliveries
-    from deployments.webhooks import WebhookSender, WebhookSettings, delivery
+    from pusa_jobs.db import open_database
+    from pusa_jobs.schema import webhook_deliveries
+    from pusa_jobs.webhooks import WebhookSender, WebhookSettings, delivery
 
     answers = iter(["93.184.216.34", "127.0.0.1", "127.0.0.1"])
     lookups = []

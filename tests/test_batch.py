@@ -31,11 +31,11 @@ from s3server import s3_server_fixture
 from service_probe import ServiceProbe
 from videoapi import image_bytes, mp4_bytes, wait_done
 
-from deployments.batches import BatchStore
-from deployments.db import open_database
 from deployments.launch import deploy
 from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
+from pusa_jobs.batches import BatchStore
+from pusa_jobs.db import open_database
 from serving import default_database, free_port, local_config, running_service
 
 BUCKET = "pusa-batch"

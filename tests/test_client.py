@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 from videoapi import image_bytes, mp4_bytes
 
-from deployments.api_keys import KeyStore
-from deployments.db import open_database
-from deployments.job_files import JobFiles
-from deployments.job_store import JobStore
-from deployments.jobs import Job, job_created_at, new_job_id
-from deployments.storage import open_store
 from pusa_cli import main
 from pusa_client.http import Api
+from pusa_jobs.api_keys import KeyStore
+from pusa_jobs.db import open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import Job, job_created_at, new_job_id
+from pusa_jobs.storage import open_store
 from pusa_model.media import probe_video
 from pusa_model.request import parse_request
 from serving import free_port, running_service

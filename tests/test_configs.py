@@ -31,9 +31,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.admission import check_exposure
 from deployments.app import AppArgs
-from deployments.cost import estimate_gpu_seconds
 from deployments.launch import actor_options as options, loading_apps, replica_demand, unplaceable
 from pusa_batch.run import BatchSettings
+from pusa_jobs.cost import estimate_gpu_seconds
 from pusa_model.presets import Preset
 from pusa_model.request import parse_request, plan_request
 

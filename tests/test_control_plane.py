@@ -26,9 +26,9 @@ from sqlalchemy.engine import Connection, Engine
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from deployments.jobs import Job, job_created_at, job_plan, new_job_id
-from deployments.schema import job_events
 from deployments.launch import deploy
+from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.schema import job_events
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 

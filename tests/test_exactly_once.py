@@ -21,15 +21,15 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 
-from deployments.db import Database, open_database
-from deployments.job_files import JobFiles
 from deployments.job_run import JobRun, RunContext
-from deployments.job_store import JobStore, Lease, LeaseLost
-from deployments.jobs import Job, job_created_at, job_plan, new_job_id
 from deployments.runner import RunnerSettings
-from deployments.schema import batches as batches_table
-from deployments.schema import job_events, jobs, webhook_deliveries
-from deployments.storage import open_store
+from pusa_jobs.db import Database, open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore, Lease, LeaseLost
+from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.schema import batches as batches_table
+from pusa_jobs.schema import job_events, jobs, webhook_deliveries
+from pusa_jobs.storage import open_store
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 
@@ -510,8 +510,8 @@ def _batch_run(cluster: Cluster, created_at: float, rows: int):
     inserted, unclaimed) whose `rows` rows all completed in the pipeline (their files and records in the
     store)."""
     from deployments.batch_run import BatchContext, BatchRun
-    from deployments.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
-    from deployments.jobs import new_id
+    from pusa_jobs.batches import BATCH_PREFIX, Batch, BatchLease, BatchStore
+    from pusa_jobs.jobs import new_id
     from pusa_batch.run import BatchSettings
 
     batch = Batch(id=new_id(BATCH_PREFIX, created_at), owner="alice", endpoint="/v1/videos", input_file_id="file-x",
@@ -563,8 +563,8 @@ def test_listing_pages_through_jobs_of_one_millisecond_and_of_a_batch_exactly_on
 
 
 def test_listing_pages_through_files_and_batches_exactly_once(cluster: Cluster) -> None:
-    from deployments.batches import BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile
-    from deployments.jobs import new_id
+    from pusa_jobs.batches import BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile
+    from pusa_jobs.jobs import new_id
 
     batches = BatchStore(cluster.db)
     t0 = 1_760_000_000.0
@@ -585,7 +585,7 @@ def test_upgrade_gives_rows_stamped_apart_from_their_id_the_ids_time(database_ur
     from alembic import command
     from sqlalchemy import insert
 
-    from deployments.db import alembic_config, migrate
+    from pusa_jobs.db import alembic_config, migrate
 
     db = Database(database_url)
     try:
@@ -611,8 +611,8 @@ def test_upgrade_gives_rows_stamped_apart_from_their_id_the_ids_time(database_ur
 
 
 def test_a_brief_outage_when_a_batch_row_ends_is_waited_out(cluster: Cluster, monkeypatch) -> None:
-    from deployments.batches import BatchStore
-    from deployments.storage import StoreUnavailable
+    from pusa_jobs.batches import BatchStore
+    from pusa_jobs.storage import StoreUnavailable
 
     run = _batch_run(cluster, time.time(), rows=2)
     batches = run.ctx.batches
@@ -659,7 +659,7 @@ def test_only_database_errors_that_can_pass_are_transient(database_url: str, tmp
     missing table is not (retrying it for ``outage_s`` only delays the error)."""
     from sqlalchemy import create_engine, text
 
-    from deployments.db import is_transient
+    from pusa_jobs.db import is_transient
 
     db = open_database(database_url)
     try:
@@ -748,7 +748,7 @@ def test_a_batch_keeps_renewing_its_lease_while_its_pipeline_ends_after_a_cancel
 
 
 def _lines(cluster: Cluster, file_id: str | None) -> list[dict]:
-    from deployments.batches import BatchStore
+    from pusa_jobs.batches import BatchStore
 
     if file_id is None:
         return []
@@ -772,7 +772,7 @@ def test_a_video_deleted_during_its_batch_is_not_made_again(cluster: Cluster, ho
     end. The deleted video is not made again and the batch completes, the row in its error file as
     ``video_deleted`` (counted completed: it was made)."""
     from deployments.batch_run import BatchRun
-    from deployments.batches import BatchLease
+    from pusa_jobs.batches import BatchLease
 
     run = _batch_run(cluster, time.time(), rows=3)
     batches = run.ctx.batches
@@ -818,11 +818,11 @@ def test_an_ended_batch_its_files_and_inputs_are_swept_after_retention(cluster: 
     """A batch's retention starts when it ends; then the runners' sweep deletes it with everything it stored
     (its requests, the pipeline's outputs, its output and error files) and an uploaded input file after its
     own; a batch still running and its videos (jobs with their own retention) are not touched."""
-    from deployments.batch_run import batch_folder, manifest_key
-    from deployments.batches import FILE_PREFIX, StoredFile
-    from deployments.jobs import new_id
-    from deployments.retention import sweep_expired
-    from deployments.schema import batch_videos, files
+    from deployments.batch_run import manifest_key
+    from pusa_jobs.batches import FILE_PREFIX, StoredFile, batch_folder
+    from pusa_jobs.jobs import new_id
+    from pusa_jobs.retention import sweep_expired
+    from pusa_jobs.schema import batch_videos, files
 
     def sweep():
         return sweep_expired(cluster.jobs, batches, cluster.files)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from exactly_once_checker import Checker, references, run_histories, virtual_clock
-from deployments.db import open_database
-from deployments.storage import LocalStore
+from pusa_jobs.db import open_database
+from pusa_jobs.storage import LocalStore
 
 SEEDS = {"sqlite": range(0, 50), "postgresql": range(0, 50)}
 MUTATION_SEEDS = [80]  # a history known to catch the broken fence below on both databases (the first of 0..399)
@@ -45,13 +45,13 @@ def test_the_checker_finds_a_broken_fence(database_url: str, tmp_path: Path, mut
     """The checker is not blind: with the store's recognition of a retried write broken (a write that
     matched no row is taken for applied, whoever holds the lease now), a fenced-out runner believes its
     final write went through and deletes the checkpoint the job's next holder resumes from."""
-    from deployments.job_store import JobStore
+    from pusa_jobs.job_store import JobStore
 
     def accept_any(self, conn, lease, event, write_id, keeps_lease):  # the bug: no check of the lease
         from sqlalchemy import select
 
-        from deployments.job_store import _SIGNALS
-        from deployments.schema import jobs
+        from pusa_jobs.job_store import _SIGNALS
+        from pusa_jobs.schema import jobs
         return conn.execute(select(*_SIGNALS).where(jobs.c.id == lease.job_id)).first()
 
     monkeypatch.setattr(JobStore, "_already_applied", accept_any)

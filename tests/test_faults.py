@@ -18,7 +18,7 @@ import pytest
 from service_probe import ServiceProbe, steps_done
 from videoapi import image_bytes
 
-from deployments.jobs import TERMINAL
+from pusa_jobs.jobs import TERMINAL
 from pusa_model.media import probe_video
 from serving import default_database, running_service
 

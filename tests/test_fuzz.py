@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.api_keys import KeyStore
-from deployments.db import open_database
+from pusa_jobs.api_keys import KeyStore
+from pusa_jobs.db import open_database
 from serving import running_service
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance," \

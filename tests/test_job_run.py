@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import ray
 
-from deployments.db import open_database
 from deployments.dit import DiT
-from deployments.job_files import JobFiles
 from deployments.job_run import JobRun, RunContext
-from deployments.job_store import JobStore
-from deployments.jobs import Job, job_created_at, job_plan, new_job_id
 from deployments.runner import RunnerSettings
 from deployments.stages import Stages, StageSettings
-from deployments.storage import StoreUnavailable, open_store
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
+from pusa_jobs.db import open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.storage import StoreUnavailable, open_store
 from pusa_model.loras import parse_combination_id
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request

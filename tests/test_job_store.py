@@ -16,14 +16,14 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text, update
 
-from deployments.api_keys import KeyStore, Quotas
-from deployments.db import Database, alembic_config, migrate, open_database
-from deployments.db import main as db_main
-from deployments.job_store import IdempotencyConflict, JobStore, LeaseLost
-from deployments.jobs import Job, job_created_at, new_job_id
-from deployments.quotas import Charge, QuotaExceeded
-from deployments.schema import api_keys, job_events, jobs, metadata, usage, webhook_deliveries
-from deployments.webhooks import delivery
+from pusa_jobs.api_keys import KeyStore, Quotas
+from pusa_jobs.db import Database, alembic_config, migrate, open_database
+from pusa_jobs.db import main as db_main
+from pusa_jobs.job_store import IdempotencyConflict, JobStore, LeaseLost
+from pusa_jobs.jobs import Job, job_created_at, new_job_id
+from pusa_jobs.quotas import Charge, QuotaExceeded
+from pusa_jobs.schema import api_keys, job_events, jobs, metadata, usage, webhook_deliveries
+from pusa_jobs.webhooks import delivery
 
 T0 = 1_760_000_000.0
 HEAD = "0007"  # the latest schema revision

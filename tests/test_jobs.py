@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai.types import Video
 
-from deployments.jobs import Job, job_created_at, new_job_id
+from pusa_jobs.jobs import Job, job_created_at, new_job_id
 
 T0 = 1_760_000_000.0
 

@@ -1,5 +1,7 @@
-"""The packages' layers: the model library stands alone, the client needs neither the model nor Ray, and
-the `pusa` command loads only the subcommand it runs."""
+"""The packages' layers: the model library stands alone, the client needs neither the model nor Ray, the job
+system (`pusa_jobs`) serves the Serve app and the batch without importing either, the batch does not import
+the Serve app, no two packages import each other (directly or around a longer cycle), and the `pusa`
+command loads only the subcommand it runs."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("pusa_model", "pusa_client", "pusa_batch", "pusa_cli", "deployments")
+PROJECT = ("pusa_model", "pusa_client", "pusa_batch", "pusa_cli", "pusa_jobs", "deployments")
 
 
 def imported_packages(package: str) -> dict[str, set[str]]:
     """Top-level packages each module of `package` imports, at module level or inside a function."""
+    assert (ROOT / package / "__init__.py").is_file(), f"{package} is not a package of the project"
     out: dict[str, set[str]] = {}
     for path in sorted((ROOT / package).rglob("*.py")):
         names: set[str] = set()
@@ -30,13 +33,51 @@ def imported_packages(package: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [
-    ("pusa_model", {"ray", "deployments", "pusa_batch", "pusa_client", "pusa_cli"}),
-    ("pusa_client", {"ray", "torch", "deployments", "pusa_batch", "pusa_cli"}),
+    ("pusa_model", {"ray", "deployments", "pusa_batch", "pusa_client", "pusa_cli", "pusa_jobs"}),
+    ("pusa_client", {"ray", "torch", "deployments", "pusa_batch", "pusa_cli", "pusa_jobs"}),
+    ("pusa_jobs", {"deployments", "pusa_batch", "pusa_client", "pusa_cli"}),
+    ("pusa_batch", {"deployments", "pusa_client", "pusa_cli"}),
 ])
 def test_a_package_imports_nothing_above_it(package, forbidden):
     offending = {module: sorted(names & forbidden) for module, names in imported_packages(package).items()
                  if names & forbidden}
     assert offending == {}
+
+
+def package_graph() -> dict[str, set[str]]:
+    """For each package of the project, the other packages of the project its modules import."""
+    graph: dict[str, set[str]] = {}
+    for package in PROJECT:
+        imported = set().union(*imported_packages(package).values())
+        graph[package] = (imported & set(PROJECT)) - {package}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle through the graph's nodes, each once (rotated to start at its smallest node)."""
+    found: set[tuple[str, ...]] = set()
+
+    def walk(path: list[str]) -> None:
+        for successor in sorted(graph[path[-1]]):
+            if successor == path[0]:
+                found.add(tuple(path))
+            elif successor > path[0] and successor not in path:  # each cycle from its smallest node only
+                walk([*path, successor])
+
+    for node in sorted(graph):
+        walk([node])
+    return [[*cycle, cycle[0]] for cycle in sorted(found)]
+
+
+def test_cycles_finds_every_cycle_once():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": {"a", "c"}, "c": set()}) == [["a", "b", "a"]]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_two_packages_import_each_other():
+    graph = package_graph()
+    assert cycles(graph) == [], {package: sorted(imported) for package, imported in graph.items()}
 
 
 def loaded_after(statement: str) -> dict[str, bool]:

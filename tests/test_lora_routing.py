@@ -25,11 +25,12 @@ from diffusers import WanTransformer3DModel
 from ray import serve
 from safetensors.torch import save_file
 
-from deployments.api_keys import Caller
 from deployments.dit import DiT
-from deployments.openai_api import ApiError, Submission
-from deployments.quotas import Quotas
+from deployments.openai_api import ApiError
 from deployments.router import Router
+from pusa_jobs.api_keys import Caller
+from pusa_jobs.quotas import Quotas
+from pusa_jobs.submission import Submission
 from pusa_model.loras import LoraRegistry, combination_id
 from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage

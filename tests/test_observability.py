@@ -17,10 +17,10 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 from service_probe import ServiceProbe, steps_done
 
-from deployments.job_files import JobFiles
-from deployments.jobs import Job, job_created_at, job_plan, new_job_id
-from deployments.observability import Metrics
-from deployments.storage import open_store
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.observability import Metrics
+from pusa_jobs.storage import open_store
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
 from serving import default_database, free_port, running_service

@@ -10,8 +10,8 @@ import torch
 from s3server import S3Server, s3_server_fixture, use_test_credentials
 from safetensors.torch import load_file
 
-from deployments.devices import cap_gpu_memory, pick_device, release_on_oom
 from pusa_cli import main
+from pusa_model.devices import cap_gpu_memory, pick_device, release_on_oom
 from pusa_model.lora import load_lora_state_dict
 from pusa_model.loras import LoraRegistry
 from pusa_model.pipeline import PusaPipeline

@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 from s3server import S3Server, s3_server_fixture, use_test_credentials
 
-from deployments.storage import LocalStore, S3Store, Store, open_store
+from pusa_jobs.storage import LocalStore, S3Store, Store, open_store
 
 BUCKET = "pusa-store-test"
 

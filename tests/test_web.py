@@ -32,9 +32,9 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 from videoapi import image_bytes
 
-from deployments.api_keys import KeyStore
-from deployments.db import open_database
-from deployments.job_store import JobStore
+from pusa_jobs.api_keys import KeyStore
+from pusa_jobs.db import open_database
+from pusa_jobs.job_store import JobStore
 from pusa_model.presets import build_tiny_distill_lora_state_dict
 from serving import running_service
 

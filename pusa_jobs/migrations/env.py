@@ -1,10 +1,10 @@
-"""Alembic environment: migrations run on the connection `deployments.db.migrate` passes in (inside its
+"""Alembic environment: migrations run on the connection `pusa_jobs.db.migrate` passes in (inside its
 locked transaction), or on ``sqlalchemy.url`` when Alembic's own command line runs them."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from deployments.schema import metadata
+from pusa_jobs.schema import metadata
 
 
 def run_migrations(connection) -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .batch_run import batch_folder
-from .batches import BatchStore
+from .batches import BatchStore, batch_folder
 from .job_files import JobFiles
 from .job_store import JobStore
 

@@ -7,7 +7,7 @@ it moves the batch to ``in_progress``, counts rows as they end, then ``finalizin
 that dies stops renewing; another runner claims the batch and resumes it from its output prefix.
 
 Retention: an ended batch is kept until ``retention_ends_at``, a file until ``expires_at``; then the
-runners' sweep (`deployments.retention`) deletes them with what they stored.
+runners' sweep (`pusa_jobs.retention`) deletes them with what they stored.
 """
 
 from __future__ import annotations
@@ -112,6 +112,11 @@ def file_created_at(file_id: str) -> float:
 
 def batch_created_at(batch_id: str) -> float:
     return id_created_at(batch_id, BATCH_PREFIX)
+
+
+def batch_folder(batch_id: str) -> str:
+    """Where a batch keeps what it stores: its requests, the pipeline's outputs, its output and error files."""
+    return f"batches/{batch_id}/"
 
 
 class BatchStore:
