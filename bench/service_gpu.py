@@ -1,6 +1,6 @@
 """The Serve application on one GPU against the in-process pipeline, with 14B-size random weights.
 
-Phases (``--phases``, in this order; each one's results are written to ``--out`` as soon as it ends, and a
+Phases (``--phases``, run in the order given, the checkpoint first; each one's results are written to ``--out`` as soon as it ends, and a
 phase that fails is recorded and the next one still runs):
 
 - ``checkpoint``: `pusa checkpoint` writes the random-weights checkpoint (real sizes, or ``--layers`` blocks) to
@@ -486,21 +486,29 @@ def main() -> int:
         log("page cache", results["page_cache"])
         save(args, results)
     standard_options = {"compile": True, "attention": "auto"}
-    if "service" in phases:
+
+    def service() -> None:
         plan = [timed(v) for v in args.service_variants.split(",")] + ([kill_dit_mid_job] if args.fault else [])
         service_phase(args, results, "service", standard_options, None, plan)
-    if "restart" in phases:
+
+    def restart() -> None:
         results["restart_page_cache"] = settle_disk()
         service_phase(args, results, "restart", standard_options, None, [timed("fast")])
-    if "inprocess" in phases:
+
+    def inprocess() -> None:
         try:
             inprocess_phase(args, results)
         except Exception:  # noqa: BLE001
             results.setdefault("inprocess", {})["error"] = traceback.format_exc()
             log(results["inprocess"]["error"])
-    if "capped" in phases:
+
+    def capped() -> None:
         plan = [timed("fast", label="fast_fp8"), timed("fast", (1280, 720), label="fast_fp8_720p"), oom_then_recover]
         service_phase(args, results, "capped", {**standard_options, "quantize": "fp8"}, A6000_CAPS, plan)
+
+    runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped}
+    for phase in phases:  # in the order given
+        runs.get(phase, lambda: None)()
     results["compare"] = compare(results)
     save(args, results)
     print(json.dumps(results["compare"], indent=1))
