@@ -1,7 +1,7 @@
 """The Serve application on one GPU against the in-process pipeline, with 14B-size random weights.
 
-Phases (``--phases``, run in the order given, the checkpoint first; each one's results are written to ``--out`` as soon as it ends, and a
-phase that fails is recorded and the next one still runs):
+Phases (``--phases``, run in the order given, the checkpoint first; each one's results are written to ``--out``
+as soon as it ends, and a phase that fails is recorded and the next one still runs):
 
 - ``checkpoint``: `pusa checkpoint` writes the random-weights checkpoint (real sizes, or ``--layers`` blocks) to
   ``--model`` unless it is there already.
