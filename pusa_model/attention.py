@@ -9,6 +9,7 @@ gathers those inputs from the model and applies the choice. Preferences:
   PyTorch's flash SDPA (FlashAttention-2 inside torch) on sm80/86/89, plain SDPA elsewhere (the CPU).
 - ``auto_8bit``: the fastest 8-bit kernel of the GPU: FA3 FP8 on sm90, SageAttention (INT8 QKᵀ) on
   sm80/86/89 when installed; where neither runs, as ``auto``.
+- ``sdpa``: as ``auto`` among PyTorch's own kernels (cuDNN on sm90, flash on sm80+): no FA3.
 - ``fa3``, ``fa3_fp8``: FlashAttention-3, bf16 or FP8 e4m3 (sm90 and bf16 weights; `fa3-fwd` installed).
 - ``sage``: SageAttention (`pusa_model.quantize`); ``flash``: the flash-attn package, else torch's flash SDPA;
   ``xformers``; any other diffusers `AttentionBackendName` value is used as given.
@@ -58,7 +59,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FA3_BACKEND = "_flash_3"  # the dispatcher's FA3 slot: bf16
 FA3_FP8_BACKEND = "_flash_3_fp8"  # added to AttentionBackendName here
 
-PREFERENCES = ("auto", "auto_8bit", "fa3", "fa3_fp8", "sage", "flash", "xformers")
+PREFERENCES = ("auto", "auto_8bit", "sdpa", "fa3", "fa3_fp8", "sage", "flash", "xformers")
 # What `choose_attention` returns beside diffusers' names: set up by `enable_fa3` / `quantize.enable_sage`.
 FA3, FA3_FP8, SAGE = "fa3", "fa3_fp8", "sage"
 
@@ -155,12 +156,16 @@ def choose_attention(
 
     if preference == "auto":
         return AttentionChoice(auto())
+    if preference == "sdpa":  # auto among PyTorch's own kernels (FA3 left out): the baseline of benchmarks
+        return AttentionChoice(choose_attention("auto", capability, set(), dtype, head_dim).kernel)
     if preference == "auto_8bit":
+        reasons = []
         for kernel in (FA3_FP8, SAGE):
-            if kernel_blocker(kernel, capability, available, dtype, head_dim) is None:
+            reason = kernel_blocker(kernel, capability, available, dtype, head_dim, why_missing)
+            if reason is None:
                 return AttentionChoice(kernel)
-        return AttentionChoice(auto(), "no 8-bit attention kernel runs here (FA3 FP8 needs sm90 and fa3-fwd, "
-                                       "SageAttention sm80+ and sageattention)")
+            reasons.append(reason)
+        return AttentionChoice(auto(), "no 8-bit attention kernel runs here: " + "; ".join(reasons))
     if preference in (FA3, FA3_FP8, SAGE):
         reason = kernel_blocker(preference, capability, available, dtype, head_dim, why_missing)
         return AttentionChoice(preference) if reason is None else AttentionChoice(auto(), reason)
@@ -312,16 +317,27 @@ fa3_attention.register_kernel("cpu")(reference_attention)
 
 
 def fa3_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None, fp8: bool = False
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    fp8: bool = False,
+    smooth: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``(B, S, H, D)`` tensors through `fa3_attention`; with `fp8`, K smoothed and q, k, v
-    quantized per (batch, head) first. Returns the output (the inputs' dtype) and the lse ``(B, H, S)``."""
+    """Attention of ``(B, S, H, D)`` tensors through `fa3_attention`; with `fp8`, K smoothed (unless not
+    `smooth`) and q, k, v quantized per (batch, head) first. Returns the output (the inputs' dtype) and
+    the lse ``(B, H, S)``."""
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if not fp8:
         return fa3_attention(query, key, value, None, None, None, float(scale))
-    (q8, qd), (k8, kd), (v8, vd) = quantize_fp8(query), quantize_fp8(smooth_k(key)), quantize_fp8(value)
+    mean = key.mean(dim=1, keepdim=True) if smooth else None
+    if mean is not None:
+        key = key - mean  # `smooth_k`
+    (q8, qd), (k8, kd), (v8, vd) = quantize_fp8(query), quantize_fp8(key), quantize_fp8(value)
     out, lse = fa3_attention(q8, k8, v8, qd, kd, vd, float(scale))
+    if mean is not None:  # the smoothed logits are short of q·mean each: the true lse (unused: dead code)
+        lse = lse + (query.float() * mean.float()).sum(-1).transpose(1, 2) * scale
     return out.to(query.dtype), lse
 
 
