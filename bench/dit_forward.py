@@ -12,10 +12,10 @@ Variants, run in this order on ONE model (each leaves the model as it found it):
 - ``ours_compiled_fp8``: ours compiled, the blocks' GEMMs in FP8 with row-wise scales (``quantize: fp8``)
 - ``ours_compiled_int8``: ours compiled, the blocks' GEMMs in INT8 (``quantize: int8``)
 - ``ours_compiled_int8_sage``: both 8-bit paths Ampere has, together
+- ``ours_compiled_fp8_fa3fp8``: FP8 GEMMs and FA3 FP8 self-attention: every 8-bit path Hopper has
+- ``ours_compiled_fp8_fa3``: FP8 GEMMs and FA3 bf16 attention
 - ``ours_compiled_fa3``: ours compiled, attention through FlashAttention-3 bf16 (``attention: fa3``, fa3-fwd)
 - ``ours_compiled_fa3fp8``: ours compiled, self-attention through FA3 FP8 (``attention: fa3_fp8``)
-- ``ours_compiled_fp8_fa3``: FP8 GEMMs and FA3 bf16 attention
-- ``ours_compiled_fp8_fa3fp8``: FP8 GEMMs and FA3 FP8 self-attention: every 8-bit path Hopper has
 
 Each is timed after warm-up (the first call, which compiles, is reported apart), with its peak memory
 and its output's largest difference from ``stock`` on the same inputs, and, for the variants after
@@ -63,7 +63,7 @@ from pusa_model.transformer import (  # noqa: E402
 VARIANTS = (
     "stock", "ours", "ours_flash", "ours_compiled", "stock_compiled", "ours_compiled_fused",
     "ours_compiled_sage", "ours_compiled_fp8", "ours_compiled_int8", "ours_compiled_int8_sage",
-    "ours_compiled_fa3", "ours_compiled_fa3fp8", "ours_compiled_fp8_fa3", "ours_compiled_fp8_fa3fp8",
+    "ours_compiled_fp8_fa3fp8", "ours_compiled_fp8_fa3", "ours_compiled_fa3", "ours_compiled_fa3fp8",
 )
 BASELINE = "ours_compiled"  # the bf16 path the 8-bit variants are compared with
 # Latent (frames, height, width) for 81 frames: 480×832 and 720×1280; the tiny ones keep the aspect.

@@ -42,6 +42,7 @@ import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -266,11 +267,11 @@ def fa3_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    q_descale: torch.Tensor | None,
-    k_descale: torch.Tensor | None,
-    v_descale: torch.Tensor | None,
+    q_descale: Optional[torch.Tensor],  # noqa: UP045 - the typing form, for torch.library's schema inference
+    k_descale: Optional[torch.Tensor],  # noqa: UP045
+    v_descale: Optional[torch.Tensor],  # noqa: UP045
     scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
     """FlashAttention-3's forward on ``(B, S, H, D)`` tensors, not causal: bf16 in and out, or float8
     e4m3 in (with ``(B, H)`` float32 descale factors) and bf16 out. Returns the output ``(B, S, H, D)``
     and the log-sum-exp of each query's scaled logits ``(B, H, S)`` float32."""
