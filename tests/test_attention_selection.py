@@ -309,3 +309,39 @@ def test_fa3_backend_in_the_compiled_dit_block(model, fp8):
         select_attention_backend(model, "native")
         torch._dynamo.reset()
     assert _backends(model) == {("native", "native")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequence parallelism: diffusers' Ulysses path runs the FA3 functions too
+
+
+def _ulysses_ranks(rank: int, world: int, init_file: str) -> None:
+    from test_parallel import _init, _inputs
+    from test_parallel import _model as parallel_model
+
+    from pusa_model.parallel import SequenceParallel, init_parallel_groups
+
+    _init(rank, world, init_file)
+    model = parallel_model()
+    with torch.no_grad():
+        groups = init_parallel_groups(cfg=1, ulysses=2, device_type="cpu")
+        for fp8 in (False, True):
+            for height, width in [(6, 10), (8, 8)]:  # uneven (15 tokens a frame) and even (16) shares
+                x, tau, prompt, _ = _inputs(height, width)
+                select_attention_backend(model, "native")
+                exact = forward_per_frame(model, x, tau, prompt)
+                enable_fa3(model, fp8=fp8)
+                single = forward_per_frame(model, x, tau, prompt)
+                parallel = SequenceParallel(model, groups)(x, tau, prompt)
+                if fp8:  # per-head scales over a rank's heads and all tokens: the single process's own
+                    assert ((parallel - single).norm() / single.norm()) < 0.02
+                    assert 1e-4 < ((parallel - exact).norm() / exact.norm()) < 0.05  # quantized: FP8 ran
+                else:
+                    torch.testing.assert_close(parallel, exact, rtol=1e-5, atol=1e-5)
+    torch.distributed.destroy_process_group()
+
+
+def test_ulysses_runs_the_fa3_backends_on_two_ranks(tmp_path):
+    from test_parallel import _spawn
+
+    _spawn(_ulysses_ranks, 2, tmp_path)
