@@ -8,7 +8,7 @@ gathers those inputs from the model and applies the choice. Preferences:
 - ``auto``: the fastest exact kernel of the GPU: FA3 bf16 on sm90 when `fa3-fwd` imports (else cuDNN SDPA),
   PyTorch's flash SDPA (FlashAttention-2 inside torch) on sm80/86/89, plain SDPA elsewhere (the CPU).
 - ``auto_8bit``: the fastest 8-bit kernel of the GPU: FA3 FP8 on sm90, SageAttention (INT8 QKᵀ) on
-  sm80/86/89 when installed; where neither runs, as ``auto``.
+  sm80/86/89 when installed (not on sm90, where it is slower than cuDNN's bf16 kernel); else as ``auto``.
 - ``sdpa``: as ``auto`` among PyTorch's own kernels (cuDNN on sm90, flash on sm80+): no FA3.
 - ``fa3``, ``fa3_fp8``: FlashAttention-3, bf16 or FP8 e4m3 (sm90 and bf16 weights; `fa3-fwd` installed).
 - ``sage``: SageAttention (`pusa_model.quantize`); ``flash``: the flash-attn package, else torch's flash SDPA;
@@ -163,10 +163,13 @@ def choose_attention(
         reasons = []
         for kernel in (FA3_FP8, SAGE):
             reason = kernel_blocker(kernel, capability, available, dtype, head_dim, why_missing)
+            if reason is None and kernel == SAGE and tuple(capability) >= (9, 0):
+                # measured on an H200: SageAttention 1.0.6 (Triton) 0.86× cuDNN's bf16 kernel
+                reason = "SageAttention 1.0.6 is slower than cuDNN's bf16 kernel on Hopper (docs/benchmarks.md)"
             if reason is None:
                 return AttentionChoice(kernel)
             reasons.append(reason)
-        return AttentionChoice(auto(), "no 8-bit attention kernel runs here: " + "; ".join(reasons))
+        return AttentionChoice(auto(), "no 8-bit attention kernel that pays runs here: " + "; ".join(reasons))
     if preference in (FA3, FA3_FP8, SAGE):
         reason = kernel_blocker(preference, capability, available, dtype, head_dim, why_missing)
         return AttentionChoice(preference) if reason is None else AttentionChoice(auto(), reason)

@@ -180,7 +180,7 @@ def select_attention_backend(model: WanTransformer3DModel, preference: str = "au
     `pusa_model.attention.choose_attention` picks it from the preference, the GPU's compute capability
     and the kernels that import here (``auto``: FA3 bf16 on sm90 with fa3-fwd installed, else cuDNN SDPA
     there; torch's flash SDPA on sm80/86/89; ``native`` on the CPU. ``auto_8bit``: FA3 FP8 on sm90,
-    SageAttention on sm80+. ``fa3``, ``fa3_fp8``, ``sage``, ``flash``, ``xformers``; any other
+    SageAttention on sm80/86/89. ``fa3``, ``fa3_fp8``, ``sage``, ``flash``, ``xformers``; any other
     `AttentionBackendName` value is used as given and diffusers raises when its package is missing).
     A preference that cannot run falls back to ``auto``'s choice with a warning naming why.
     """
@@ -243,7 +243,7 @@ class DiTOptions:
     compile: bool = False  # regional torch.compile of the per-frame block
     # `select_attention_backend` preference: "auto" (FA3 bf16 on sm90 with fa3-fwd, cuDNN SDPA there
     # without it, torch's flash SDPA on sm80/86/89), "auto_8bit" (FA3 FP8 on sm90, SageAttention on
-    # sm80+), "fa3", "fa3_fp8", "sage", "flash", "xformers" or a diffusers backend name
+    # sm80/86/89), "fa3", "fa3_fp8", "sage", "flash", "xformers" or a diffusers backend name
     attention: str = "auto"
     fast_attention: str | None = None  # the preference for requests in mode "fast" (None: `attention`)
     fuse_qkv: bool = False  # fused QKV / KV projections (`fuse_qkv`)
