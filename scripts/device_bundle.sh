@@ -40,6 +40,7 @@ if [[ $MODEL_ONLY == 1 ]]; then
     kept+=("$(basename "$wheel")")
     unzip -q -o "$wheel" -d "$work/site"
   done
+  rm -rf "$work/site/test" "$work/site/tests"  # a wheel's own tests, which would shadow the stdlib's `test`
   find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
   chmod -R u+w "$work/site"
   mkdir -p "$OUT"
