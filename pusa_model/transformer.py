@@ -24,11 +24,10 @@ from typing import Protocol
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models import attention_dispatch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
 
-from .presets import default_cache_dir
 from .attention import FA3, FA3_FP8, SAGE, available_kernels, choose_attention, enable_fa3
+from .presets import default_cache_dir
 from .quantize import QUANTIZE_MODES, enable_sage, model_sage_blocker, quantize_blocks
 
 logger = logging.getLogger(__name__)
