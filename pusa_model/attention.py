@@ -403,6 +403,7 @@ def backend_name(value: str) -> AttentionBackendName:
     member._name_ = value.lstrip("_").upper()
     member._value_ = value
     member.__objclass__ = cls
+    member._sort_order_ = len(cls._member_names_)
     if hasattr(cls, "_add_member_"):  # Python 3.13
         cls._add_member_(member._name_, member)
     else:
