@@ -12,13 +12,18 @@ Variants, run in this order on ONE model (each leaves the model as it found it):
 - ``ours_compiled_fp8``: ours compiled, the blocks' GEMMs in FP8 with row-wise scales (``quantize: fp8``)
 - ``ours_compiled_int8``: ours compiled, the blocks' GEMMs in INT8 (``quantize: int8``)
 - ``ours_compiled_int8_sage``: both 8-bit paths Ampere has, together
+- ``ours_compiled_fp8_fa3fp8``: FP8 GEMMs and FA3 FP8 self-attention: every 8-bit path Hopper has
+- ``ours_compiled_fp8_fa3``: FP8 GEMMs and FA3 bf16 attention
+- ``ours_compiled_fa3``: ours compiled, attention through FlashAttention-3 bf16 (``attention: fa3``, fa3-fwd)
+- ``ours_compiled_fa3fp8``: ours compiled, self-attention through FA3 FP8 (``attention: fa3_fp8``)
 
 Each is timed after warm-up (the first call, which compiles, is reported apart), with its peak memory
 and its output's largest difference from ``stock`` on the same inputs, and, for the variants after
 ``ours_compiled``, the difference from that bf16 baseline's output. The quantized variants quantize the
 one model in place and put its bf16 weights back afterwards (from a CPU copy). ``--tiny`` runs every
 path on the CPU with the tiny preset's model in float32 (where SageAttention and FP8 fall back, as
-logged). See bench/README.md.
+logged). The baseline's attention is ``--attention`` (default ``sdpa``: PyTorch's best kernel, cuDNN on
+Hopper; ``auto`` would pick FA3 there when fa3-fwd is installed). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from pusa_model.transformer import (  # noqa: E402
 VARIANTS = (
     "stock", "ours", "ours_flash", "ours_compiled", "stock_compiled", "ours_compiled_fused",
     "ours_compiled_sage", "ours_compiled_fp8", "ours_compiled_int8", "ours_compiled_int8_sage",
+    "ours_compiled_fp8_fa3fp8", "ours_compiled_fp8_fa3", "ours_compiled_fa3", "ours_compiled_fa3fp8",
 )
 BASELINE = "ours_compiled"  # the bf16 path the 8-bit variants are compared with
 # Latent (frames, height, width) for 81 frames: 480×832 and 720×1280; the tiny ones keep the aspect.
@@ -136,7 +142,7 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
-    for package in ("torchao", "sageattention", "triton"):
+    for package in ("torchao", "sageattention", "triton", "fa3-fwd"):
         try:
             info[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -281,6 +287,26 @@ def bench_resolution(
             quantized("ours_compiled_int8_sage", "int8", "sage"),
             restore(attention=True),
         ),
+        "ours_compiled_fa3": (
+            ours(compile_block_forward(**compile_kwargs)),
+            lambda: select_attention_backend(model, "fa3"),
+            lambda: select_attention_backend(model, backend),
+        ),
+        "ours_compiled_fa3fp8": (
+            ours(compile_block_forward(**compile_kwargs)),
+            lambda: select_attention_backend(model, "fa3_fp8"),
+            lambda: select_attention_backend(model, backend),
+        ),
+        "ours_compiled_fp8_fa3": (
+            ours(compile_block_forward(**compile_kwargs)),
+            quantized("ours_compiled_fp8_fa3", "fp8", "fa3"),
+            restore(attention=True),
+        ),
+        "ours_compiled_fp8_fa3fp8": (
+            ours(compile_block_forward(**compile_kwargs)),
+            quantized("ours_compiled_fp8_fa3fp8", "fp8", "fa3_fp8"),
+            restore(attention=True),
+        ),
     }
     results: dict[str, dict] = {}
     reference = None
@@ -358,9 +384,12 @@ def _differences(out: torch.Tensor, baseline: torch.Tensor | None) -> dict:
 
 
 def _backend_name(model: WanTransformer3DModel) -> str:
-    """The attention backend `model`'s processors use now."""
-    backend = model.blocks[0].attn1.processor._attention_backend
-    return str(getattr(backend, "value", backend))
+    """The attention backend `model`'s processors use now (``self / cross`` when they differ)."""
+    names = []
+    for attn in (model.blocks[0].attn1, model.blocks[0].attn2):
+        backend = attn.processor._attention_backend
+        names.append(str(getattr(backend, "value", backend)))
+    return names[0] if names[0] == names[1] else " / ".join(names)
 
 
 def _ratio(results: dict, baseline: str, result: dict) -> float | None:
@@ -407,7 +436,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiling happens here)")
-    parser.add_argument("--attention", default="auto", help="select_attention_backend preference")
+    parser.add_argument("--attention", default="sdpa",
+                        help="select_attention_backend preference of the variants that name none (default sdpa: "
+                             "PyTorch's best kernel, cuDNN on Hopper)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--layers", type=int, default=None, help="override the number of blocks (quick checks)")
     parser.add_argument("--seed", type=int, default=0)

@@ -3,7 +3,7 @@ and by each fast path, compared by the PSNR and SSIM of the decoded frames (torc
 difference of the final latents.
 
     PUSA_MODEL_SOURCE=s3://pusa-models/wan2.1-t2v-14b python3 bench/quality.py --preset pusa-v1 \\
-        --requests my_requests.jsonl --paths fp8,int8,sage,fast,fast+fp8 --lora-registry loras.yaml --out q.json
+        --requests my_requests.jsonl --paths fp8,int8,sage,fa3,fp8+fa3fp8,fast,fast+fp8 --lora-registry loras.yaml --out q.json
     python3 bench/quality.py --preset tiny                  # every path on the CPU (random weights)
 
 A request is a line of JSON with the fields of `POST /v1/videos` (media as local paths); without
@@ -11,7 +11,9 @@ A request is a line of JSON with the fields of `POST /v1/videos` (media as local
 ``int8`` and ``fp8`` (the DiT's GEMMs, `DiTOptions.quantize`), ``sage`` (SageAttention), ``fast`` (the
 request in mode fast: 4 steps at guidance 1 with the registry's fast LoRA, from ``--lora-registry``),
 ``bf16vae`` (the VAE's decoder in bf16, the service's ``vae_decode_dtype: bfloat16``; the latents are
-the standard path's, so only the frames move).
+the standard path's, so only the frames move), ``fa3`` and ``fa3fp8`` (FlashAttention-3 bf16 / FP8, sm90 with
+fa3-fwd: ``attention: fa3 | fa3_fp8``; e.g. ``fp8+fa3fp8`` is every 8-bit path of an H100). The standard
+path's attention is ``--attention`` (default ``sdpa``: PyTorch's own kernel, so that FA3 is compared with it).
 The standard path is each request as given, with ``--compile`` if asked; every path adds to it. A path
 that cannot run here falls back as the service does (logged), so compare only paths that ran. Random
 weights show whether a path runs and how far its numbers move, not how a video looks: that needs the
@@ -43,16 +45,17 @@ from pusa_model.transformer import DiTOptions  # noqa: E402
 from pusa_model.vae import VAEStage  # noqa: E402
 
 PATH_PARTS = {"int8": {"quantize": "int8"}, "fp8": {"quantize": "fp8"}, "sage": {"attention": "sage"}, "fast": {},
-              "bf16vae": {}}
+              "bf16vae": {}, "fa3": {"attention": "fa3"}, "fa3fp8": {"attention": "fa3_fp8"}}
 DEFAULT_REQUESTS = [
     {"prompt": "A cat walks on the grass, realistic", "seed": 1},
     {"prompt": "Waves roll onto a rocky beach at sunset", "seed": 2},
 ]
 
 
-def path_settings(path: str, compile_: bool) -> tuple[DiTOptions, dict, torch.dtype | None]:
-    """The DiT options, request fields and VAE decode type of a path (``standard`` or parts joined by ``+``)."""
-    options, fields, decode_dtype = {"compile": compile_}, {}, None
+def path_settings(path: str, compile_: bool, attention: str = "sdpa") -> tuple[DiTOptions, dict, torch.dtype | None]:
+    """The DiT options, request fields and VAE decode type of a path (``standard`` or parts joined by ``+``);
+    `attention` is the attention preference of the paths that name none."""
+    options, fields, decode_dtype = {"compile": compile_, "attention": attention}, {}, None
     for part in [] if path == "standard" else path.split("+"):
         if part not in PATH_PARTS:
             raise SystemExit(f"--paths: unknown path {part!r} (known: {', '.join(PATH_PARTS)})")
@@ -90,6 +93,9 @@ def main() -> None:
     parser.add_argument("--paths", default="int8,fast", help="comma-separated paths to compare with standard")
     parser.add_argument("--lora-registry", type=Path, help="the LoRA registry (YAML/JSON), as `pusa generate`")
     parser.add_argument("--compile", action="store_true", help="compile the DiT on every path")
+    parser.add_argument("--attention", default="sdpa",
+                        help="attention of the standard path and of the paths that name none (default sdpa: PyTorch's "
+                             "best kernel; auto would be FA3 on an H100 with fa3-fwd installed)")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -98,7 +104,7 @@ def main() -> None:
     requests = ([json.loads(line) for line in args.requests.read_text().splitlines() if line.strip()]
                 if args.requests else DEFAULT_REQUESTS)
     paths = ["standard", *[p for p in args.paths.split(",") if p and p != "standard"]]
-    settings = {path: path_settings(path, args.compile) for path in paths}
+    settings = {path: path_settings(path, args.compile, args.attention) for path in paths}
     outputs: dict[str, list] = {}
     seconds: dict[str, float] = {}
     pipelines: dict[DiTOptions, PusaPipeline] = {}

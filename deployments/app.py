@@ -38,7 +38,10 @@ class AppArgs(BaseModel):
     vae_tiling: bool = False
     # the VAE's decoder in this type (its encoder and encodes stay float32); None: float32
     vae_decode_dtype: Literal["bfloat16", "float16"] | None = None
-    # pusa_model.transformer.DiTOptions: compile, attention, fast_attention (mode fast's), fuse_qkv, quantize
+    # pusa_model.transformer.DiTOptions: compile, attention, fast_attention (mode fast's), fuse_qkv, quantize.
+    # attention / fast_attention: auto (FA3 bf16 on sm90 with fa3-fwd, else cuDNN SDPA; flash SDPA on
+    # sm80/86), sdpa, auto_8bit (FA3 FP8 on sm90, SageAttention on sm80/86/89), fa3, fa3_fp8, sage, flash,
+    # xformers; a choice that cannot run falls back with a warning saying why (docs/design.md, pusa_model/attention.py)
     dit_options: dict = {}
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
-    gen.add_argument("--attention", default="auto", help="attention kernel: auto, native, flash, xformers, ...")
+    gen.add_argument("--attention", default="auto",
+                     help="attention kernel: auto, sdpa, auto_8bit, fa3, fa3_fp8, sage, flash, xformers, native, ...")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"))
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; run no model")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -65,6 +65,11 @@ def sage_blocker(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
         return f"SageAttention needs bf16 or fp16 weights, the DiT is {str(dtype).removeprefix('torch.')}"
     if head_dim not in SAGE_HEAD_DIMS:
         return f"SageAttention supports head dims {SAGE_HEAD_DIMS}, the DiT has {head_dim}"
+    return sage_import_error()
+
+
+def sage_import_error() -> str | None:
+    """Why no usable ``sageattention`` imports here, or None when one does."""
     if attention_dispatch._CAN_USE_SAGE_ATTN:
         return None
     try:

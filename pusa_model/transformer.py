@@ -8,7 +8,8 @@ sub-module is diffusers' own; only the order of the arithmetic around them lives
 ``WanTransformerBlock.forward`` step for step.
 
 Speed options (`DiTOptions`, applied by `apply_options`): the attention kernel of diffusers' dispatcher
-(`select_attention_backend`, SageAttention included), fused QKV projections (`fuse_qkv`), 8-bit GEMMs
+(`select_attention_backend`; the choice per GPU, FlashAttention-3 and SageAttention in
+`pusa_model.attention` and `pusa_model.quantize`), fused QKV projections (`fuse_qkv`), 8-bit GEMMs
 (`pusa_model.quantize`) and a regional ``torch.compile`` of `block_forward` (`compile_block_forward`),
 traced once and reused by every block.
 """
@@ -23,9 +24,9 @@ from typing import Protocol
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models import attention_dispatch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTransformerBlock
 
+from .attention import FA3, FA3_FP8, SAGE, available_kernels, choose_attention, enable_fa3
 from .presets import default_cache_dir
 from .quantize import QUANTIZE_MODES, enable_sage, model_sage_blocker, quantize_blocks
 
@@ -163,44 +164,45 @@ def compile_block_forward(**compile_kwargs) -> BlockFn:
     return torch.compile(block_forward, **{"fullgraph": True, **compile_kwargs})
 
 
+def model_attention_inputs(model: WanTransformer3DModel) -> tuple[tuple[int, int] | None, torch.dtype, int]:
+    """What `choose_attention` needs to know of `model`: its GPU's compute capability (None off CUDA), its
+    blocks' weight dtype and the attention head dim."""
+    weight = model.patch_embedding.weight
+    capability = torch.cuda.get_device_capability(weight.device) if weight.device.type == "cuda" else None
+    attn = model.blocks[0].attn1
+    return capability, attn.to_q.weight.dtype, attn.inner_dim // attn.heads
+
+
 def select_attention_backend(model: WanTransformer3DModel, preference: str = "auto") -> str:
     """Set the attention kernel of `model` (diffusers' attention dispatcher) and return its name.
 
-    - ``"auto"``: cuDNN SDPA (``"_native_cudnn"``) on a Hopper GPU with bf16/fp16 weights, the fastest
-      kernel there; otherwise ``"native"`` (PyTorch SDPA's own choice: flash on Ampere, math on CPU).
-    - ``"xformers"``: xformers when it is installed, else as ``"auto"``.
-    - ``"flash"``: the flash-attn package (``"flash"``) when installed, else PyTorch's flash SDPA kernel
-      (``"_native_flash"``) on CUDA, else as ``"auto"``.
-    - ``"sage"``: SageAttention (INT8 QKᵀ, `pusa_model.quantize.enable_sage`) on an sm80+ GPU with bf16
-      or fp16 weights and the package installed; otherwise as ``"auto"``, with a warning saying why.
-    - any other `AttentionBackendName` value (``"_native_efficient"``, ``"_flash_3"``, ...) is used as
-      given; diffusers raises when its package is missing.
+    `pusa_model.attention.choose_attention` picks it from the preference, the GPU's compute capability
+    and the kernels that import here (``auto``: FA3 bf16 on sm90 with fa3-fwd installed, else cuDNN SDPA
+    there; torch's flash SDPA on sm80/86/89; ``native`` on the CPU. ``auto_8bit``: FA3 FP8 on sm90,
+    SageAttention on sm80/86/89. ``fa3``, ``fa3_fp8``, ``sage``, ``flash``, ``xformers``; any other
+    `AttentionBackendName` value is used as given and diffusers raises when its package is missing).
+    A preference that cannot run falls back to ``auto``'s choice with a warning naming why.
     """
-    weight = model.patch_embedding.weight
-    on_cuda = weight.device.type == "cuda"
-    name = preference
-    fallback_reason = None
-    if preference == "sage":
-        fallback_reason = model_sage_blocker(model)
-        if fallback_reason is None:
-            backend = enable_sage(model)
-            if backend is not None:
-                return backend
-            fallback_reason = "SageAttention could not be enabled"
-        name = "auto"
-    elif preference == "xformers" and not attention_dispatch._CAN_USE_XFORMERS_ATTN:
-        name = "auto"
-    elif preference == "flash" and not attention_dispatch._CAN_USE_FLASH_ATTN:
-        name = "_native_flash" if on_cuda else "auto"
-    if name == "auto":
-        hopper = on_cuda and torch.cuda.get_device_capability(weight.device)[0] == 9
-        half = model.blocks[0].attn1.to_q.weight.dtype in (torch.bfloat16, torch.float16)
-        name = "_native_cudnn" if hopper and half else "native"
-    if fallback_reason is not None:
-        logger.warning("attention backend %r requested, but %s: using %r", preference, fallback_reason, name)
+    capability, dtype, head_dim = model_attention_inputs(model)
+    available, why_missing = available_kernels(capability)
+    choice = choose_attention(preference, capability, available, dtype, head_dim, why_missing)
+    name, reason = choice.kernel, choice.reason
+    applied = False  # whether the processors are set already (our registrations bypass diffusers' setter)
+    if name == SAGE:
+        backend = enable_sage(model)
+        if backend is None:  # pusa_model.quantize's own check disagreed: run auto's choice, say why
+            reason = model_sage_blocker(model) or "SageAttention could not be enabled"
+            name = choose_attention("auto", capability, available, dtype, head_dim).kernel
+        else:
+            name, applied = backend, True
+    if name in (FA3, FA3_FP8):
+        name, applied = enable_fa3(model, fp8=name == FA3_FP8), True
+    if not applied:
+        model.set_attention_backend(name)
+    if reason is not None:
+        logger.warning("attention backend %r requested, but %s: using %r", preference, reason, name)
     elif name != preference:
         logger.info("attention backend %r requested, using %r", preference, name)
-    model.set_attention_backend(name)
     return name
 
 
@@ -232,12 +234,16 @@ class DiTOptions:
 
     On an H100 (14B, bf16, 480p) compile takes a forward from 3.49 s to 2.85 s; the cuDNN kernel that
     "auto" picks there is 1.26× faster than flash; fused QKV gains under 0.5% (bench/README.md).
-    ``attention: sage`` and ``quantize: int8 | fp8`` are the opt-in 8-bit paths of `pusa_model.quantize`
-    (docs/benchmarks.md has what they were measured to do, on random weights only).
+    ``attention: sage | fa3_fp8 | auto_8bit`` and ``quantize: int8 | fp8`` are the opt-in 8-bit paths
+    (`pusa_model.quantize`, `pusa_model.attention`; docs/benchmarks.md has what they were measured to do,
+    on random weights only).
     """
 
     compile: bool = False  # regional torch.compile of the per-frame block
-    attention: str = "auto"  # `select_attention_backend` preference ("sage": SageAttention)
+    # `select_attention_backend` preference: "auto" (FA3 bf16 on sm90 with fa3-fwd, cuDNN SDPA there
+    # without it, torch's flash SDPA on sm80/86/89), "auto_8bit" (FA3 FP8 on sm90, SageAttention on
+    # sm80/86/89), "fa3", "fa3_fp8", "sage", "flash", "xformers" or a diffusers backend name
+    attention: str = "auto"
     fast_attention: str | None = None  # the preference for requests in mode "fast" (None: `attention`)
     fuse_qkv: bool = False  # fused QKV / KV projections (`fuse_qkv`)
     quantize: str = "none"  # GEMMs of the blocks: "none" | "int8" | "fp8" (`pusa_model.quantize`)
