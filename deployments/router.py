@@ -107,6 +107,7 @@ class Router(BatchRoutes, WebRoutes):
         self, runner: DeploymentHandle, preset: str = "tiny", store: str = "data",
         database: str = "sqlite:///data/jobs.db", api: dict | None = None, webhooks: dict | None = None,
         loras: dict | None = None, retention_s: float = 7 * 86400, models: dict[str, str] | None = None,
+        wan22_loras: dict | None = None,
     ) -> None:
         self.settings = ApiSettings.model_validate(api or {})
         self.loras = LoraRegistry.model_validate(loras or {})  # what a request's `loras` and mode "fast" resolve to
@@ -117,6 +118,7 @@ class Router(BatchRoutes, WebRoutes):
         self.preset = get_preset(preset)  # pusa-v1's: the batch's and the page's
         # the models this deployment serves, name -> preset (`AppArgs.models`)
         self.presets = {name: get_preset(p) for name, p in (models or {MODEL_NAME: preset}).items()}
+        self.wan22_loras = LoraRegistry.model_validate(wan22_loras or {})  # the Wan2.2 requests' registry
         db = open_database(database)
         self.webhooks = WebhookSettings.model_validate(webhooks or {})
         # a job cancelled while queued ends here, kept and announced as a runner ends one
@@ -189,7 +191,8 @@ class Router(BatchRoutes, WebRoutes):
         if preset is None:
             raise InvalidRequest("model", f"model {sub.model!r} is not served by this deployment "
                                           f"(served: {', '.join(self.presets)})")
-        return plan_request(parse_request(data), preset, loras=self.loras)
+        loras = self.loras if sub.model == MODEL_NAME else self.wan22_loras
+        return plan_request(parse_request(data), preset, loras=loras)
 
     async def _accept(self, caller: Caller, sub: Submission, data: dict, idempotency_key: str | None,
                       extended_from: str | None = None, interactive: bool = False) -> Job:

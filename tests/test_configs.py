@@ -146,6 +146,21 @@ def test_wan22_preset_adds_a_dit_deployment_per_expert():
         AppArgs.model_validate({"wan22_preset": "tiny"})
 
 
+def test_each_model_has_its_own_lora_registry():
+    """``loras`` (one file an entry) go to Pusa V1's DiT, ``wan22_loras`` (a file per expert) to DiTHigh and
+    DiTLow; an entry of the wrong shape for its model fails the deploy."""
+    pair = {"lightning": {"path": "high.safetensors", "path_2": "low.safetensors", "fast": True}}
+    one = {"style": {"path": "style.safetensors"}}
+    graph = build_app(import_attr("deployments.app:build_app")(
+        {"wan22_preset": "tiny-wan2.2", "loras": one, "wan22_loras": pair}), name="app")
+    registries = {d.name: set(d.init_kwargs["loras"]) for d in graph.deployments if d.name.startswith("DiT")}
+    assert registries == {"DiT": {"style"}, "DiTHigh": {"lightning"}, "DiTLow": {"lightning"}}
+    with pytest.raises(ValueError, match="wan22_loras.style"):
+        AppArgs.model_validate({"wan22_loras": one})
+    with pytest.raises(ValueError, match="loras.lightning"):
+        AppArgs.model_validate({"loras": pair})
+
+
 def test_gpu_profile_shares_one_card():
     config = ServeDeploySchema.model_validate(load(GPU))
     deps = deployments(config)

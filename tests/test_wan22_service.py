@@ -1,6 +1,6 @@
 """Both models from one application, on the tiny presets through a real local Ray Serve: the app's
 ``wan22_preset: tiny-wan2.2`` adds the DiT deployments DiTHigh and DiTLow (one per expert) beside Pusa V1's
-DiT, with the TextEncoder and VAE shared. A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to
+DiT, with the TextEncoder and VAE shared; ``wan22_loras`` holds a stand-in 4-step LoRA pair for mode fast. A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to
 the byte, each expert's deployment runs exactly the steps of its expert (the boundary rule), and a
 ``pusa-v1`` job on the same app is unchanged. In process, a runner killed at the step where the experts
 switch is succeeded by another one that resumes to the same video."""
@@ -16,6 +16,7 @@ import pytest
 from service_probe import ServiceProbe, one_thread
 from serving import default_database, running_service
 from test_job_run import LocalHandle
+from test_wan22 import write_distill_loras
 from videoapi import image_bytes
 
 from deployments.dit import DiT
@@ -29,7 +30,8 @@ from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore
 from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
 from pusa_jobs.storage import open_store
-from pusa_model.pipeline import PusaPipeline
+from pusa_model.loras import LoraRegistry
+from pusa_model.pipeline import PusaPipeline, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request, replan
 
@@ -45,10 +47,17 @@ I2V = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, 
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, tiny_folder):
+def lightning(tmp_path_factory) -> LoraRegistry:
+    """The Wan2.2 registry: a stand-in for Wan2.2-Lightning's 4-step pair, the LoRA of mode fast."""
+    return write_distill_loras(model_folder(get_preset(WAN22)), tmp_path_factory.mktemp("lightning"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_folder, lightning):
     store = str(tmp_path_factory.mktemp("wan22") / "store")
     database = default_database(store)
-    with running_service(store, deployments=DEPLOYMENTS, args={"wan22_preset": WAN22}) as url:
+    args = {"wan22_preset": WAN22, "wan22_loras": lightning.model_dump()}
+    with running_service(store, deployments=DEPLOYMENTS, args=args) as url:
         probe = ServiceProbe(url, database, {"DiT": 1, "DiTHigh": 1, "DiTLow": 1})
         try:
             probe.wait_ready()
@@ -58,8 +67,8 @@ def service(tmp_path_factory, tiny_folder):
 
 
 @pytest.fixture(scope="module")
-def wan22_pipeline():
-    return PusaPipeline.from_preset(WAN22, device="cpu")
+def wan22_pipeline(lightning):
+    return PusaPipeline.from_preset(WAN22, device="cpu", loras=lightning)
 
 
 def expert_steps(job: Job) -> list[int]:
@@ -91,8 +100,9 @@ def test_a_wan22_job_runs_each_step_on_its_experts_deployment(service, wan22_pip
     after = {name: steps_run(service, name) for name in ("DiT", "DiTHigh", "DiTLow")}
     assert (after["DiTHigh"] - before["DiTHigh"], after["DiTLow"] - before["DiTLow"]) == (high, low)
     assert after["DiT"] == before["DiT"]  # Pusa V1's DiT ran none of them
-    assert {s["loras"]["pusa"] for s in service.stats("DiTHigh").values()} == {job.request["lora_alpha"]}
-    assert {s["loras"]["pusa"] for s in service.stats("DiTLow").values()} == {job.request["lora_alpha_2"]}
+    fast = {"lightning": 1.0} if request_fields.get("mode") == "fast" else {}  # mode fast adds the registry's pair
+    assert [s["loras"] for s in service.stats("DiTHigh").values()] == [{"pusa": job.request["lora_alpha"], **fast}]
+    assert [s["loras"] for s in service.stats("DiTLow").values()] == [{"pusa": job.request["lora_alpha_2"], **fast}]
     assert video == reference_video(service, wan22_pipeline, job_id, tmp_path)
 
 
