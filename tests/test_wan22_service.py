@@ -25,11 +25,13 @@ from deployments.runner import RunnerSettings
 from deployments.stages import Stages, StageSettings
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
+from pusa_batch.rows import read_row
 from pusa_jobs.db import open_database
 from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore
 from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
 from pusa_jobs.storage import open_store
+from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.pipeline import PusaPipeline, model_folder
 from pusa_model.presets import get_preset
@@ -40,6 +42,8 @@ MODELS = {"pusa-v1": "tiny", "pusa-wan2.2": WAN22}
 ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1}
 # one replica each, so that the replicas' step counts are the deployments'
 DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 1}, "DiTHigh": ZERO_CPU, "DiTLow": ZERO_CPU}
+# short leases: a killed runner's job is adopted within seconds
+RUNNER = {"lease_ttl_s": 2.0, "renew_s": 0.5, "poll_s": 0.2, "max_takeovers": 1}
 T2V = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, "steps": 6, "guidance": 3.0,
        "guidance_2": 2.0, "seed": 3}
 I2V = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, "steps": 4, "mode": "fast",
@@ -57,7 +61,7 @@ def service(tmp_path_factory, tiny_folder, lightning):
     store = str(tmp_path_factory.mktemp("wan22") / "store")
     database = default_database(store)
     args = {"wan22_preset": WAN22, "wan22_loras": lightning.model_dump()}
-    with running_service(store, deployments=DEPLOYMENTS, args=args) as url:
+    with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, args=args) as url:
         probe = ServiceProbe(url, database, {"DiT": 1, "DiTHigh": 1, "DiTLow": 1})
         try:
             probe.wait_ready()
@@ -133,6 +137,15 @@ def test_a_wan22_field_on_pusa_v1_or_an_unknown_model_is_refused(service):
         assert response.json()["error"]["param"] == param
 
 
+def test_a_batch_row_takes_pusa_v1_only():
+    """Batches do not run Pusa-Wan2.2 yet: a row naming it is refused naming ``model``."""
+    with pytest.raises(InvalidRequest) as refused:
+        read_row({"prompt": "a cat", "model": "pusa-wan2.2"}, get_preset("tiny"), base=None)
+    assert refused.value.field == "model"
+    plan, _ = read_row({"prompt": "a cat", "model": "pusa-v1"}, get_preset("tiny"), base=None)
+    assert plan.experts == 1
+
+
 def test_the_estimate_counts_each_experts_guidance_passes(service):
     """Two passes a step where the expert's guidance is above 1, one where it is 1."""
     def cost(**fields) -> float:
@@ -146,6 +159,34 @@ def test_the_estimate_counts_each_experts_guidance_passes(service):
     both, one, none = cost(), cost(guidance_2=1.0), cost(guidance=1.0, guidance_2=1.0)
     assert both > one > none
     assert (one - none) / (both - none) == pytest.approx(high / (high + low), rel=1e-2)
+
+
+def test_a_runner_killed_before_the_experts_switch_is_resumed_to_the_same_video(service, wan22_pipeline, tmp_path):
+    """A 1024x1024 frame makes a tiny step take a noticeable time, so the kill lands mid-job; the runner is
+    killed once the last high-noise step before the switch is done, and the next one resumes from a
+    checkpoint at or after it (the low-noise steps: on DiTLow, whoever runs them)."""
+    request = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "1024x1024", "frames": 1, "steps": 12,
+               "guidance": 1.0, "seed": 9}
+    plan = plan_request(parse_request({"prompt": "a cat", "steps": 12}), get_preset(WAN22))
+    experts = [plan.expert(k) for k in range(12)]
+    switch = experts.index(1)
+    before = {name: steps_run(service, name) for name in ("DiTHigh", "DiTLow")}
+    job_id = service.submit(**request)
+    service.wait_steps(job_id, switch - 1, timeout=120)
+    service.kill_all("Runner")
+    job = service.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+    assert job.takeovers == 1
+    events = service.events(job_id)
+    (requeued,) = [e for e in events if e["type"] == "queued" and e.get("requeued")]
+    print(f"killed after step {switch - 1} of the high-noise expert's {switch}; resumed at step {requeued['resume_step']}")
+    assert requeued["resume_step"] >= switch - 1
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 13))  # each step once
+    service.wait_ready()
+    ran = {name: steps_run(service, name) - before[name] for name in ("DiTHigh", "DiTLow")}
+    assert experts.count(0) <= ran["DiTHigh"] <= experts.count(0) + 1  # at most the step in flight ran twice
+    assert experts.count(1) <= ran["DiTLow"] <= experts.count(1) + 1
+    assert service.content(job_id) == reference_video(service, wan22_pipeline, job_id, tmp_path)
 
 
 # -- a runner killed at the experts' switch, in process ------------------------------------------------------
