@@ -166,15 +166,15 @@ class DiT:
             return out
 
     async def stats(self) -> dict:
-        """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's),
-        the attention backend of its last step (``attention``), how many combinations it fused, where its
+        """This replica's pid, its expert (None: a one-expert model's DiT), steps run, fused combination
+        (``loras``; ``lora_alpha``: the Pusa LoRA's), the attention backend of its last step (``attention``), how many combinations it fused, where its
         start went (``start_s``: loading, each warm-up shape), the compute time of its last 64 steps inside
         the replica (``recent_steps``: job, step, seconds) and, on a GPU, its memory (``gpu_memory``:
         allocated, reserved and the cap, bytes) (for operators and tests); with a group also its layout
         (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt) and how
         often it was rebuilt."""
-        common = {"pid": os.getpid(), "expert": self.expert, "steps_run": self.steps_run, "fuses": self.fuses, "ready_s": self.ready_s,
-                  "start_s": self.start_s, "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
+        common = {"pid": os.getpid(), "expert": self.expert, "steps_run": self.steps_run, "fuses": self.fuses,
+                  "ready_s": self.ready_s, "start_s": self.start_s, "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
         if self.group is None:
             return {**common, "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras,
                     "attention": self.stage.attention}

@@ -173,7 +173,8 @@ class JobRun:
     @property
     def _tags(self) -> dict[str, str]:
         job = self.lease.job
-        return {"task": str(job.request.get("task")), "preset": (self.ctx.models or {}).get(job.model, self.ctx.preset)}
+        preset = (self.ctx.models or {}).get(job.model, self.ctx.preset)
+        return {"task": str(job.request.get("task")), "preset": preset}
 
     # -- the job ---------------------------------------------------------------------------------
 

@@ -219,8 +219,8 @@ class Router(BatchRoutes, WebRoutes):
         job_id = new_job_id()
         inputs = {name: await asyncio.to_thread(self.files.put_input, job_id, name, data_bytes)
                   for name, data_bytes in sub.media.items()}
-        job = Job(id=job_id, owner=caller.owner, created_at=job_created_at(job_id), model=sub.model, request=spec,
-                  plan=job_plan(plan, round(cost, 3)), inputs=inputs, extended_from=extended_from,
+        job = Job(id=job_id, owner=caller.owner, created_at=job_created_at(job_id), model=sub.model,
+                  request=spec, plan=job_plan(plan, round(cost, 3)), inputs=inputs, extended_from=extended_from,
                   idempotency_key=key, request_hash=fingerprint, **options)
         grace = self.settings.stream_grace_s if interactive else None
         queued = await asyncio.to_thread(self.jobs.queued_count)
@@ -429,7 +429,8 @@ class Router(BatchRoutes, WebRoutes):
     @app.get("/v1/models", response_model=None, responses=responses(ModelList))
     async def models(self, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> dict:
         await self.admission.caller(credentials)
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "pusa"} for name in self.presets]}
+        return {"object": "list",
+                "data": [{"id": name, "object": "model", "owned_by": "pusa"} for name in self.presets]}
 
     @app.get("/health")
     async def health(self) -> dict:

@@ -82,7 +82,8 @@ class Runner:
         self.draining = asyncio.Event()
         self.ctx = RunContext(
             jobs=self.jobs, files=files, settings=s, preset=preset, models=models,
-            stages=Stages(text_encoder, vae, dit, s.stages, experts=tuple(h for h in (dit_high, dit_low) if h)),
+            stages=Stages(text_encoder, vae, dit, s.stages,
+                          experts=tuple(h for h in (dit_high, dit_low) if h is not None)),
             retention_s=retention_s, webhook_url=hooks.url if secret else None, draining=self.draining,
         )
         self.runs: dict[str, tuple[JobRun, asyncio.Task]] = {}

@@ -1,9 +1,10 @@
 """Both models from one application, on the tiny presets through a real local Ray Serve: the app's
 ``wan22_preset: tiny-wan2.2`` adds the DiT deployments DiTHigh and DiTLow (one per expert) beside Pusa V1's
-DiT, with the TextEncoder and VAE shared; ``wan22_loras`` holds a stand-in 4-step LoRA pair for mode fast. A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to
-the byte, each expert's deployment runs exactly the steps of its expert (the boundary rule), and a
-``pusa-v1`` job on the same app is unchanged. In process, a runner killed at the step where the experts
-switch is succeeded by another one that resumes to the same video."""
+DiT, with the TextEncoder and VAE shared; ``wan22_loras`` holds a stand-in 4-step LoRA pair for mode fast.
+A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to the byte, each expert's deployment runs
+exactly the steps of its expert (the boundary rule), and a ``pusa-v1`` job on the same app is unchanged. A
+Runner replica killed before the experts' switch is replaced and the job resumes across it to the same video;
+in process, a runner killed at the switch's step is succeeded by another that resumes to the same video."""
 
 from __future__ import annotations
 
@@ -137,6 +138,25 @@ def test_a_wan22_field_on_pusa_v1_or_an_unknown_model_is_refused(service):
         assert response.json()["error"]["param"] == param
 
 
+def test_the_shared_text_encoder_and_vae_are_the_wan22_presets_own(tiny_folder):
+    """The app's TextEncoder and VAE load `tiny`; tiny-wan2.2's tokenizer, text encoder and VAE are the same files."""
+    wan22 = model_folder(get_preset(WAN22))
+    for part in ("tokenizer", "text_encoder", "vae"):
+        files = sorted(p.relative_to(tiny_folder) for p in (tiny_folder / part).rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(wan22) for p in (wan22 / part).rglob("*") if p.is_file())
+        assert all((tiny_folder / f).read_bytes() == (wan22 / f).read_bytes() for f in files), part
+
+
+def test_a_job_of_a_model_no_longer_served_fails_naming_it(tmp_path):
+    """A Wan2.2 job left queued when the app was redeployed without wan22_preset."""
+    runner = Runner(tmp_path, (None, None, None, None), models={"pusa-v1": "tiny"})
+    job_id = runner.submit({"prompt": "a cat", "steps": 2})
+    runner.run("runner-1")
+    job = runner.jobs.get(job_id)
+    assert job.status == "failed" and job.error["code"] == "model_not_served", job.error
+    assert "pusa-wan2.2" in job.error["message"]
+
+
 def test_a_batch_row_takes_pusa_v1_only():
     """Batches do not run Pusa-Wan2.2 yet: a row naming it is refused naming ``model``."""
     with pytest.raises(InvalidRequest) as refused:
@@ -179,7 +199,8 @@ def test_a_runner_killed_before_the_experts_switch_is_resumed_to_the_same_video(
     assert job.takeovers == 1
     events = service.events(job_id)
     (requeued,) = [e for e in events if e["type"] == "queued" and e.get("requeued")]
-    print(f"killed after step {switch - 1} of the high-noise expert's {switch}; resumed at step {requeued['resume_step']}")
+    print(f"killed after step {switch - 1} of the high-noise expert's {switch}; "
+          f"resumed at step {requeued['resume_step']}")
     assert requeued["resume_step"] >= switch - 1
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 13))  # each step once
     service.wait_ready()
@@ -195,18 +216,19 @@ def test_a_runner_killed_before_the_experts_switch_is_resumed_to_the_same_video(
 class Runner:
     """A runner's context over the service's own stage classes in this process, serving both models."""
 
-    def __init__(self, folder: Path, replicas: tuple) -> None:
+    def __init__(self, folder: Path, replicas: tuple, models: dict[str, str] = MODELS) -> None:
         self.jobs = JobStore(open_database(f"sqlite:///{folder}/jobs.db"), lease_ttl_s=1.0)
         self.files = JobFiles(open_store(str(folder / "store")))
         self.dit_before = None
         text, dit, high, low = replicas
         vae = VAE.func_or_class(store=str(folder / "store"))
         before = lambda name, args: self.dit_before and self.dit_before(name, args)  # noqa: E731
-        stages = Stages(LocalHandle(text), LocalHandle(vae), LocalHandle(dit), StageSettings(retries=1, backoff_s=0.01),
+        stages = Stages(LocalHandle(text), LocalHandle(vae), LocalHandle(dit),
+                        StageSettings(retries=1, backoff_s=0.01),
                         experts=(LocalHandle(high, before), LocalHandle(low, before)))
         self.ctx = RunContext(jobs=self.jobs, files=self.files, stages=stages, settings=RunnerSettings(),
                               preset="tiny", retention_s=3600, webhook_url=None, draining=asyncio.Event(),
-                              models=MODELS)
+                              models=models)
 
     def submit(self, request: dict) -> str:
         plan = plan_request(parse_request(request), get_preset(WAN22))
