@@ -108,16 +108,17 @@ class Admission:
             raise _unauthorized("the API key is not valid or was revoked")
         return Caller(key_id=key.id, role=key.role, quotas=key.quotas.over(self.settings.quotas))
 
-    def price(self, plan: GenerationPlan) -> float:
+    def price(self, plan: GenerationPlan, preset: Preset | None = None) -> float:
         """The request's estimated GPU-seconds; 400 naming what makes it too large when it exceeds the
-        deployment's maximum (of cost, or of frames)."""
+        deployment's maximum (of cost, or of frames), against the defaults of `preset` (the model's; None:
+        the deployment's)."""
         if plan.frames > self.settings.max_frames:
             raise ApiError(400, f"frames: {plan.frames} frames; this deployment makes videos of at most "
                                 f"{self.settings.max_frames}", param="frames")
         cost = estimate_gpu_seconds(plan, self.settings.cost.table)
         limit = self.settings.cost.max_gpu_seconds
         if limit is not None and cost > limit:
-            drivers = cost_drivers(plan, self.preset)
+            drivers = cost_drivers(plan, preset or self.preset)
             raise ApiError(400, f"{', '.join(drivers)}: this request would take about {cost:.0f} GPU-seconds; the "
                                 f"limit is {limit:g} (reduce {' or '.join(drivers)})", param=drivers[0])
         return cost

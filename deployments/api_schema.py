@@ -31,7 +31,8 @@ class VideoCreate(GenerationRequest):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"additionalProperties": False})
 
-    model: Literal["pusa-v1"] = MODEL_NAME
+    model: Literal["pusa-v1", "pusa-wan2.2"] = Field(default=MODEL_NAME, description=(
+        "pusa-v1, or pusa-wan2.2 where the deployment serves it (GET /v1/models)"))
     size: str | None = Field(default=None, pattern=SIZE_PATTERN,
                              description=f"WIDTHxHEIGHT, multiples of 16 up to {MAX_SIDE}")
     seconds: float | None = Field(default=None, gt=0, le=60, description="duration; frames = seconds × fps")

@@ -1,4 +1,5 @@
-"""The Serve application: the Router (HTTP) and the Runner (jobs) over the TextEncoder, VAE and DiT.
+"""The Serve application: the Router (HTTP) and the Runner (jobs) over the TextEncoder, VAE and DiT, and with
+``wan22_preset`` Pusa-Wan2.2's DiTHigh and DiTLow beside them (one application serving both models).
 
 `serve run serve_config.yaml` (production, A6000 nodes) and `serve run serve_config.local.yaml`
 (the embedded tiny preset on CPU) both import `deployments.app:build_app` and pass it `args`.
@@ -13,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, PositiveFloat, model_validator
 from ray.serve import Application
 
 from pusa_batch.run import BatchSettings
+from pusa_jobs.submission import MODEL_NAME, WAN22_MODEL_NAME
 from pusa_jobs.webhooks import WebhookSettings
 from pusa_model.loras import LoraRegistry
 
-from .dit import DiT, WarmUpShape
+from .dit import EXPERT_DEPLOYMENTS, DiT, WarmUpShape
 from .dit_group import DiTParallel
 from .admission import ApiSettings
 from .router import Router
@@ -30,7 +32,11 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: str = "tiny"
+    preset: str = "tiny"  # Pusa V1's (model pusa-v1); its TextEncoder and VAE serve every model of the app
+    # Pusa-Wan2.2 (model pusa-wan2.2) beside it: its preset, the DiT deployments DiTHigh and DiTLow (one
+    # per expert) load it; None: the app serves pusa-v1 only. Wan2.2-A14B's text encoder and VAE are
+    # Wan2.1's, so the app's TextEncoder and VAE (of `preset`) serve it too.
+    wan22_preset: Literal["tiny-wan2.2", "pusa-wan2.2"] | None = None
     store: str = "data"  # blobs (inputs, results, checkpoints): a folder, or s3://bucket/prefix
     # job records: sqlite:///path (one node) or postgresql+psycopg://user@host/db (password from PGPASSWORD)
     database: str = "sqlite:///data/jobs.db"
@@ -54,10 +60,13 @@ class AppArgs(BaseModel):
     # re-fuses from on a switch: disk (re-read from the checkpoint), cpu or device (a resident copy)
     loras: LoraRegistry = LoraRegistry()
     lora_base: Literal["disk", "cpu", "device"] = "disk"
+    # the registry of Pusa-Wan2.2's requests and of DiTHigh and DiTLow, as `loras`, each entry with a file per
+    # expert (path: high noise, path_2: low noise), e.g. Wan2.2-Lightning's 4-step pair with fast: true
+    wan22_loras: LoraRegistry = LoraRegistry()
     # GiB of GPU memory each GPU deployment's replica may allocate (torch's per-process cap), e.g.
     # {DiT: 47.5, TextEncoder: 23.5, VAE: 23.5}: an A6000 layout emulated on one larger card, or replicas
     # sharing a card kept within their share. Past it a request fails with out of memory, as on that card.
-    gpu_memory_gib: dict[Literal["TextEncoder", "VAE", "DiT"], PositiveFloat] = {}
+    gpu_memory_gib: dict[Literal["TextEncoder", "VAE", "DiT", "DiTHigh", "DiTLow"], PositiveFloat] = {}
     api: ApiSettings = ApiSettings()
     runner: RunnerSettings = RunnerSettings()
     webhooks: WebhookSettings = WebhookSettings()
@@ -70,6 +79,21 @@ class AppArgs(BaseModel):
             raise ValueError("gpu_memory_gib.DiT caps a one-GPU DiT replica; it cannot be combined with dit_parallel")
         return self
 
+    @model_validator(mode="after")
+    def _a_file_per_expert(self) -> AppArgs:
+        for name, entry in self.wan22_loras.root.items():
+            if entry.path_2 is None:
+                raise ValueError(f"wan22_loras.{name}: a Wan2.2 LoRA needs a file per expert (path and path_2)")
+        for name, entry in self.loras.root.items():
+            if entry.path_2 is not None:
+                raise ValueError(f"loras.{name}: path_2 is for wan22_loras (Pusa V1 has one transformer)")
+        return self
+
+    @property
+    def models(self) -> dict[str, str]:
+        """The models the app serves, name -> preset."""
+        return {MODEL_NAME: self.preset, **({WAN22_MODEL_NAME: self.wan22_preset} if self.wan22_preset else {})}
+
 
 def build_app(args: dict) -> Application:
     """Bind the deployments for `args` (see `AppArgs`)."""
@@ -77,15 +101,20 @@ def build_app(args: dict) -> Application:
     batch = {"loras": a.loras.model_dump(), "lora_base": a.lora_base, **a.batch}  # the app's LoRAs unless set there
     BatchSettings.model_validate({"preset": a.preset, **batch})  # a bad batch section fails the deploy here
     memory = a.gpu_memory_gib
+    dit_args = dict(options=a.dit_options, lora_base=a.lora_base, warmup=[shape.model_dump() for shape in a.dit_warmup])
+    experts = {} if a.wan22_preset is None else {
+        key: DiT.options(name=name).bind(preset=a.wan22_preset, expert=e, memory_gib=memory.get(name),
+                                         loras=a.wan22_loras.model_dump(), **dit_args)
+        for e, (key, name) in enumerate(zip(("dit_high", "dit_low"), EXPERT_DEPLOYMENTS))}
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset, memory_gib=memory.get("TextEncoder")),
         VAE.bind(preset=a.preset, store=a.store, tiling=a.vae_tiling, decode_dtype=a.vae_decode_dtype,
                  memory_gib=memory.get("VAE"), media_limits=a.api.media.model_dump()),
-        DiT.bind(preset=a.preset, options=a.dit_options, parallel=a.dit_parallel.model_dump(),
-                 loras=a.loras.model_dump(), lora_base=a.lora_base,
-                 warmup=[shape.model_dump() for shape in a.dit_warmup], memory_gib=memory.get("DiT")),
+        DiT.bind(preset=a.preset, parallel=a.dit_parallel.model_dump(), memory_gib=memory.get("DiT"),
+                 loras=a.loras.model_dump(), **dit_args),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
-        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch,
+        webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch, models=a.models, **experts,
     )
     return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
-                       webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump(), retention_s=a.retention_s)
+                       webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump(), retention_s=a.retention_s,
+                       models=a.models, wan22_loras=a.wan22_loras.model_dump())

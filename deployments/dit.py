@@ -7,6 +7,10 @@ weights (one combination per replica; `stats` counts the fuses).
 
 With ``parallel`` (app arg ``dit_parallel``) of G = cfg·ulysses > 1 the replica holds no model: it
 drives G worker actors, one per GPU of its placement group (`deployments.dit_group`).
+
+A two-expert model (Pusa-Wan2.2) is served by this class bound once per expert (``expert`` 0 and 1, under
+the names ``DiTHigh`` and ``DiTLow``): each replica loads its expert's transformer and LoRA stack only, and
+runs only that expert's steps.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from pusa_model.transformer import DiTOptions
 from .dit_group import DiTGroup, DiTParallel
 
 logger = logging.getLogger("ray.serve")
+
+
+EXPERT_DEPLOYMENTS = ("DiTHigh", "DiTLow")  # a two-expert model's DiT deployments, by expert
 
 
 def alpha_model_id(alpha: float) -> str:
@@ -69,7 +76,7 @@ class DiT:
     def __init__(
         self, preset: str = "tiny", device: str | None = None, options: dict | None = None,
         parallel: dict | None = None, loras: dict | None = None, lora_base: str = "disk",
-        warmup: list[dict] | None = None, memory_gib: float | None = None,
+        warmup: list[dict] | None = None, memory_gib: float | None = None, expert: int | None = None,
     ) -> None:
         layout = DiTParallel.model_validate(parallel or {})
         dit_options = DiTOptions(**(options or {}))
@@ -77,13 +84,15 @@ class DiT:
         shapes = [WarmUpShape.model_validate(shape).model_dump() for shape in warmup or []]
         started = time.perf_counter()
         self.start_s: dict[str, float] = {}  # where the start went: loading, then each warm-up shape
+        if expert is not None and layout.size > 1:
+            raise ValueError("a per-expert DiT deployment runs on one GPU; dit_parallel is for one-expert models")
         if layout.size > 1:
             self.group = DiTGroup(preset, options or {}, layout, registry.model_dump(), lora_base, shapes)
         else:
             self.group = None
             spec = get_preset(preset)
             self.stage = load_dit_stage(model_folder(spec), spec, pick_device(device, memory_gib), dit_options,
-                                        registry, lora_base)
+                                        registry, lora_base, expert=expert)
             self.start_s["load"] = round(time.perf_counter() - started, 2)
             for i, shape in enumerate(shapes):
                 shape_started = time.perf_counter()
@@ -96,7 +105,9 @@ class DiT:
         self.fuses = 0  # combinations fused on this replica (a request whose combination it held: none)
         # One forward at a time, also when Serve cancels a call whose thread still computes.
         self._compute = threading.Lock()
-        self.tags = {"preset": preset, "gpu": gpu_kind()}
+        self.expert = expert  # None: the whole (one-expert) model
+        self.deployment = "DiT" if expert is None else EXPERT_DEPLOYMENTS[expert]
+        self.tags = {"preset": preset, "gpu": gpu_kind()}  # the step's metric also names the deployment
         self._compiled = str(bool(dit_options.compile)).lower()
 
     @serve.multiplexed(max_num_models_per_replica=1)
@@ -149,21 +160,21 @@ class DiT:
                 self.steps_run += 1
             seconds = time.perf_counter() - started
             self.recent_steps.append({"job_id": job_id, "step": inp.step, "compute_s": round(seconds, 4)})
-            metrics().stage.observe(seconds, tags={"stage": "dit_step", "deployment": "DiT", **self.tags})
+            metrics().stage.observe(seconds, tags={"stage": "dit_step", "deployment": self.deployment, **self.tags})
             if first:
                 metrics().first_step.observe(seconds, tags={**self.tags, "compiled": self._compiled})
             return out
 
     async def stats(self) -> dict:
-        """This replica's pid, steps run, fused combination (``loras``; ``lora_alpha``: the Pusa LoRA's),
-        the attention backend of its last step (``attention``), how many combinations it fused, where its
+        """This replica's pid, its expert (None: a one-expert model's DiT), steps run, fused combination
+        (``loras``; ``lora_alpha``: the Pusa LoRA's), the attention backend of its last step (``attention``), how many combinations it fused, where its
         start went (``start_s``: loading, each warm-up shape), the compute time of its last 64 steps inside
         the replica (``recent_steps``: job, step, seconds) and, on a GPU, its memory (``gpu_memory``:
         allocated, reserved and the cap, bytes) (for operators and tests); with a group also its layout
         (``parallel``), every rank's (``workers``; empty while a lost group waits to be rebuilt) and how
         often it was rebuilt."""
-        common = {"pid": os.getpid(), "steps_run": self.steps_run, "fuses": self.fuses, "ready_s": self.ready_s,
-                  "start_s": self.start_s, "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
+        common = {"pid": os.getpid(), "expert": self.expert, "steps_run": self.steps_run, "fuses": self.fuses,
+                  "ready_s": self.ready_s, "start_s": self.start_s, "recent_steps": list(self.recent_steps), "gpu_memory": gpu_memory()}
         if self.group is None:
             return {**common, "lora_alpha": self.stage.lora_alpha, "loras": self.stage.loras,
                     "attention": self.stage.attention}

@@ -26,6 +26,7 @@ from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore, Lease, LeaseLost, Signals
 from pusa_jobs.observability import bind_job, log_job_event, metrics, timed
 from pusa_jobs.storage import StoreUnavailable
+from pusa_jobs.submission import MODEL_NAME
 from pusa_jobs.webhooks import delivery
 from pusa_model.errors import InvalidRequest
 from pusa_model.operations import (DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
@@ -51,10 +52,19 @@ class RunContext:
     files: JobFiles
     stages: Stages
     settings: RunnerSettings  # checkpoint_every, max_takeovers, outage_s, ...
-    preset: str
+    preset: str  # pusa-v1's
     retention_s: float
     webhook_url: str | None  # the deployment's receiver, if any (a request's own URL wins)
     draining: asyncio.Event
+    models: dict[str, str] | None = None  # the models served, name -> preset; None: pusa-v1 on `preset`
+
+    def preset_of(self, model: str) -> str:
+        """The preset of a job's `model`; `StageFailed` when this deployment does not serve it (a job
+        queued before the app was redeployed without it)."""
+        preset = (self.models or {MODEL_NAME: self.preset}).get(model)
+        if preset is None:
+            raise StageFailed("model_not_served", f"model {model!r} is not served by this deployment any more")
+        return preset
 
 
 # The operations of a long video's window that run again from its start when its stages give up.
@@ -162,7 +172,9 @@ class JobRun:
 
     @property
     def _tags(self) -> dict[str, str]:
-        return {"task": str(self.lease.job.request.get("task")), "preset": self.ctx.preset}
+        job = self.lease.job
+        preset = (self.ctx.models or {}).get(job.model, self.ctx.preset)
+        return {"task": str(job.request.get("task")), "preset": preset}
 
     # -- the job ---------------------------------------------------------------------------------
 
@@ -180,7 +192,8 @@ class JobRun:
             error = {"code": "runner_lost",
                      "message": f"the runner replica running this job was lost {job.takeovers} times; given up"}
             return await self._end("failed", {"type": "failed", "error": error}, error=error)
-        ops = replan(job.request, job.plan["seed"], ctx.preset).operations  # planned once for this run
+        # planned once for this run, on the job's own model
+        ops = replan(job.request, job.plan["seed"], ctx.preset_of(job.model)).operations
         done = job.checkpoint_step or 0
         if self.lease.resumed:
             await self._record({"type": "queued", "requeued": True, "resume_step": done})

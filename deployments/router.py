@@ -106,7 +106,8 @@ class Router(BatchRoutes, WebRoutes):
     def __init__(
         self, runner: DeploymentHandle, preset: str = "tiny", store: str = "data",
         database: str = "sqlite:///data/jobs.db", api: dict | None = None, webhooks: dict | None = None,
-        loras: dict | None = None, retention_s: float = 7 * 86400,
+        loras: dict | None = None, retention_s: float = 7 * 86400, models: dict[str, str] | None = None,
+        wan22_loras: dict | None = None,
     ) -> None:
         self.settings = ApiSettings.model_validate(api or {})
         self.loras = LoraRegistry.model_validate(loras or {})  # what a request's `loras` and mode "fast" resolve to
@@ -114,7 +115,10 @@ class Router(BatchRoutes, WebRoutes):
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
         CrossSiteGate.enabled = self.settings.auth == "none"
-        self.preset = get_preset(preset)
+        self.preset = get_preset(preset)  # pusa-v1's: the batch's and the page's
+        # the models this deployment serves, name -> preset (`AppArgs.models`)
+        self.presets = {name: get_preset(p) for name, p in (models or {MODEL_NAME: preset}).items()}
+        self.wan22_loras = LoraRegistry.model_validate(wan22_loras or {})  # the Wan2.2 requests' registry
         db = open_database(database)
         self.webhooks = WebhookSettings.model_validate(webhooks or {})
         # a job cancelled while queued ends here, kept and announced as a runner ends one
@@ -180,12 +184,22 @@ class Router(BatchRoutes, WebRoutes):
                 raise InvalidRequest("webhook_url", problem)
         return options
 
+    def _plan(self, sub: Submission, data: dict) -> GenerationPlan:
+        """The plan of `data` on the model the request names (`sub.model`); `InvalidRequest` naming
+        ``model`` when this deployment does not serve it."""
+        preset = self.presets.get(sub.model)
+        if preset is None:
+            raise InvalidRequest("model", f"model {sub.model!r} is not served by this deployment "
+                                          f"(served: {', '.join(self.presets)})")
+        loras = self.loras if sub.model == MODEL_NAME else self.wan22_loras
+        return plan_request(parse_request(data), preset, loras=loras)
+
     async def _accept(self, caller: Caller, sub: Submission, data: dict, idempotency_key: str | None,
                       extended_from: str | None = None, interactive: bool = False) -> Job:
         """Validate; deduplicate by ``Idempotency-Key``; price the request and check the caller's quotas
         and the queue's room; only then decode the media, store them and queue the job, charging it."""
         try:
-            plan = plan_request(parse_request(data), self.preset, loras=self.loras)
+            plan = self._plan(sub, data)
             options = await self._options(sub)
             key = check_idempotency_key(idempotency_key)
         except InvalidRequest as exc:
@@ -196,7 +210,7 @@ class Router(BatchRoutes, WebRoutes):
             existing = await asyncio.to_thread(self.jobs.find_idempotent, caller.owner, key)
             if existing is not None:
                 return self._same_request(existing, fingerprint)
-        cost = self.admission.price(plan)
+        cost = self.admission.price(plan, self.presets[sub.model])
         charge = await self.admission.admit(caller, cost)
         try:
             await self._check_media(plan, sub.media)
@@ -205,8 +219,8 @@ class Router(BatchRoutes, WebRoutes):
         job_id = new_job_id()
         inputs = {name: await asyncio.to_thread(self.files.put_input, job_id, name, data_bytes)
                   for name, data_bytes in sub.media.items()}
-        job = Job(id=job_id, owner=caller.owner, created_at=job_created_at(job_id), request=spec,
-                  plan=job_plan(plan, round(cost, 3)), inputs=inputs, extended_from=extended_from,
+        job = Job(id=job_id, owner=caller.owner, created_at=job_created_at(job_id), model=sub.model,
+                  request=spec, plan=job_plan(plan, round(cost, 3)), inputs=inputs, extended_from=extended_from,
                   idempotency_key=key, request_hash=fingerprint, **options)
         grace = self.settings.stream_grace_s if interactive else None
         queued = await asyncio.to_thread(self.jobs.queued_count)
@@ -222,7 +236,7 @@ class Router(BatchRoutes, WebRoutes):
             await asyncio.to_thread(self.files.delete_all, job_id)
             return self._same_request(stored or await asyncio.to_thread(self.jobs.find_idempotent, caller.owner, key),
                                       fingerprint)
-        metrics().jobs_accepted.inc(tags={"task": spec["task"], "preset": self.preset.name})
+        metrics().jobs_accepted.inc(tags={"task": spec["task"], "preset": self.presets[sub.model].name})
         log_job_event("accepted", job_id, task=spec["task"], size=f"{plan.width}x{plan.height}", frames=plan.frames,
                       steps=plan.request.steps, queued=queued + 1, key_id=caller.key_id or None,
                       cost_gpu_s=round(cost, 3))
@@ -415,7 +429,8 @@ class Router(BatchRoutes, WebRoutes):
     @app.get("/v1/models", response_model=None, responses=responses(ModelList))
     async def models(self, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> dict:
         await self.admission.caller(credentials)
-        return {"object": "list", "data": [{"id": MODEL_NAME, "object": "model", "owned_by": "pusa"}]}
+        return {"object": "list",
+                "data": [{"id": name, "object": "model", "owned_by": "pusa"} for name in self.presets]}
 
     @app.get("/health")
     async def health(self) -> dict:

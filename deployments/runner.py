@@ -60,13 +60,15 @@ class RunnerSettings(BaseModel):
 
 @serve.deployment(name="Runner")
 class Runner:
-    """Claims jobs from the database and runs them through the TextEncoder, VAE and DiT deployments."""
+    """Claims jobs from the database and runs them through the TextEncoder, VAE and DiT deployments (a
+    two-expert model's steps through `dit_high` and `dit_low`); `models`: the models served, name -> preset."""
 
     async def __init__(
         self, text_encoder: DeploymentHandle, vae: DeploymentHandle, dit: DeploymentHandle,
         preset: str = "tiny", store: str = "data", database: str = "sqlite:///data/jobs.db",
         settings: dict | None = None, webhooks: dict | None = None, retention_s: float = 7 * 86400,
-        batch: dict | None = None,
+        batch: dict | None = None, models: dict[str, str] | None = None,
+        dit_high: DeploymentHandle | None = None, dit_low: DeploymentHandle | None = None,
     ) -> None:
         self.settings = s = RunnerSettings.model_validate(settings or {})
         self.holder = f"runner-{uuid.uuid4().hex[:12]}"
@@ -79,7 +81,9 @@ class Runner:
         self.webhooks = WebhookSender(db, hooks, secret) if secret else None
         self.draining = asyncio.Event()
         self.ctx = RunContext(
-            jobs=self.jobs, files=files, stages=Stages(text_encoder, vae, dit, s.stages), settings=s, preset=preset,
+            jobs=self.jobs, files=files, settings=s, preset=preset, models=models,
+            stages=Stages(text_encoder, vae, dit, s.stages,
+                          experts=tuple(h for h in (dit_high, dit_low) if h is not None)),
             retention_s=retention_s, webhook_url=hooks.url if secret else None, draining=self.draining,
         )
         self.runs: dict[str, tuple[JobRun, asyncio.Task]] = {}

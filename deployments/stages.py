@@ -1,4 +1,5 @@
-"""Calls from the runner to the TextEncoder, VAE and DiT deployments, each with a timeout and retries.
+"""Calls from the runner to the TextEncoder, VAE and DiT deployments (a two-expert model's step goes to the
+DiT deployment of its expert), each with a timeout and retries.
 
 A call that times out (a hung replica), whose replica dies, or that fails because the blob store is
 briefly unreachable is retried after a growing delay, a bounded number of times; Serve sends the retry to
@@ -86,12 +87,23 @@ def _unrecoverable(exc: BaseException, plan: GenerationPlan) -> Exception | None
 
 
 class Stages:
-    """The three stage deployments, as the runner calls them for one job's plan."""
+    """The stage deployments, as the runner calls them for one job's plan: the TextEncoder, the VAE, the DiT
+    of a one-expert model and, where the app serves a two-expert model, its DiT deployment per expert
+    (`experts`: high noise, low noise)."""
 
     def __init__(self, text: DeploymentHandle, vae: DeploymentHandle, dit: DeploymentHandle,
-                 settings: StageSettings) -> None:
+                 settings: StageSettings, experts: tuple[DeploymentHandle, ...] = ()) -> None:
         self.text, self.vae, self.dit = text, vae, dit
+        self.experts = experts
         self.settings = settings
+
+    def dit_of(self, plan: GenerationPlan, expert: int) -> DeploymentHandle:
+        """The DiT deployment that runs `expert`'s steps of `plan`'s model."""
+        if plan.experts == 1:
+            return self.dit
+        if len(self.experts) != plan.experts:
+            raise StageFailed("model_not_served", "this deployment has no DiT deployments of a two-expert model")
+        return self.experts[expert]
 
     async def call(self, stage: str, make_call: Callable[[], DeploymentResponse], timeout_s: float,
                    plan: GenerationPlan, on_retry: OnRetry) -> Any:
@@ -147,8 +159,10 @@ class Stages:
             self.settings.vae_encode.seconds(_megavoxels(plan)), plan, on_retry)
 
     async def step(self, job_id: str, plan: GenerationPlan, inp: StepInput, on_retry: OnRetry) -> np.ndarray:
-        """Step `inp` of window `plan` on some DiT replica that holds the request's LoRA combination."""
-        dit = self.dit.options(multiplexed_model_id=combination_id(plan.lora_combination))
+        """Step `inp` of window `plan` on some replica of the DiT deployment of the step's expert that holds
+        that expert's LoRA combination."""
+        dit = self.dit_of(plan, inp.expert).options(
+            multiplexed_model_id=combination_id(plan.lora_combination_of(inp.expert)))
         passes = 1 if inp.guidance == 1.0 else 2
         return await self.call("dit", lambda: dit.step.remote(inp, job_id),
                                self.settings.dit_step.seconds(_megavoxels(plan) * passes), plan, on_retry)

@@ -23,7 +23,6 @@ from pydantic import BaseModel, Field
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset
-from pusa_model.request import parse_request, plan_request
 from pusa_model.request_schema import LoraChoice
 
 from .admission import Admission, ApiSettings, bearer
@@ -109,11 +108,12 @@ async def index() -> FileResponse:
 
 class WebRoutes:
     """The Router's ``/v1/videos/plan`` (it provides the attributes below and the create path's checks:
-    ``_generation_data``, ``_options``, ``_check_media``)."""
+    ``_generation_data``, ``_plan``, ``_options``, ``_check_media``)."""
 
     settings: ApiSettings
     admission: Admission
     preset: Preset
+    presets: dict[str, Preset]  # the models served, by name
     loras: LoraRegistry
 
     @web_routes.post("/v1/videos/plan", response_model=None, responses=responses(VideoPlan, 400, 404, 409, 413, 503),
@@ -126,11 +126,11 @@ class WebRoutes:
         sub = await read_submission(request, self.settings.max_upload_bytes)
         data = await self._generation_data(sub, caller)
         try:
-            plan = plan_request(parse_request(data), self.preset, loras=self.loras)
+            plan = self._plan(sub, data)
             await self._options(sub)
         except InvalidRequest as exc:
             raise ApiError.invalid(exc) from None
-        cost = self.admission.price(plan)
+        cost = self.admission.price(plan, self.presets[sub.model])
         try:
             await self._check_media(plan, sub.media)
         except InvalidRequest as exc:

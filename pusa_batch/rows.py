@@ -3,7 +3,7 @@ and a ``POST /v1/videos`` body mean the same video."""
 
 from __future__ import annotations
 
-from pusa_jobs.submission import Submission
+from pusa_jobs.submission import MODEL_NAME, Submission
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset
@@ -34,4 +34,7 @@ def read_row(fields: dict, preset: Preset, base: str | None,
                 value = value[0]
         sub.fields[name] = [value]
     registry = loras if loras is not None else LoraRegistry()
-    return plan_request(parse_request(sub.generation_data()), preset, loras=registry), sub.media
+    data = sub.generation_data()
+    if sub.model != MODEL_NAME:
+        raise InvalidRequest("model", f"a batch runs model {MODEL_NAME} only, not {sub.model!r}")
+    return plan_request(parse_request(data), preset, loras=registry), sub.media

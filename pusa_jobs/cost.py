@@ -2,7 +2,8 @@
 
 A DiT forward over ``M`` million pixel-frames (width × height × frames / 10⁶) takes ``a·M + b·M²``
 seconds (the square term is attention); a request makes ``steps × passes`` of them (two passes with
-guidance, one without), plus a VAE decode of ``d·M`` and ``fixed_s`` of text and conditioning encoding.
+guidance, one without; on a two-expert model each step's by its expert's guidance), plus a VAE decode of
+``d·M`` and ``fixed_s`` of text and conditioning encoding.
 A long video costs the sum of its windows.
 `bench/cost_calibration.py` measures a, b and d on a device.
 """
@@ -64,8 +65,15 @@ def megapixel_frames(plan: GenerationPlan) -> float:
 
 
 def passes(plan: GenerationPlan) -> int:
-    """DiT forwards per step: two with classifier-free guidance, one without."""
-    return 1 if plan.request.guidance == 1.0 else 2
+    """DiT forwards of the costliest step: two with classifier-free guidance, one without."""
+    return max(1 if g == 1.0 else 2 for g in plan.guidances)
+
+
+def forwards(plan: GenerationPlan) -> int:
+    """DiT forwards of a window: per step two with classifier-free guidance, one without, each step with its
+    own expert's guidance (a two-expert model's ``guidance`` and ``guidance_2``). The experts have the same
+    architecture, so a forward costs the same on either."""
+    return sum(1 if plan.guidance_at(k) == 1.0 else 2 for k in range(plan.request.steps))
 
 
 def estimate_gpu_seconds(plan: GenerationPlan, calibration: Calibration) -> float:
@@ -75,7 +83,7 @@ def estimate_gpu_seconds(plan: GenerationPlan, calibration: Calibration) -> floa
 
 def _window_gpu_seconds(window: GenerationPlan, c: Calibration) -> float:
     m = megapixel_frames(window)
-    return window.request.steps * passes(window) * (c.a * m + c.b * m * m) + c.d * m + c.fixed_s
+    return forwards(window) * (c.a * m + c.b * m * m) + c.d * m + c.fixed_s
 
 
 def cost_drivers(plan: GenerationPlan, preset: Preset) -> list[str]:

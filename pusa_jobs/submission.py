@@ -15,7 +15,9 @@ import math
 from pusa_model.errors import InvalidRequest
 from pusa_model.request_schema import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
 
-MODEL_NAME = "pusa-v1"
+MODEL_NAME = "pusa-v1"  # the default model of a request that names none
+WAN22_MODEL_NAME = "pusa-wan2.2"
+MODEL_NAMES = (MODEL_NAME, WAN22_MODEL_NAME)  # the models a request may name; a deployment serves some of them
 LIST_FIELDS = ("images", "positions", "multipliers", "extension_multipliers")
 JOB_OPTIONS = ("webhook_url",)  # fields about the job rather than the video
 
@@ -56,6 +58,7 @@ class Submission:
     """A create/extend request split into generation parameters, media bytes and job options."""
 
     def __init__(self) -> None:
+        self.model = MODEL_NAME  # the request's `model`, set by `generation_data`
         self.fields: dict[str, list] = {}
         self.media: dict[str, bytes] = {}
         self.options: dict[str, object] = {}
@@ -69,13 +72,15 @@ class Submission:
         return name
 
     def generation_data(self) -> dict:
-        """The fields as `GenerationRequest` data, media replaced by their field names."""
+        """The fields as `GenerationRequest` data, media replaced by their field names; the request's
+        ``model`` (one of `MODEL_NAMES`) goes to `self.model`, whether a deployment serves it is its own check."""
         data: dict = {}
         for key, values in self.fields.items():
             data[key] = _as_list(key, values) if key in LIST_FIELDS else values[-1]
         model = data.pop("model", MODEL_NAME)
-        if model != MODEL_NAME:
-            raise InvalidRequest("model", f"unknown model {model!r} (available: {MODEL_NAME})")
+        if model not in MODEL_NAMES:
+            raise InvalidRequest("model", f"unknown model {model!r} (known: {', '.join(MODEL_NAMES)})")
+        self.model = model
         if "size" in data:
             size = str(data.pop("size"))
             try:

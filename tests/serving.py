@@ -28,8 +28,9 @@ def free_port() -> int:
 
 def local_config(store: str, port: int, runner: dict | None = None, deployments: dict | None = None,
                  args: dict | None = None, api: dict | None = None, database: str | None = None) -> dict:
-    """serve_config.local.yaml with the store, port, runner and API settings, per-deployment options and
-    extra application args given. The job database defaults to a SQLite file beside a local store."""
+    """serve_config.local.yaml with the store, port, runner and API settings, per-deployment options (a
+    deployment the profile has no section for gets one) and extra application args given. The job database
+    defaults to a SQLite file beside a local store."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
@@ -40,6 +41,9 @@ def local_config(store: str, port: int, runner: dict | None = None, deployments:
     app["args"]["api"] = {**app["args"].get("api", {}), **(api or {})}
     for dep in app["deployments"]:
         dep.update(copy.deepcopy((deployments or {}).get(dep["name"], {})))
+    profiled = {dep["name"] for dep in app["deployments"]}
+    app["deployments"] += [{"name": name, **copy.deepcopy(options)}  # e.g. DiTHigh, DiTLow (args.wan22_preset)
+                           for name, options in (deployments or {}).items() if name not in profiled]
     return config
 
 

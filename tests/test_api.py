@@ -478,3 +478,11 @@ def test_bad_variant(url, t2v_job):
 def test_models_and_health(url):
     assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]] == ["pusa-v1"]
     assert httpx.get(f"{url}/health", timeout=30).json()["preset"] == "tiny"
+
+
+def test_a_model_this_deployment_does_not_serve_is_refused(url):
+    """The default profile serves pusa-v1 only: a pusa-wan2.2 request is a 400 naming ``model``."""
+    r = httpx.post(f"{url}/v1/videos", json={"prompt": "a cat", "model": "pusa-wan2.2"}, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "model" and "not served" in error["message"], error

@@ -129,6 +129,38 @@ def test_gpu_memory_caps_reach_each_gpu_deployment():
         AppArgs.model_validate({"gpu_memory_gib": {"DiT": 40}, "dit_parallel": {"cfg": 2}})
 
 
+def test_wan22_preset_adds_a_dit_deployment_per_expert():
+    """``wan22_preset`` binds the DiT class twice more, DiTHigh (expert 0) and DiTLow (expert 1), each with its
+    own memory cap; the Router and Runner learn both models; TextEncoder and VAE stay one each."""
+    graph = build_app(import_attr("deployments.app:build_app")(
+        {"wan22_preset": "tiny-wan2.2", "gpu_memory_gib": {"DiTHigh": 44, "DiTLow": 43}}), name="app")
+    by_name = {d.name: d for d in graph.deployments}
+    assert set(by_name) == STAGES | {"DiTHigh", "DiTLow"}
+    for name, expert, cap in (("DiTHigh", 0, 44), ("DiTLow", 1, 43)):
+        kwargs = by_name[name].init_kwargs
+        assert (kwargs["preset"], kwargs["expert"], kwargs["memory_gib"]) == ("tiny-wan2.2", expert, cap)
+    assert by_name["DiT"].init_kwargs["preset"] == "tiny" and "expert" not in by_name["DiT"].init_kwargs
+    models = {"pusa-v1": "tiny", "pusa-wan2.2": "tiny-wan2.2"}
+    assert by_name["Router"].init_kwargs["models"] == by_name["Runner"].init_kwargs["models"] == models
+    with pytest.raises(ValueError, match="wan22_preset"):
+        AppArgs.model_validate({"wan22_preset": "tiny"})
+
+
+def test_each_model_has_its_own_lora_registry():
+    """``loras`` (one file an entry) go to Pusa V1's DiT, ``wan22_loras`` (a file per expert) to DiTHigh and
+    DiTLow; an entry of the wrong shape for its model fails the deploy."""
+    pair = {"lightning": {"path": "high.safetensors", "path_2": "low.safetensors", "fast": True}}
+    one = {"style": {"path": "style.safetensors"}}
+    graph = build_app(import_attr("deployments.app:build_app")(
+        {"wan22_preset": "tiny-wan2.2", "loras": one, "wan22_loras": pair}), name="app")
+    registries = {d.name: set(d.init_kwargs["loras"]) for d in graph.deployments if d.name.startswith("DiT")}
+    assert registries == {"DiT": {"style"}, "DiTHigh": {"lightning"}, "DiTLow": {"lightning"}}
+    with pytest.raises(ValueError, match="wan22_loras.style"):
+        AppArgs.model_validate({"wan22_loras": one})
+    with pytest.raises(ValueError, match="loras.lightning"):
+        AppArgs.model_validate({"loras": pair})
+
+
 def test_gpu_profile_shares_one_card():
     config = ServeDeploySchema.model_validate(load(GPU))
     deps = deployments(config)

@@ -1,0 +1,279 @@
+"""Both models from one application, on the tiny presets through a real local Ray Serve: the app's
+``wan22_preset: tiny-wan2.2`` adds the DiT deployments DiTHigh and DiTLow (one per expert) beside Pusa V1's
+DiT, with the TextEncoder and VAE shared; ``wan22_loras`` holds a stand-in 4-step LoRA pair for mode fast.
+A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to the byte, each expert's deployment runs
+exactly the steps of its expert (the boundary rule), and a ``pusa-v1`` job on the same app is unchanged. A
+Runner replica killed before the experts' switch is replaced and the job resumes across it to the same video;
+in process, a runner killed at the switch's step is succeeded by another that resumes to the same video."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from pathlib import Path
+
+import pytest
+from service_probe import ServiceProbe, one_thread
+from serving import default_database, running_service
+from test_job_run import LocalHandle
+from test_wan22 import write_distill_loras
+from videoapi import image_bytes
+
+from deployments.dit import DiT
+from deployments.job_run import JobRun, RunContext
+from deployments.runner import RunnerSettings
+from deployments.stages import Stages, StageSettings
+from deployments.text_encoder import TextEncoder
+from deployments.vae import VAE
+from pusa_batch.rows import read_row
+from pusa_jobs.db import open_database
+from pusa_jobs.job_files import JobFiles
+from pusa_jobs.job_store import JobStore
+from pusa_jobs.jobs import Job, job_created_at, job_plan, new_job_id
+from pusa_jobs.storage import open_store
+from pusa_model.errors import InvalidRequest
+from pusa_model.loras import LoraRegistry
+from pusa_model.pipeline import PusaPipeline, model_folder
+from pusa_model.presets import get_preset
+from pusa_model.request import parse_request, plan_request, replan
+
+WAN22 = "tiny-wan2.2"
+MODELS = {"pusa-v1": "tiny", "pusa-wan2.2": WAN22}
+ZERO_CPU = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1}
+# one replica each, so that the replicas' step counts are the deployments'
+DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 1}, "DiTHigh": ZERO_CPU, "DiTLow": ZERO_CPU}
+# short leases: a killed runner's job is adopted within seconds
+RUNNER = {"lease_ttl_s": 2.0, "renew_s": 0.5, "poll_s": 0.2, "max_takeovers": 1}
+T2V = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, "steps": 6, "guidance": 3.0,
+       "guidance_2": 2.0, "seed": 3}
+I2V = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, "steps": 4, "mode": "fast",
+       "seed": 4, "input_reference": "data:image/png;base64," + base64.b64encode(image_bytes("PNG")).decode()}
+
+
+@pytest.fixture(scope="module")
+def lightning(tmp_path_factory) -> LoraRegistry:
+    """The Wan2.2 registry: a stand-in for Wan2.2-Lightning's 4-step pair, the LoRA of mode fast."""
+    return write_distill_loras(model_folder(get_preset(WAN22)), tmp_path_factory.mktemp("lightning"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_folder, lightning):
+    store = str(tmp_path_factory.mktemp("wan22") / "store")
+    database = default_database(store)
+    args = {"wan22_preset": WAN22, "wan22_loras": lightning.model_dump()}
+    with running_service(store, runner=RUNNER, deployments=DEPLOYMENTS, args=args) as url:
+        probe = ServiceProbe(url, database, {"DiT": 1, "DiTHigh": 1, "DiTLow": 1})
+        try:
+            probe.wait_ready()
+            yield probe
+        finally:
+            probe.close()
+
+
+@pytest.fixture(scope="module")
+def wan22_pipeline(lightning):
+    return PusaPipeline.from_preset(WAN22, device="cpu", loras=lightning)
+
+
+def expert_steps(job: Job) -> list[int]:
+    """How many of the job's steps each expert runs (the plan's boundary rule)."""
+    plan = replan(job.request, job.plan["seed"], MODELS[job.model])
+    experts = [plan.expert(k) for k in range(plan.request.steps)]
+    return [experts.count(0), experts.count(1)]
+
+
+def steps_run(service: ServiceProbe, deployment: str) -> int:
+    return sum(s["steps_run"] for s in service.stats(deployment).values())
+
+
+def test_the_app_lists_both_models(service):
+    assert [m["id"] for m in service.http.get("/v1/models").json()["data"]] == ["pusa-v1", "pusa-wan2.2"]
+
+
+@pytest.mark.parametrize("request_fields", [T2V, I2V], ids=["t2v", "i2v-fast"])
+def test_a_wan22_job_runs_each_step_on_its_experts_deployment(service, wan22_pipeline, request_fields, tmp_path):
+    before = {name: steps_run(service, name) for name in ("DiT", "DiTHigh", "DiTLow")}
+    started = time.perf_counter()
+    job_id, video = service.run(timeout=180, **request_fields)
+    print(f"{request_fields['model']} {request_fields.get('mode', 'standard')} job: "
+          f"{time.perf_counter() - started:.1f} s through the service")
+    job = service.record(job_id)
+    assert job.model == "pusa-wan2.2" and service.retrieve(job_id)["model"] == "pusa-wan2.2"
+    high, low = expert_steps(job)
+    assert high and low  # the job crosses the boundary
+    after = {name: steps_run(service, name) for name in ("DiT", "DiTHigh", "DiTLow")}
+    assert (after["DiTHigh"] - before["DiTHigh"], after["DiTLow"] - before["DiTLow"]) == (high, low)
+    assert after["DiT"] == before["DiT"]  # Pusa V1's DiT ran none of them
+    fast = {"lightning": 1.0} if request_fields.get("mode") == "fast" else {}  # mode fast adds the registry's pair
+    assert [s["loras"] for s in service.stats("DiTHigh").values()] == [{"pusa": job.request["lora_alpha"], **fast}]
+    assert [s["loras"] for s in service.stats("DiTLow").values()] == [{"pusa": job.request["lora_alpha_2"], **fast}]
+    assert video == reference_video(service, wan22_pipeline, job_id, tmp_path)
+
+
+def reference_video(service: ServiceProbe, pipeline: PusaPipeline, job_id: str, folder: Path) -> bytes:
+    """The Wan2.2 job's video made in process from its own request and seed (its image from a file)."""
+    job = service.record(job_id)
+    request = dict(job.request)
+    if request.get("images"):
+        (folder / "image.png").write_bytes(image_bytes("PNG"))
+        request["images"] = [str(folder / "image.png")]
+    plan = replan(request, job.plan["seed"], WAN22)
+    with one_thread():  # as the service's replicas run
+        return pipeline.generate(plan, folder / f"{job_id}.mp4").video_path.read_bytes()
+
+
+def test_a_pusa_v1_job_on_the_same_app_is_unchanged(service, tiny_pipeline, tmp_path):
+    before = {name: steps_run(service, name) for name in ("DiTHigh", "DiTLow")}
+    job_id, video = service.run(prompt="a dog", size="64x64", frames=9, steps=3, seed=2)
+    assert service.record(job_id).model == "pusa-v1"
+    assert {name: steps_run(service, name) for name in ("DiTHigh", "DiTLow")} == before
+    assert video == service.reference_video(tiny_pipeline, job_id, tmp_path)
+
+
+def test_a_wan22_field_on_pusa_v1_or_an_unknown_model_is_refused(service):
+    for fields, param in [({"guidance_2": 2.0}, "guidance_2"), ({"model": "pusa-v2"}, "model")]:
+        response = service.http.post("/v1/videos", json={"prompt": "a cat", **fields})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+
+
+def test_the_shared_text_encoder_and_vae_are_the_wan22_presets_own(tiny_folder):
+    """The app's TextEncoder and VAE load `tiny`; tiny-wan2.2's tokenizer, text encoder and VAE are the same files."""
+    wan22 = model_folder(get_preset(WAN22))
+    for part in ("tokenizer", "text_encoder", "vae"):
+        files = sorted(p.relative_to(tiny_folder) for p in (tiny_folder / part).rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(wan22) for p in (wan22 / part).rglob("*") if p.is_file())
+        assert all((tiny_folder / f).read_bytes() == (wan22 / f).read_bytes() for f in files), part
+
+
+def test_a_job_of_a_model_no_longer_served_fails_naming_it(tmp_path):
+    """A Wan2.2 job left queued when the app was redeployed without wan22_preset."""
+    runner = Runner(tmp_path, (None, None, None, None), models={"pusa-v1": "tiny"})
+    job_id = runner.submit({"prompt": "a cat", "steps": 2})
+    runner.run("runner-1")
+    job = runner.jobs.get(job_id)
+    assert job.status == "failed" and job.error["code"] == "model_not_served", job.error
+    assert "pusa-wan2.2" in job.error["message"]
+
+
+def test_a_batch_row_takes_pusa_v1_only():
+    """Batches do not run Pusa-Wan2.2 yet: a row naming it is refused naming ``model``."""
+    with pytest.raises(InvalidRequest) as refused:
+        read_row({"prompt": "a cat", "model": "pusa-wan2.2"}, get_preset("tiny"), base=None)
+    assert refused.value.field == "model"
+    plan, _ = read_row({"prompt": "a cat", "model": "pusa-v1"}, get_preset("tiny"), base=None)
+    assert plan.experts == 1
+
+
+def test_the_estimate_counts_each_experts_guidance_passes(service):
+    """Two passes a step where the expert's guidance is above 1, one where it is 1."""
+    def cost(**fields) -> float:
+        response = service.http.post("/v1/videos/plan", json={**T2V, "size": "832x480", "frames": 81, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["cost_gpu_s"]
+
+    plan = plan_request(parse_request({"prompt": "a cat", "steps": T2V["steps"]}), get_preset(WAN22))
+    experts = [plan.expert(k) for k in range(plan.request.steps)]
+    high, low = experts.count(0), experts.count(1)
+    both, one, none = cost(), cost(guidance_2=1.0), cost(guidance=1.0, guidance_2=1.0)
+    assert both > one > none
+    assert (one - none) / (both - none) == pytest.approx(high / (high + low), rel=1e-2)
+
+
+def test_a_runner_killed_before_the_experts_switch_is_resumed_to_the_same_video(service, wan22_pipeline, tmp_path):
+    """A 1024x1024 frame makes a tiny step take a noticeable time, so the kill lands mid-job; the runner is
+    killed once the last high-noise step before the switch is done, and the next one resumes from a
+    checkpoint at or after it (the low-noise steps: on DiTLow, whoever runs them)."""
+    request = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "1024x1024", "frames": 1, "steps": 12,
+               "guidance": 1.0, "seed": 9}
+    plan = plan_request(parse_request({"prompt": "a cat", "steps": 12}), get_preset(WAN22))
+    experts = [plan.expert(k) for k in range(12)]
+    switch = experts.index(1)
+    before = {name: steps_run(service, name) for name in ("DiTHigh", "DiTLow")}
+    job_id = service.submit(**request)
+    service.wait_steps(job_id, switch - 1, timeout=120)
+    service.kill_all("Runner")
+    job = service.wait_ended(job_id, timeout=120)
+    assert job.status == "completed", job.error
+    assert job.takeovers == 1
+    events = service.events(job_id)
+    (requeued,) = [e for e in events if e["type"] == "queued" and e.get("requeued")]
+    print(f"killed after step {switch - 1} of the high-noise expert's {switch}; "
+          f"resumed at step {requeued['resume_step']}")
+    assert requeued["resume_step"] >= switch - 1
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, 13))  # each step once
+    service.wait_ready()
+    ran = {name: steps_run(service, name) - before[name] for name in ("DiTHigh", "DiTLow")}
+    assert experts.count(0) <= ran["DiTHigh"] <= experts.count(0) + 1  # at most the step in flight ran twice
+    assert experts.count(1) <= ran["DiTLow"] <= experts.count(1) + 1
+    assert service.content(job_id) == reference_video(service, wan22_pipeline, job_id, tmp_path)
+
+
+# -- a runner killed at the experts' switch, in process ------------------------------------------------------
+
+
+class Runner:
+    """A runner's context over the service's own stage classes in this process, serving both models."""
+
+    def __init__(self, folder: Path, replicas: tuple, models: dict[str, str] = MODELS) -> None:
+        self.jobs = JobStore(open_database(f"sqlite:///{folder}/jobs.db"), lease_ttl_s=1.0)
+        self.files = JobFiles(open_store(str(folder / "store")))
+        self.dit_before = None
+        text, dit, high, low = replicas
+        vae = VAE.func_or_class(store=str(folder / "store"))
+        before = lambda name, args: self.dit_before and self.dit_before(name, args)  # noqa: E731
+        stages = Stages(LocalHandle(text), LocalHandle(vae), LocalHandle(dit),
+                        StageSettings(retries=1, backoff_s=0.01),
+                        experts=(LocalHandle(high, before), LocalHandle(low, before)))
+        self.ctx = RunContext(jobs=self.jobs, files=self.files, stages=stages, settings=RunnerSettings(),
+                              preset="tiny", retention_s=3600, webhook_url=None, draining=asyncio.Event(),
+                              models=models)
+
+    def submit(self, request: dict) -> str:
+        plan = plan_request(parse_request(request), get_preset(WAN22))
+        job_id = new_job_id(time.time())
+        self.jobs.create(Job(id=job_id, created_at=job_created_at(job_id), model="pusa-wan2.2",
+                             request=plan.request.model_dump(), plan=job_plan(plan)), {"type": "queued"})
+        return job_id
+
+    def run(self, holder: str) -> None:
+        asyncio.run(JobRun(self.ctx, self.jobs.claim(holder)).run())
+
+
+class Killed(BaseException):
+    """The runner's process ends here: nothing more of the job is written."""
+
+
+def test_a_runner_killed_at_the_experts_switch_is_resumed_to_the_same_video(service, wan22_pipeline, tmp_path):
+    request = {"prompt": "a cat", "width": 64, "height": 64, "frames": 9, "steps": 6, "seed": 8}
+    plan = plan_request(parse_request(request), get_preset(WAN22))
+    switch = [plan.expert(k) for k in range(6)].index(1)  # the low-noise expert's first step
+    replicas = (TextEncoder.func_or_class(), DiT.func_or_class(),
+                DiT.func_or_class(preset=WAN22, expert=0), DiT.func_or_class(preset=WAN22, expert=1))
+    runner = Runner(tmp_path, replicas)
+    job_id = runner.submit(request)
+    calls = []
+
+    def kill_at_the_switch(name: str, args: tuple) -> None:
+        if name == "step":
+            calls.append(args[0].expert)
+            if args[0].step == switch and len(calls) == switch + 1:
+                raise Killed
+
+    runner.dit_before = kill_at_the_switch
+    with pytest.raises(Killed):
+        with one_thread():
+            runner.run("runner-1")
+    killed = runner.jobs.get(job_id)
+    assert (killed.lease_holder, killed.checkpoint_step) == ("runner-1", switch)
+    time.sleep(1.1)  # its lease expires
+    with one_thread():
+        runner.run("runner-2")  # adopts the job from its checkpoint
+    job = runner.jobs.get(job_id)
+    assert job.status == "completed", job.error
+    assert job.takeovers == 1
+    assert calls == [0] * switch + [1] + [1] * (6 - switch)  # the killed step ran again, on the low-noise expert
+    with one_thread():
+        reference = wan22_pipeline.generate(plan, tmp_path / "ref.mp4").video_path.read_bytes()
+    assert runner.files.store.get(runner.files.result_key(job_id, "video")) == reference
