@@ -180,7 +180,11 @@ def _compare_steps(tiny_pipeline, exact: bool) -> None:
 
 class _ServedDiT:
     """The DiT deployment as `LocalEngine`'s DiT stage: each step through the handle, on the replica (here
-    its group) that holds the plan's LoRA combination, as the runner sends it."""
+    its group) that holds the plan's LoRA combination, as the runner sends it (Pusa V1: one expert)."""
+
+    def stage(self, expert: int) -> _ServedDiT:
+        assert expert == 0
+        return self
 
     def set_loras(self, combination: dict[str, float]) -> None:
         handle = serve.get_deployment_handle("DiT", app_name="pusa")
