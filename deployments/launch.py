@@ -214,14 +214,16 @@ def read_ahead(config: ServeDeploySchema) -> ReadAhead:
         if app.import_path != APP_IMPORT_PATH:
             continue
         args = app.args or {}
-        try:
-            source = get_preset(args.get("preset", "tiny")).source
-        except ValueError:
-            continue  # the build reports a bad preset
-        folder = Path(source).expanduser()
-        if not source.startswith("s3://") and folder.is_dir():
-            loras = [entry.get("path", "") for entry in (args.get("loras") or {}).values()]
-            paths += checkpoint_order(folder, loras)
+        models = [(args.get("preset", "tiny"), args.get("loras")), (args.get("wan22_preset"), args.get("wan22_loras"))]
+        for preset, registry in models:
+            try:
+                source = get_preset(preset).source if preset else ""
+            except ValueError:
+                continue  # the build reports a bad preset
+            folder = Path(source).expanduser()
+            if source and not source.startswith("s3://") and folder.is_dir():
+                loras = [entry[key] for entry in (registry or {}).values() for key in ("path", "path_2") if entry.get(key)]
+                paths += checkpoint_order(folder, loras)
     return ReadAhead(paths, threads=min(16, os.cpu_count() or 1))
 
 

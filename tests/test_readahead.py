@@ -94,3 +94,22 @@ def test_pusa_serve_reads_the_packages_then_each_apps_checkpoint(tmp_path, monke
     assert reader.files.index(ours[0]) == len(reader.files) - 2  # after every package file
     assert any("torch" in p.parts for p in reader.files)
     assert json.loads(json.dumps(reader.wait()))["done"]
+
+
+def test_pusa_serve_reads_the_wan22_checkpoint_and_both_files_of_its_loras(tmp_path, monkeypatch):
+    v1, wan = tmp_path / "pusa-v1", tmp_path / "wan22"
+    write(v1 / "transformer" / "model.safetensors", 50)
+    write(wan / "transformer_2" / "model.safetensors", 50)
+    write(wan / "lightning" / "high.safetensors", 50)
+    write(wan / "lightning" / "low.safetensors", 50)
+    monkeypatch.setenv("PUSA_MODEL_SOURCE", str(v1))
+    monkeypatch.setenv("PUSA_WAN22_SOURCE", str(wan))
+    config = yaml.safe_load((Path(__file__).parent.parent / "serve_config.gpu.yaml").read_text())
+    config["applications"][0]["args"].update(wan22_preset="pusa-wan2.2", wan22_loras={
+        "lightning": {"path": "lightning/high.safetensors", "path_2": "lightning/low.safetensors", "fast": True}})
+    reader = read_ahead(ServeDeploySchema.model_validate(config))
+    reader.wait(timeout=600)
+    assert [p for p in reader.files if wan in p.parents] == [
+        wan / "lightning" / "high.safetensors", wan / "lightning" / "low.safetensors",
+        wan / "transformer_2" / "model.safetensors"]
+    assert v1 / "transformer" / "model.safetensors" in reader.files
