@@ -25,7 +25,6 @@ from pusa_model.request_schema import GenerationRequest
 
 from .outputs import CUSTOM_ID, BatchOutputs
 from .sources import parent, read_manifest
-from .stages import Conditioning, Decoding, Denoising, TextEncoding, failed, prepare, record_of
 
 STATUS_EVERY_S = 2.0
 
@@ -102,6 +101,10 @@ def _checked_ids(rows: list[dict]) -> tuple[list[str | None], dict[int, dict]]:
 def build_dataset(rows: list[dict], output: str, settings: BatchSettings, base: str | None) -> ray.data.Dataset:
     """The pipeline over `rows`: prepare (CPU) → conditioning (VAE) → text → denoising (DiT) → decode and
     store (VAE)."""
+    # The stages import the model code (torch, diffusers): only a process that runs a batch loads it, not
+    # the Serve replicas that import this module for `BatchSettings`.
+    from .stages import Conditioning, Decoding, Denoising, TextEncoding, prepare
+
     preset, device = settings.preset, settings.device
     context = ray.data.DataContext.get_current()  # one row per block: a row is a video's worth of work, and
     context.target_max_block_size = context.target_min_block_size = 1  # each streams on as soon as it is done
@@ -127,6 +130,8 @@ def run_batch(manifest: str, output: str, settings: BatchSettings, progress: boo
     `on_record` sees each row's record as it ends (an exception from it stops the batch there). Media
     are paths (relative to the manifest), ``s3://`` URIs or data URLs; only data URLs without
     `local_media`."""
+    from .stages import failed, record_of
+
     started = time.monotonic()
     rows = read_manifest(manifest)
     outputs = BatchOutputs(output)

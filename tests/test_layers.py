@@ -80,8 +80,8 @@ def test_no_two_packages_import_each_other():
     assert cycles(graph) == [], {package: sorted(imported) for package, imported in graph.items()}
 
 
-def loaded_after(statement: str) -> dict[str, bool]:
-    code = f"import sys\n{statement}\nimport json\nprint(json.dumps({{m: m in sys.modules for m in ('torch', 'ray')}}))"
+def loaded_after(statement: str, modules: tuple[str, ...] = ("torch", "ray")) -> dict[str, bool]:
+    code = f"import sys\n{statement}\nimport json\nprint(json.dumps({{m: m in sys.modules for m in {modules!r}}}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -95,3 +95,11 @@ def test_pusa_client_runs_without_torch_or_ray():
     statement = ("from pusa_cli import main\nsys.argv = ['pusa', 'client', 'get', 'video_x', '--url', 'http://127.0.0.1:9']\n"
                  "assert main(sys.argv[1:]) == 4")  # unreachable: exit 4, after the command ran
     assert loaded_after(statement) == {"torch": False, "ray": False}
+
+
+def test_the_router_and_the_runner_do_not_load_the_model_code():
+    """Their replicas start on every deploy: diffusers, transformers and torchao (seconds of imports) are for
+    the model replicas and the processes that run a batch."""
+    assert loaded_after("import deployments.router, deployments.runner",
+                        ("diffusers", "transformers", "torchao")) == {
+        "diffusers": False, "transformers": False, "torchao": False}
