@@ -32,10 +32,8 @@ from pusa_jobs.observability import gpu_kind, job_logging, metrics
 from pusa_model.devices import gpu_memory, pick_device, release_on_oom
 from pusa_model.loras import PUSA, LoraRegistry, combination_id, parse_combination_id
 from pusa_model.operations import StepInput
-from pusa_model.pipeline import load_dit_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.request_schema import SIZE_MULTIPLE, VAE_TEMPORAL
-from pusa_model.transformer import DiTOptions
 
 from .dit_group import DiTGroup, DiTParallel
 
@@ -78,6 +76,9 @@ class DiT:
         parallel: dict | None = None, loras: dict | None = None, lora_base: str = "disk",
         warmup: list[dict] | None = None, memory_gib: float | None = None, expert: int | None = None,
     ) -> None:
+        from pusa_model.pipeline import load_dit_stage, model_folder  # the model code: in the replica only
+        from pusa_model.transformer import DiTOptions
+
         layout = DiTParallel.model_validate(parallel or {})
         dit_options = DiTOptions(**(options or {}))
         registry = LoraRegistry.model_validate(loras or {})

@@ -9,7 +9,6 @@ from ray import serve
 
 from pusa_jobs.observability import gpu_kind, job_logging, metrics, timed
 from pusa_model.devices import pick_device
-from pusa_model.pipeline import load_text_stage, model_folder
 from pusa_model.presets import get_preset
 
 
@@ -18,6 +17,8 @@ class TextEncoder:
     """Loads the preset's tokenizer and text encoder once; encodes prompts on request."""
 
     def __init__(self, preset: str = "tiny", device: str | None = None, memory_gib: float | None = None) -> None:
+        from pusa_model.pipeline import load_text_stage, model_folder  # the model code: in the replica only
+
         spec = get_preset(preset)
         self.stage = load_text_stage(model_folder(spec), spec, pick_device(device, memory_gib))
         self.tags = {"stage": "text_encode", "deployment": "TextEncoder", "preset": preset, "gpu": gpu_kind()}

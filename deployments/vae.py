@@ -20,7 +20,6 @@ from pusa_jobs.storage import open_store
 from pusa_model import media
 from pusa_model.devices import pick_device, release_on_oom
 from pusa_model.engine import decode_frames, decode_video_files, encode_conditioning, encode_extension, stitch_files
-from pusa_model.pipeline import load_vae_stage, model_folder
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan
 
@@ -32,6 +31,8 @@ class VAE:
     def __init__(self, preset: str = "tiny", store: str = "data", device: str | None = None, tiling: bool = False,
                  decode_dtype: Literal["bfloat16", "float16"] | None = None, memory_gib: float | None = None,
                  media_limits: dict | None = None) -> None:
+        from pusa_model.pipeline import load_vae_stage, model_folder  # the model code: in the replica only
+
         self.media_limits = media.MediaLimits.model_validate(media_limits or {})  # the Router's api.media
         spec = get_preset(preset)
         self.stage = load_vae_stage(model_folder(spec), spec, pick_device(device, memory_gib), tiling=tiling,

@@ -14,19 +14,22 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import media
-from .dit import DiTExperts, DiTStage
 from .operations import (DecodeVideo, DecodeWindow, DenoiseStep, EncodeConditioning, EncodeExtension, EncodeText,
                          Operation, StepInput, Stitch)
 from .request import GenerationPlan
 from .request_schema import OVERLAP_FRAMES
 from .schedule import frame_timesteps
-from .text import TextEncoderStage
-from .vae import VAEStage
+
+if TYPE_CHECKING:  # the stages' modules import diffusers; this one runs on whichever stages it is given
+    from .dit import DiTExperts, DiTStage
+    from .text import TextEncoderStage
+    from .vae import VAEStage
 
 
 def conditioning_sources(plan: GenerationPlan) -> dict[str, media.Source]:

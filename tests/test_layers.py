@@ -97,9 +97,10 @@ def test_pusa_client_runs_without_torch_or_ray():
     assert loaded_after(statement) == {"torch": False, "ray": False}
 
 
-def test_the_router_and_the_runner_do_not_load_the_model_code():
-    """Their replicas start on every deploy: diffusers, transformers and torchao (seconds of imports) are for
-    the model replicas and the processes that run a batch."""
-    assert loaded_after("import deployments.router, deployments.runner",
+def test_building_the_app_and_starting_router_and_runner_do_not_load_the_model_code():
+    """Serve's build task imports `deployments.app` and the Router's and Runner's replicas their modules on
+    every deploy: diffusers, transformers and torchao (seconds of imports, more from a cold disk) load only in
+    the model replicas' constructors and in the processes that run a batch."""
+    assert loaded_after("import deployments.app, deployments.router, deployments.runner",
                         ("diffusers", "transformers", "torchao")) == {
         "diffusers": False, "transformers": False, "torchao": False}
