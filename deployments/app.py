@@ -49,6 +49,9 @@ class AppArgs(BaseModel):
     # sm80/86), sdpa, auto_8bit (FA3 FP8 on sm90, SageAttention on sm80/86/89), fa3, fa3_fp8, sage, flash,
     # xformers; a choice that cannot run falls back with a warning saying why (docs/design.md, pusa_model/attention.py)
     dit_options: dict = {}
+    # DiTHigh's and DiTLow's options, as dit_options (None: dit_options), e.g. {quantize: int8} for the
+    # layout that puts both experts on one 48 GB card (docs/deploy.md, "Pusa-Wan2.2 on A6000 nodes")
+    wan22_dit_options: dict | None = None
     # GPUs per DiT replica, {cfg: 1|2, ulysses: U}: G = cfg*U > 1 needs the DiT deployment's
     # placement_group_bundles (G one-GPU bundles, STRICT_PACK); see deployments/dit_group.py
     dit_parallel: DiTParallel = DiTParallel()
@@ -102,9 +105,10 @@ def build_app(args: dict) -> Application:
     BatchSettings.model_validate({"preset": a.preset, **batch})  # a bad batch section fails the deploy here
     memory = a.gpu_memory_gib
     dit_args = dict(options=a.dit_options, lora_base=a.lora_base, warmup=[shape.model_dump() for shape in a.dit_warmup])
+    expert_args = {**dit_args, "options": a.dit_options if a.wan22_dit_options is None else a.wan22_dit_options}
     experts = {} if a.wan22_preset is None else {
         key: DiT.options(name=name).bind(preset=a.wan22_preset, expert=e, memory_gib=memory.get(name),
-                                         loras=a.wan22_loras.model_dump(), **dit_args)
+                                         loras=a.wan22_loras.model_dump(), **expert_args)
         for e, (key, name) in enumerate(zip(("dit_high", "dit_low"), EXPERT_DEPLOYMENTS))}
     runner = Runner.bind(
         TextEncoder.bind(preset=a.preset, memory_gib=memory.get("TextEncoder")),

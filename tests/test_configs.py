@@ -49,6 +49,7 @@ GPU = ROOT / "serve_config.gpu.yaml"
 CLUSTER = ROOT / "cluster.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 STAGES = {"Router", "Runner", "TextEncoder", "VAE", "DiT"}
+EXPERTS = {"DiTHigh", "DiTLow"}  # Pusa-Wan2.2's DiT deployments (app arg wan22_preset)
 SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "SECRET", "PASSWORD")
 
 
@@ -69,18 +70,20 @@ def prod() -> ServeDeploySchema:
 # -- Serve configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [PROD, LOCAL, GPU], ids=["production", "local", "gpu"])
-def test_serve_config_validates_and_builds_the_five_deployments(path):
+@pytest.mark.parametrize(("path", "expected"), [(PROD, STAGES | EXPERTS), (LOCAL, STAGES), (GPU, STAGES)],
+                         ids=["production", "local", "gpu"])
+def test_serve_config_validates_and_builds_its_deployments(path, expected):
+    """The five stages; the production profile serves Pusa-Wan2.2 too, with a DiT deployment per expert."""
     config = ServeDeploySchema.model_validate(load(path))
     (app,) = config.applications
     # What the Serve controller does with the config, short of starting replicas (no __init__ runs).
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     assert isinstance(built, Application)
     graph = build_app(built, name=app.name)
-    assert {d.name for d in graph.deployments} == STAGES
+    assert {d.name for d in graph.deployments} == expected
     assert graph.ingress_deployment_name == "Router"
     # Serve rejects a config that names a deployment the app doesn't have, so the names must match.
-    assert set(deployments(config)) == STAGES
+    assert set(deployments(config)) == expected
 
 
 @pytest.mark.parametrize("path", [PROD, ROOT / "serve_config.2gpu.yaml", LOCAL], ids=["production", "2gpu", "local"])
@@ -201,9 +204,10 @@ def test_no_credentials_in_config_files(path):
 
 def test_production_resources(prod):
     deps = deployments(prod)
-    dit = options(deps["DiT"])
-    # Each DiT replica: exactly one whole GPU, and it is an A6000.
-    assert dit["num_gpus"] == 1 and dit["resources"] == {"A6000": 1}
+    # Each DiT replica, and each of Pusa-Wan2.2's experts: exactly one whole GPU, and it is an A6000.
+    for name in ("DiT", *EXPERTS):
+        dit = options(deps[name])
+        assert dit["num_gpus"] == 1 and dit["resources"] == {"A6000": 1}, name
     # TextEncoder and VAE: fractional, and the two fit together on one A6000.
     te, vae = options(deps["TextEncoder"]), options(deps["VAE"])
     for o in (te, vae):
@@ -218,7 +222,7 @@ def test_production_resources(prod):
 
 def test_production_autoscaling_and_timeouts(prod):
     deps = deployments(prod)
-    for name in ("DiT", "TextEncoder", "VAE"):
+    for name in ("DiT", "TextEncoder", "VAE", *EXPERTS):
         auto = deps[name].autoscaling_config
         assert auto, f"{name} has no autoscaling_config"
         assert auto["min_replicas"] >= 1 and auto["max_replicas"] > auto["min_replicas"]
@@ -238,12 +242,17 @@ def test_production_autoscaling_and_timeouts(prod):
     runner = app.args["runner"]
     drain = runner["drain_wait_s"] + deps["Runner"].graceful_shutdown_wait_loop_s
     assert deps["Runner"].graceful_shutdown_timeout_s >= drain + 10
-    assert deps["DiT"].graceful_shutdown_timeout_s >= runner["drain_wait_s"]
+    for name in ("DiT", *EXPERTS):
+        assert deps[name].graceful_shutdown_timeout_s >= runner["drain_wait_s"]
+        assert deps[name].max_ongoing_requests == 1 and deps[name].autoscaling_config["target_ongoing_requests"] == 1
     # A DiT step takes tens of seconds at 720p; a health check must outlast one.
-    for name in ("DiT", "VAE"):
+    for name in ("DiT", "VAE", *EXPERTS):
         assert deps[name].health_check_timeout_s >= 120
-    # The runners can keep every DiT replica busy at full scale, and no more.
-    assert deps["Runner"].num_replicas * runner["max_running_jobs"] == deps["DiT"].autoscaling_config["max_replicas"]
+    # The runners can keep every DiT replica busy at full scale, and no more; a Pusa-Wan2.2 job has a step on
+    # one expert at a time, so each expert's maximum is at most the runners' jobs.
+    running = deps["Runner"].num_replicas * runner["max_running_jobs"]
+    assert running == deps["DiT"].autoscaling_config["max_replicas"]
+    assert all(deps[name].autoscaling_config["max_replicas"] <= running for name in EXPERTS)
 
 
 def test_production_config_places_on_an_a6000_cluster_only(prod):
@@ -251,8 +260,28 @@ def test_production_config_places_on_an_a6000_cluster_only(prod):
     a6000_node = {"CPU": 32.0, "GPU": 2.0, "A6000": 2.0, "memory": 256e9}
     assert unplaceable(prod, [head, a6000_node]) == []
     missing = unplaceable(prod, [head])
-    assert {line.split()[0] for line in missing} == {"pusa/DiT", "pusa/TextEncoder", "pusa/VAE"}
+    assert {line.split()[0] for line in missing} == {"pusa/DiT", "pusa/TextEncoder", "pusa/VAE", "pusa/DiTHigh",
+                                                     "pusa/DiTLow"}
     assert replica_demand(options(deployments(prod)["DiT"])) == {"CPU": 2.0, "GPU": 1.0, "A6000": 1.0}
+
+
+def test_wan22_experts_on_one_a6000_with_int8(prod):
+    """The alternative layout of docs/deploy.md: both experts on one card, their GEMMs in INT8
+    (`wan22_dit_options`), each replica half an A6000; Pusa V1's DiT keeps the profile's options."""
+    config = load(PROD)
+    (app,) = config["applications"]
+    app["args"]["wan22_dit_options"] = {**app["args"]["dit_options"], "quantize": "int8"}
+    for dep in app["deployments"]:
+        if dep["name"] in EXPERTS:
+            dep["ray_actor_options"] = {**dep["ray_actor_options"], "num_gpus": 0.5, "resources": {"A6000": 0.5}}
+    schema = ServeDeploySchema.model_validate(config)
+    graph = build_app(call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"]),
+                      name=app["name"])
+    kwargs = {d.name: d.init_kwargs for d in graph.deployments}
+    assert kwargs["DiTHigh"]["options"]["quantize"] == kwargs["DiTLow"]["options"]["quantize"] == "int8"
+    assert "quantize" not in kwargs["DiT"]["options"]
+    high, low = (replica_demand(options(deployments(schema)[name])) for name in EXPERTS)
+    assert high["A6000"] + low["A6000"] == 1 and high["GPU"] + low["GPU"] == 1  # one card holds the pair
 
 
 def test_production_replicas_take_at_most_one_gpu():

@@ -94,7 +94,8 @@ def test_two_gpu_profile_is_production_with_a_two_card_dit():
     config = ServeDeploySchema.model_validate(two)
     (app,) = config.applications
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
-    assert {d.name for d in build_app(built, name=app.name).deployments} == {"Router", "Runner", "TextEncoder", "VAE", "DiT"}
+    assert {d.name for d in build_app(built, name=app.name).deployments} == {
+        "Router", "Runner", "TextEncoder", "VAE", "DiT", "DiTHigh", "DiTLow"}
     assert _without_the_dit_changes(two) == _without_the_dit_changes(prod)
 
     layout = AppArgs.model_validate(app.args).dit_parallel
