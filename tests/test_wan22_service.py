@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import ray
 from service_probe import ServiceProbe, one_thread
 from serving import default_database, running_service
 from test_job_run import LocalHandle
@@ -26,7 +30,7 @@ from deployments.runner import RunnerSettings
 from deployments.stages import Stages, StageSettings
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
-from pusa_batch.rows import read_row
+from pusa_batch.rows import batch_model, read_row
 from pusa_jobs.db import open_database
 from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore
@@ -157,13 +161,54 @@ def test_a_job_of_a_model_no_longer_served_fails_naming_it(tmp_path):
     assert "pusa-wan2.2" in job.error["message"]
 
 
-def test_a_batch_row_takes_pusa_v1_only():
-    """Batches do not run Pusa-Wan2.2 yet: a row naming it is refused naming ``model``."""
-    with pytest.raises(InvalidRequest) as refused:
-        read_row({"prompt": "a cat", "model": "pusa-wan2.2"}, get_preset("tiny"), base=None)
-    assert refused.value.field == "model"
-    plan, _ = read_row({"prompt": "a cat", "model": "pusa-v1"}, get_preset("tiny"), base=None)
-    assert plan.experts == 1
+def test_a_batch_row_runs_on_the_batchs_model():
+    """A batch runs its preset's model: a row naming none runs on it, a row naming the other fails naming
+    ``model`` and both models; a file's rows may name one model only."""
+    for preset, other in (("tiny", "pusa-wan2.2"), (WAN22, "pusa-v1")):
+        spec = get_preset(preset)
+        with pytest.raises(InvalidRequest) as refused:
+            read_row({"prompt": "a cat", "model": other}, spec, base=None)
+        assert refused.value.field == "model"
+        assert other in refused.value.reason and spec.model in refused.value.reason
+        for fields in ({"prompt": "a cat"}, {"prompt": "a cat", "model": spec.model}):
+            plan, _ = read_row(fields, spec, base=None)
+            assert plan.experts == spec.experts
+    assert batch_model([{"prompt": "a"}, {"prompt": "b", "model": "pusa-wan2.2"}]) == "pusa-wan2.2"
+    assert batch_model([{"prompt": "a"}]) == "pusa-v1"
+    with pytest.raises(InvalidRequest) as mixed:
+        batch_model([{"model": "pusa-v1"}, {"model": "pusa-wan2.2"}])
+    assert mixed.value.field == "model"
+
+
+def wan22_reference(pipeline: PusaPipeline, fields: dict, folder: Path) -> bytes:
+    """The video of the request `fields` (with its seed) made in process on tiny-wan2.2."""
+    plan = plan_request(parse_request(fields), get_preset(WAN22))
+    with one_thread():  # as the batch's actors run
+        return pipeline.generate(plan, folder / "reference.mp4").video_path.read_bytes()
+
+
+WAN22_ROW = {"prompt": "a cat", "width": 64, "height": 64, "frames": 9, "steps": 6, "guidance_2": 2.0,
+             "lora_alpha_2": 1.2, "seed": 5}
+
+
+def test_pusa_batch_runs_a_wan22_preset_end_to_end(service, wan22_pipeline, tmp_path):
+    """`pusa batch --preset tiny-wan2.2` (a process of its own, on the service's Ray): a row naming no model
+    runs on Pusa-Wan2.2 to the in-process pipeline's video; a row naming pusa-v1 fails naming ``model``."""
+    rows = [{"custom_id": "wan", **WAN22_ROW}, {"custom_id": "v1", "model": "pusa-v1", "prompt": "a dog", "steps": 2}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pusa_cli", "batch", str(tmp_path / "m.jsonl"), "--output",
+                           str(tmp_path / "out"), "--preset", WAN22, "--json", "--address",
+                           ray.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=300)
+    print(f"pusa batch: {time.perf_counter() - started:.1f} s")
+    assert done.returncode == 1, done.stderr[-2000:]  # one row failed
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["completed_total"], summary["failed_total"]) == (1, 1)
+    (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert error["custom_id"] == "v1" and error["error"]["param"] == "model"
+    assert "pusa-wan2.2" in error["error"]["message"] and "pusa-v1" in error["error"]["message"]
+    assert (tmp_path / "out" / "videos" / "wan.mp4").read_bytes() == \
+        wan22_reference(wan22_pipeline, WAN22_ROW, tmp_path)
 
 
 def test_the_estimate_counts_each_experts_guidance_passes(service):
