@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import openai
 import pytest
 import ray
 from service_probe import ServiceProbe, one_thread
@@ -24,8 +26,10 @@ from test_job_run import LocalHandle
 from test_wan22 import write_distill_loras
 from videoapi import image_bytes
 
+from deployments.batch_api import BatchRoutes
 from deployments.dit import DiT
 from deployments.job_run import JobRun, RunContext
+from deployments.openai_api import ApiError
 from deployments.runner import RunnerSettings
 from deployments.stages import Stages, StageSettings
 from deployments.text_encoder import TextEncoder
@@ -209,6 +213,46 @@ def test_pusa_batch_runs_a_wan22_preset_end_to_end(service, wan22_pipeline, tmp_
     assert "pusa-wan2.2" in error["error"]["message"] and "pusa-v1" in error["error"]["message"]
     assert (tmp_path / "out" / "videos" / "wan.mp4").read_bytes() == \
         wan22_reference(wan22_pipeline, WAN22_ROW, tmp_path)
+
+
+def test_an_api_batch_runs_on_the_model_its_rows_name(service, wan22_pipeline, tmp_path):
+    """`/v1/batches`: a file whose rows name pusa-wan2.2 (or none) runs on it, each row a pusa-wan2.2 video;
+    a file naming both models is refused naming ``model``."""
+    client = openai.OpenAI(api_key="unused", base_url=f"{service.url}/v1", max_retries=0)
+    wan = {"model": "pusa-wan2.2", "prompt": "a cat", "size": "64x64", "frames": 9, "steps": 6, "guidance_2": 2.0,
+           "lora_alpha_2": 1.2, "seed": 5}
+    rows = [("wan", wan), ("default", {"prompt": "a dog", "size": "64x64", "frames": 9, "steps": 2, "seed": 6})]
+    upload = client.files.create(file=("wan.jsonl", batch_file(rows)), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/videos", completion_window="24h")
+    deadline = time.monotonic() + 300
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    assert (batch.status, batch.request_counts.completed) == ("completed", 2), batch
+    lines = {(line := json.loads(text))["custom_id"]: line["response"]["body"]
+             for text in client.files.content(batch.output_file_id).text.splitlines()}
+    assert {cid: body["model"] for cid, body in lines.items()} == {"wan": "pusa-wan2.2", "default": "pusa-wan2.2"}
+    assert service.content(lines["wan"]["id"]) == wan22_reference(wan22_pipeline, WAN22_ROW, tmp_path)
+
+    mixed = client.files.create(file=("mixed.jsonl", batch_file([("wan", wan), ("v1", {"model": "pusa-v1",
+                                                                                        "prompt": "a dog"})])),
+                                purpose="batch")
+    refused = service.http.post("/v1/batches", json={"input_file_id": mixed.id, "endpoint": "/v1/videos",
+                                                     "completion_window": "24h"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+
+
+def test_an_api_batch_of_a_model_not_served_is_refused_naming_it():
+    routes = SimpleNamespace(presets={"pusa-v1": get_preset("tiny")})
+    with pytest.raises(ApiError) as refused:
+        BatchRoutes._batch_model(routes, [{"custom_id": "a", "model": "pusa-wan2.2", "prompt": "a cat"}])
+    assert (refused.value.status, refused.value.param) == (400, "model")
+    assert "pusa-wan2.2" in refused.value.message
+
+
+def batch_file(rows: list[tuple[str, dict]]) -> bytes:
+    return "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/videos", "body": body}) + "\n"
+                   for cid, body in rows).encode()
 
 
 def test_the_estimate_counts_each_experts_guidance_passes(service):
