@@ -255,6 +255,20 @@ def batch_file(rows: list[tuple[str, dict]]) -> bytes:
                    for cid, body in rows).encode()
 
 
+def test_an_extension_of_a_wan22_video_runs_on_pusa_wan22(service):
+    """The extension of a video by id takes the model of the video it continues (unless it names one)."""
+    job_id, _ = service.run(**{**T2V, "frames": 17, "steps": 2})  # an extension continues the last 13 frames
+    extended = service.http.post("/v1/videos/extensions", json={"video": {"id": job_id}, "prompt": "on", "steps": 2,
+                                                                "size": "64x64", "frames": 17, "seed": 1})
+    assert extended.status_code == 200, extended.text
+    assert extended.json()["model"] == "pusa-wan2.2"
+    job = service.wait_ended(extended.json()["id"], timeout=180)
+    assert job.status == "completed" and job.model == "pusa-wan2.2" and job.extended_from == job_id, job.error
+    named = service.http.post("/v1/videos/extensions", json={"video": job_id, "prompt": "on", "steps": 1,
+                                                             "model": "pusa-v1", "size": "64x64", "frames": 17})
+    assert named.status_code == 200 and named.json()["model"] == "pusa-v1", named.text
+
+
 def test_the_estimate_counts_each_experts_guidance_passes(service):
     """Two passes a step where the expert's guidance is above 1, one where it is 1."""
     def cost(**fields) -> float:
