@@ -35,6 +35,7 @@ from deployments.stages import Stages, StageSettings
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
 from pusa_batch.rows import batch_model, read_row
+from pusa_cli import main as cli_main
 from pusa_jobs.db import open_database
 from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore
@@ -253,6 +254,18 @@ def test_an_api_batch_of_a_model_not_served_is_refused_naming_it():
 def batch_file(rows: list[tuple[str, dict]]) -> bytes:
     return "".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/videos", "body": body}) + "\n"
                    for cid, body in rows).encode()
+
+
+def test_the_client_sends_its_model_and_an_extension_keeps_the_sources(service, capsys):
+    """`pusa client submit --model pusa-wan2.2`, then `pusa client extend ID` naming none: both on Pusa-Wan2.2."""
+    common = ["--url", service.url, "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--frames", "17"]
+    assert cli_main(["client", "submit", *common, "--model", "pusa-wan2.2", "--guidance-2", "2", "--wait", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert (job["status"], job["model"]) == ("completed", "pusa-wan2.2")
+    assert service.record(job["id"]).request["guidance_2"] == 2.0
+    assert cli_main(["client", "extend", job["id"], *common, "--json"]) == 0
+    extended = json.loads(capsys.readouterr().out)
+    assert extended["model"] == "pusa-wan2.2" and service.record(extended["id"]).extended_from == job["id"]
 
 
 def test_an_extension_of_a_wan22_video_runs_on_pusa_wan22(service):
