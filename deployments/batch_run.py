@@ -49,6 +49,10 @@ logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 
+class ModelNotServed(Exception):
+    """The batch's model is not served any more (the app was redeployed without it): the batch fails."""
+
+
 class BatchStopped(Exception):
     """The batch must stop before its rows are done: ``cancelled``, ``expired`` or ``released`` (drain)."""
 
@@ -109,10 +113,12 @@ class BatchRun:
     @property
     def settings(self) -> BatchSettings:
         """The pipeline's settings for the batch's model: its preset and LoRA registry. A model no longer
-        served (the app redeployed without it) runs on pusa-v1's, where its rows fail naming ``model``."""
-        preset = (self.ctx.models or {}).get(self.model)
-        if self.model == MODEL_NAME or preset is None:
+        served (the app redeployed without it) fails the batch (`ModelNotServed`)."""
+        if self.model == MODEL_NAME:
             return self.ctx.settings
+        preset = (self.ctx.models or {}).get(self.model)
+        if preset is None:
+            raise ModelNotServed(f"model {self.model!r} is not served by this deployment any more")
         return self.ctx.settings.model_copy(update={"preset": preset, "loras": self.ctx.wan22_loras})
 
     async def run(self) -> None:

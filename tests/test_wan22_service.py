@@ -27,6 +27,7 @@ from test_wan22 import write_distill_loras
 from videoapi import image_bytes
 
 from deployments.batch_api import BatchRoutes
+from deployments.batch_run import BatchRun, ModelNotServed
 from deployments.dit import DiT
 from deployments.job_run import JobRun, RunContext
 from deployments.openai_api import ApiError
@@ -35,6 +36,7 @@ from deployments.stages import Stages, StageSettings
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VAE
 from pusa_batch.rows import batch_model, read_row
+from pusa_batch.run import BatchSettings
 from pusa_cli import main as cli_main
 from pusa_jobs.db import open_database
 from pusa_jobs.job_files import JobFiles
@@ -249,6 +251,17 @@ def test_an_api_batch_of_a_model_not_served_is_refused_naming_it():
         BatchRoutes._batch_model(routes, [{"custom_id": "a", "model": "pusa-wan2.2", "prompt": "a cat"}])
     assert (refused.value.status, refused.value.param) == (400, "model")
     assert "pusa-wan2.2" in refused.value.message
+
+
+def test_an_api_batch_of_a_model_no_longer_served_fails():
+    """A Wan2.2 batch left waiting when the app was redeployed without wan22_preset: its driver stops."""
+    ctx = SimpleNamespace(files=SimpleNamespace(store=None), models={"pusa-v1": "tiny"}, settings=BatchSettings())
+    run = BatchRun(ctx, SimpleNamespace(batch=SimpleNamespace(id="batch_x")))
+    run.rows = [{"custom_id": "a", "model": "pusa-wan2.2", "prompt": "a cat"}]
+    with pytest.raises(ModelNotServed, match="pusa-wan2.2"):
+        run.settings
+    run.rows = [{"custom_id": "a", "prompt": "a cat"}]
+    assert run.settings is ctx.settings
 
 
 def batch_file(rows: list[tuple[str, dict]]) -> bytes:
