@@ -4,7 +4,9 @@ DiT, with the TextEncoder and VAE shared; ``wan22_loras`` holds a stand-in 4-ste
 A ``model: pusa-wan2.2`` job's video is the in-process pipeline's to the byte, each expert's deployment runs
 exactly the steps of its expert (the boundary rule), and a ``pusa-v1`` job on the same app is unchanged. A
 Runner replica killed before the experts' switch is replaced and the job resumes across it to the same video;
-in process, a runner killed at the switch's step is succeeded by another that resumes to the same video."""
+in process, a runner killed at the switch's step is succeeded by another that resumes to the same video.
+The fronts: `pusa batch --preset tiny-wan2.2` and `/v1/batches` run Pusa-Wan2.2 rows (and fail or refuse another
+model's, naming ``model``), `pusa client --model`, an extension on its source's model, and the page's model selector."""
 
 from __future__ import annotations
 
@@ -293,6 +295,58 @@ def test_an_extension_of_a_wan22_video_runs_on_pusa_wan22(service):
     named = service.http.post("/v1/videos/extensions", json={"video": job_id, "prompt": "on", "steps": 1,
                                                              "model": "pusa-v1", "size": "64x64", "frames": 17})
     assert named.status_code == 200 and named.json()["model"] == "pusa-v1", named.text
+
+
+@pytest.fixture(scope="module")
+def browser(service):
+    """Debian's headless Chromium on the page (as tests/test_web.py drives it)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from test_web import CHROMEDRIVER, CHROMIUM
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("Debian's chromium and chromium-driver are missing: run scripts/install.sh")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,1200"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+        problems = [entry["message"] for entry in driver.get_log("browser")
+                    if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
+def test_the_page_offers_the_served_models_and_wan22s_own_fields(browser, service):
+    """The model selector holds `GET /v1/models`; choosing pusa-wan2.2 shows the low-noise expert's guidance
+    and LoRA alpha with the model's alphas (1.5, 1.4), and its job runs on pusa-wan2.2 with them."""
+    from selenium.webdriver.support.ui import Select
+    from test_web import css, js, open_tab, set_value, wait
+
+    browser.get(f"{service.url}/")
+    wait(browser, lambda d: js(d, "return document.body.dataset.ready") == "true", 60, "the page")
+    assert [o.get_attribute("value") for o in Select(css(browser, "#f-model")).options] == ["pusa-v1", "pusa-wan2.2"]
+    assert not css(browser, "#f-guidance_2").is_displayed() and not css(browser, "#f-lora_alpha_2").is_displayed()
+    assert css(browser, "#f-lora_alpha").get_attribute("value") == "1.4"
+    Select(css(browser, "#f-model")).select_by_value("pusa-wan2.2")
+    wait(browser, lambda d: css(d, "#f-lora_alpha_2").is_displayed(), 10, "the Wan2.2 fields")
+    assert [css(browser, f"#f-{name}").get_attribute("value") for name in ("lora_alpha", "lora_alpha_2", "guidance_2")] \
+        == ["1.5", "1.4", ""]
+    open_tab(browser, "t2v")
+    for selector, value in (("#f-prompt", "a cat"), ("#f-steps", 2), ("#f-frames", 9), ("#f-guidance_2", 2)):
+        set_value(browser, selector, value)
+    css(browser, "#submit").click()
+    job_id = wait(browser, lambda d: css(d, "#job-id").text, 30, "a job")
+    job = service.wait_ended(job_id, timeout=120)
+    assert job.status == "completed" and job.model == "pusa-wan2.2", job.error
+    assert (job.request["guidance_2"], job.request["lora_alpha"], job.request["lora_alpha_2"]) == (2.0, 1.5, 1.4)
+    Select(css(browser, "#f-model")).select_by_value("pusa-v1")  # back: its alpha, no Wan2.2 fields
+    wait(browser, lambda d: not css(d, "#f-guidance_2").is_displayed(), 10, "the Wan2.2 fields hidden")
+    assert css(browser, "#f-lora_alpha").get_attribute("value") == "1.4"
 
 
 def test_the_estimate_counts_each_experts_guidance_passes(service):
