@@ -211,7 +211,7 @@ def test_pusa_batch_runs_a_wan22_preset_end_to_end(service, wan22_pipeline, tmp_
                            ray.get_runtime_context().gcs_address], capture_output=True, text=True, timeout=300)
     print(f"pusa batch: {time.perf_counter() - started:.1f} s")
     assert done.returncode == 1, done.stderr[-2000:]  # one row failed
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])  # not Ray's notes
     assert (summary["completed_total"], summary["failed_total"]) == (1, 1)
     (error,) = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert error["custom_id"] == "v1" and error["error"]["param"] == "model"
