@@ -323,7 +323,8 @@ def browser(service):
 
 def test_the_page_offers_the_served_models_and_wan22s_own_fields(browser, service):
     """The model selector holds `GET /v1/models`; choosing pusa-wan2.2 shows the low-noise expert's guidance
-    and LoRA alpha with the model's alphas (1.5, 1.4), and its job runs on pusa-wan2.2 with them."""
+    and LoRA alpha with the model's alphas (1.5, 1.4), and its job runs on pusa-wan2.2 with them; its
+    extension from the page too, with pusa-v1 selected by then."""
     from selenium.webdriver.support.ui import Select
     from test_web import css, js, open_tab, set_value, wait
 
@@ -337,7 +338,7 @@ def test_the_page_offers_the_served_models_and_wan22s_own_fields(browser, servic
     assert [css(browser, f"#f-{name}").get_attribute("value") for name in ("lora_alpha", "lora_alpha_2", "guidance_2")] \
         == ["1.5", "1.4", ""]
     open_tab(browser, "t2v")
-    for selector, value in (("#f-prompt", "a cat"), ("#f-steps", 2), ("#f-frames", 9), ("#f-guidance_2", 2)):
+    for selector, value in (("#f-prompt", "a cat"), ("#f-steps", 2), ("#f-guidance_2", 2)):
         set_value(browser, selector, value)
     css(browser, "#submit").click()
     job_id = wait(browser, lambda d: css(d, "#job-id").text, 30, "a job")
@@ -347,6 +348,13 @@ def test_the_page_offers_the_served_models_and_wan22s_own_fields(browser, servic
     Select(css(browser, "#f-model")).select_by_value("pusa-v1")  # back: its alpha, no Wan2.2 fields
     wait(browser, lambda d: not css(d, "#f-guidance_2").is_displayed(), 10, "the Wan2.2 fields hidden")
     assert css(browser, "#f-lora_alpha").get_attribute("value") == "1.4"
+    # "extend this video" continues it on its own model, with that model's alphas (not pusa-v1's, selected now)
+    wait(browser, lambda d: css(d, "#extend").is_displayed(), 30, "the result's extend button")
+    css(browser, "#extend").click()
+    extended = wait(browser, lambda d: css(d, "#job-id").text not in ("", job_id) and css(d, "#job-id").text, 30,
+                    "the extension")
+    extension = service.record(extended)
+    assert (extension.model, extension.extended_from, extension.request["lora_alpha"]) == ("pusa-wan2.2", job_id, 1.5)
 
 
 def test_the_estimate_counts_each_experts_guidance_passes(service):

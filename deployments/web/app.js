@@ -757,10 +757,12 @@ async function extendJob() {
   body.append("video", source);
   body.append("prompt", $("#extend-prompt").value.trim() || form.elements.prompt.value.trim());
   const model = $("#result").dataset.model; // the extension runs on the model of the video it continues
+  const selected = state.models[form.elements.model.value] || {};
   for (const el of form.querySelectorAll("[name]")) { // the fields every tab has: sampling, size, length
     if (el.name === "prompt" || el.name === "model" || el.closest("[data-tasks]") || unset(el)) continue;
     const only = el.closest("[data-models]")?.dataset.models.split(" ");
     if (only && !only.includes(model)) continue; // another model's fields
+    if (el.name.startsWith("lora_alpha") && Number(el.value) === selected[el.name]) continue; // its model's default
     body.append(el.name, el.value.trim());
   }
   appendLists(body);
