@@ -115,7 +115,7 @@ class Router(BatchRoutes, WebRoutes):
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
         CrossSiteGate.enabled = self.settings.auth == "none"
-        self.preset = get_preset(preset)  # pusa-v1's: the batch's and the page's
+        self.preset = get_preset(preset)  # pusa-v1's: /health's and the admission's default (a batch's: its model's, in self.presets)
         # the models this deployment serves, name -> preset (`AppArgs.models`)
         self.presets = {name: get_preset(p) for name, p in (models or {MODEL_NAME: preset}).items()}
         self.wan22_loras = LoraRegistry.model_validate(wan22_loras or {})  # the Wan2.2 requests' registry
