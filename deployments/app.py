@@ -118,6 +118,7 @@ def build_app(args: dict) -> Application:
                  loras=a.loras.model_dump(), **dit_args),
         preset=a.preset, store=a.store, database=a.database, settings=a.runner.model_dump(),
         webhooks=a.webhooks.model_dump(), retention_s=a.retention_s, batch=batch, models=a.models, **experts,
+        wan22_loras=a.wan22_loras.model_dump(),  # a pusa-wan2.2 batch's registry
     )
     return Router.bind(runner, preset=a.preset, store=a.store, database=a.database, api=a.api.model_dump(),
                        webhooks=a.webhooks.model_dump(), loras=a.loras.model_dump(), retention_s=a.retention_s,

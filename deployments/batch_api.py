@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from pusa_batch.rows import read_row
+from pusa_batch.rows import batch_model, read_row
 from pusa_jobs.api_keys import Caller, Quotas
 from pusa_jobs.batches import (BATCH_PREFIX, FILE_PREFIX, Batch, BatchStore, StoredFile, batch_created_at,
                                file_created_at)
@@ -29,7 +29,8 @@ from pusa_jobs.job_store import JobStore
 from pusa_jobs.jobs import new_id
 from pusa_jobs.quotas import Charge, QuotaExceeded
 from pusa_model.errors import InvalidRequest
-from pusa_model.presets import Preset
+from pusa_model.loras import LoraRegistry
+from pusa_model.presets import MODEL_NAME, Preset
 
 from .admission import Admission, ApiSettings, bearer, owned, quota_error
 from .api_schema import (BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject, FileUpload,
@@ -65,7 +66,9 @@ class BatchRoutes:
     batches: BatchStore
     files: JobFiles
     jobs: JobStore  # its retention_s is the files' too
-    preset: Preset
+    presets: dict[str, Preset]  # the models served, name -> preset
+    loras: LoraRegistry  # pusa-v1's registry
+    wan22_loras: LoraRegistry  # pusa-wan2.2's
 
     async def _file(self, file_id: str, caller: Caller) -> StoredFile:
         return await owned(self.batches.get_file, file_id, caller, file_created_at, "file")
@@ -146,18 +149,31 @@ class BatchRoutes:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def _price(self, rows: list[dict]) -> float:
-        """The GPU-seconds of the rows that plan; 400 naming the row of one above the per-request limit.
-        Rows that do not plan cost nothing: they fail at once, into the error file."""
-        total = 0.0
+    def _batch_model(self, rows: list[dict]) -> str:
+        """The model the rows name (`pusa_batch.rows.batch_model`: one per batch, pusa-v1 when none names
+        one); 400 naming ``model`` when they name two, or one this deployment does not serve."""
+        try:
+            model = batch_model(rows)
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc), param="model") from None
+        if model not in self.presets:
+            raise ApiError(400, f"model: model {model!r} is not served by this deployment "
+                                f"(served: {', '.join(self.presets)})", param="model")
+        return model
+
+    def _price(self, rows: list[dict], model: str) -> float:
+        """The GPU-seconds of the rows that plan on `model`; 400 naming the row of one above the per-request
+        limit. Rows that do not plan cost nothing: they fail at once, into the error file."""
+        total, preset = 0.0, self.presets[model]
+        loras = self.loras if model == MODEL_NAME else self.wan22_loras
         for row in rows:
             fields = {k: v for k, v in row.items() if k != "custom_id"}
             try:
-                plan, _ = read_row(fields, self.preset, base=None, loras=self.loras)
+                plan, _ = read_row(fields, preset, base=None, loras=loras)
             except InvalidRequest:
                 continue
             try:
-                total += self.admission.price(plan)
+                total += self.admission.price(plan, preset)
             except ApiError as exc:
                 raise ApiError(400, f"input_file_id: request {row['custom_id']!r}: {exc.message}",
                                param="input_file_id") from None
@@ -166,7 +182,8 @@ class BatchRoutes:
     @batch_routes.post("/v1/batches", response_model=None, responses=responses(BatchObject, 400, 404, 429, 503))
     async def create_batch(self, body: BatchCreate,
                            credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> dict:
-        """Run an uploaded file's requests as a batch on the cluster's batch pools."""
+        """Run an uploaded file's requests as a batch on the cluster's batch pools, on the one model its rows
+        name (pusa-v1 when none names one)."""
         caller = await self.admission.caller(credentials)
         limits = self.settings.batch
         if await asyncio.to_thread(self.batches.unfinished_count, caller.owner) >= limits.max_unfinished_per_key:
@@ -181,7 +198,7 @@ class BatchRoutes:
             raise ApiError(400, "input_file_id: not a file uploaded with purpose batch", param="input_file_id")
         data = await asyncio.to_thread(self.files.store.get, stored.key)
         rows = await asyncio.to_thread(read_requests, data, limits.max_requests)
-        cost = await asyncio.to_thread(self._price, rows)
+        cost = await asyncio.to_thread(self._price, rows, self._batch_model(rows))
         day = caller.quotas.gpu_seconds_per_day
         if day is not None and cost > day:
             raise ApiError(400, f"input_file_id: this batch would take about {cost:.0f} GPU-seconds, more than this "

@@ -21,14 +21,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
 from sqlalchemy.exc import IntegrityError
 
 from pusa_batch.outputs import BatchOutputs
-from pusa_batch.rows import read_row
+from pusa_batch.rows import batch_model, read_row
 from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
 from pusa_jobs.batches import (FILE_PREFIX, Batch, BatchLease, BatchStore, StoredFile, batch_created_at, batch_folder,
@@ -38,13 +38,19 @@ from pusa_jobs.job_files import JobFiles
 from pusa_jobs.job_store import JobStore, LeaseLost
 from pusa_jobs.jobs import JOB_PREFIX, Job, job_created_at, job_plan, new_id
 from pusa_jobs.storage import StoreUnavailable, open_store
-from pusa_model.presets import get_preset
+from pusa_model.errors import InvalidRequest
+from pusa_model.loras import LoraRegistry
+from pusa_model.presets import MODEL_NAME, get_preset
 
 from .batch_files import deleted_line, error_line, output_line
 
 logger = logging.getLogger("ray.serve")
 
 T = TypeVar("T")
+
+
+class ModelNotServed(Exception):
+    """The batch's model is not served any more (the app was redeployed without it): the batch fails."""
 
 
 class BatchStopped(Exception):
@@ -58,12 +64,14 @@ class BatchContext:
     batches: BatchStore
     jobs: JobStore
     files: JobFiles  # the service's store
-    settings: BatchSettings
+    settings: BatchSettings  # pusa-v1's batches'
     preset: str
     retention_s: float
     renew_s: float
     draining: asyncio.Event
     outage_s: float = 600.0  # how long a row's registration waits out an unreachable database or store
+    models: dict[str, str] | None = None  # the models served, name -> preset (None: pusa-v1 on `preset` only)
+    wan22_loras: LoraRegistry = field(default_factory=LoraRegistry)  # the registry of a pusa-wan2.2 batch's rows
 
 
 def manifest_key(batch_id: str) -> str:
@@ -93,6 +101,25 @@ class BatchRun:
     @property
     def batch(self) -> Batch:
         return self.lease.batch
+
+    @property
+    def model(self) -> str:
+        """The model the batch's rows name (pusa-v1 when none does; the router refused a file naming two)."""
+        try:
+            return batch_model(self.rows)
+        except InvalidRequest:
+            return MODEL_NAME
+
+    @property
+    def settings(self) -> BatchSettings:
+        """The pipeline's settings for the batch's model: its preset and LoRA registry. A model no longer
+        served (the app redeployed without it) fails the batch (`ModelNotServed`)."""
+        if self.model == MODEL_NAME:
+            return self.ctx.settings
+        preset = (self.ctx.models or {}).get(self.model)
+        if preset is None:
+            raise ModelNotServed(f"model {self.model!r} is not served by this deployment any more")
+        return self.ctx.settings.model_copy(update={"preset": preset, "loras": self.ctx.wan22_loras})
 
     async def run(self) -> None:
         try:
@@ -130,7 +157,7 @@ class BatchRun:
         watcher = asyncio.create_task(self._watch())
         try:
             await asyncio.to_thread(run_batch, f"{self.store.uri}/{manifest_key(self.batch.id)}", outputs.uri,
-                                    self.ctx.settings, progress=False, on_record=self._on_record, local_media=False)
+                                    self.settings, progress=False, on_record=self._on_record, local_media=False)
         finally:
             watcher.cancel()
 
@@ -199,13 +226,15 @@ class BatchRun:
             return self._video(video_id)
         fields = dict(self.row_of[custom_id])
         fields.pop("custom_id")
-        plan, _ = read_row({**fields, "seed": record["seed"]}, get_preset(self.ctx.preset), base=None,
-                           loras=self.ctx.settings.loras)
+        settings = self.settings
+        preset = get_preset(settings.preset)
+        plan, _ = read_row({**fields, "seed": record["seed"]}, preset, base=None, loras=settings.loras)
         files = [self.store.get(f"{self.prefix}/{folder}/{record['custom_id']}.{ext}")
                  for folder, ext in (("videos", "mp4"), ("thumbnails", "webp"))]
         self.ctx.files.put_result(video_id, *files)
         now = time.time()
-        job = Job(id=video_id, owner=self.batch.owner, created_at=job_created_at(video_id), status="completed",
+        job = Job(id=video_id, owner=self.batch.owner, created_at=job_created_at(video_id), model=preset.model,
+                  status="completed",
                   progress=100, request=plan.request.model_dump(), plan=job_plan(plan), started_at=now,
                   completed_at=now, expires_at=now + self.ctx.retention_s)
         try:
@@ -272,7 +301,8 @@ class BatchDriver:
     dies with it, and its pipeline's actors with it)."""
 
     def __init__(self, database: str, store: str, settings: dict, preset: str, retention_s: float, renew_s: float,
-                 lease_ttl_s: float, outage_s: float = 600.0) -> None:
+                 lease_ttl_s: float, outage_s: float = 600.0, models: dict[str, str] | None = None,
+                 wan22_loras: dict | None = None) -> None:
         pools = BatchSettings.model_validate(settings)
         if pools.nice:
             os.nice(pools.nice)
@@ -280,7 +310,8 @@ class BatchDriver:
         self.ctx = BatchContext(batches=BatchStore(db, lease_ttl_s=lease_ttl_s), jobs=JobStore(db, lease_ttl_s=lease_ttl_s),
                                 files=JobFiles(open_store(store)), settings=pools, preset=preset,
                                 retention_s=retention_s, renew_s=renew_s, draining=asyncio.Event(),
-                                outage_s=outage_s)
+                                outage_s=outage_s, models=models,
+                                wan22_loras=LoraRegistry.model_validate(wan22_loras or {}))
         ray.data.DataContext.get_current().enable_progress_bars = False
 
     async def run(self, lease: BatchLease) -> None:

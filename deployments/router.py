@@ -115,7 +115,7 @@ class Router(BatchRoutes, WebRoutes):
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
         CrossSiteGate.enabled = self.settings.auth == "none"
-        self.preset = get_preset(preset)  # pusa-v1's: the batch's and the page's
+        self.preset = get_preset(preset)  # pusa-v1's: /health's and the admission's default (a batch's: its model's, in self.presets)
         # the models this deployment serves, name -> preset (`AppArgs.models`)
         self.presets = {name: get_preset(p) for name, p in (models or {MODEL_NAME: preset}).items()}
         self.wan22_loras = LoraRegistry.model_validate(wan22_loras or {})  # the Wan2.2 requests' registry
@@ -306,7 +306,8 @@ class Router(BatchRoutes, WebRoutes):
     async def extend(self, request: Request, credentials: HTTPAuthorizationCredentials | None = Security(bearer),
                      idempotency_key: str | None = IDEMPOTENCY_KEY) -> dict:
         """Continue a completed job's video (by id) or an uploaded one: Pusa's v2v extension,
-        conditioned on the source's last frames."""
+        conditioned on the source's last frames; on the model of the video it continues unless the request
+        names one (an upload's: pusa-v1's, as any request's)."""
         caller = await self.admission.caller(credentials)
         sub = await read_submission(request, self.settings.max_upload_bytes)
         if "video" not in sub.fields:
@@ -314,9 +315,11 @@ class Router(BatchRoutes, WebRoutes):
         sub.fields.setdefault("task", ["v2v"])
         sub.fields.setdefault("v2v_mode", ["extension"])
         sub.fields.setdefault("video_anchor", ["end"])
-        data = await self._generation_data(sub, caller)
         ref = sub.fields["video"][-1]
         source_id = ref.get("id") if isinstance(ref, dict) else ref if isinstance(ref, str) and ref.startswith("video_") else None
+        if source_id is not None and isinstance(source_id, str) and "model" not in sub.fields:
+            sub.fields["model"] = [(await self._get(source_id, caller)).model]
+        data = await self._generation_data(sub, caller)
         return await self._view(await self._accept(caller, sub, data, idempotency_key, extended_from=source_id))
 
     @app.post("/v1/videos/stream", response_class=StreamingResponse,

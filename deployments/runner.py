@@ -61,7 +61,8 @@ class RunnerSettings(BaseModel):
 @serve.deployment(name="Runner")
 class Runner:
     """Claims jobs from the database and runs them through the TextEncoder, VAE and DiT deployments (a
-    two-expert model's steps through `dit_high` and `dit_low`); `models`: the models served, name -> preset."""
+    two-expert model's steps through `dit_high` and `dit_low`); `models`: the models served, name -> preset;
+    `wan22_loras`: the LoRA registry of a pusa-wan2.2 batch (`batch`'s ``loras`` are pusa-v1's)."""
 
     async def __init__(
         self, text_encoder: DeploymentHandle, vae: DeploymentHandle, dit: DeploymentHandle,
@@ -69,6 +70,7 @@ class Runner:
         settings: dict | None = None, webhooks: dict | None = None, retention_s: float = 7 * 86400,
         batch: dict | None = None, models: dict[str, str] | None = None,
         dit_high: DeploymentHandle | None = None, dit_low: DeploymentHandle | None = None,
+        wan22_loras: dict | None = None,
     ) -> None:
         self.settings = s = RunnerSettings.model_validate(settings or {})
         self.holder = f"runner-{uuid.uuid4().hex[:12]}"
@@ -90,7 +92,8 @@ class Runner:
         self.batches = BatchStore(db, lease_ttl_s=s.lease_ttl_s)
         self.batch_driver_args = dict(
             database=database, store=store, settings={"preset": preset, **(batch or {})}, preset=preset,
-            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s, outage_s=s.outage_s)
+            retention_s=retention_s, renew_s=s.renew_s, lease_ttl_s=s.lease_ttl_s, outage_s=s.outage_s,
+            models=models, wan22_loras=wan22_loras)
         self.batch_driver: ray.actor.ActorHandle | None = None
         self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()

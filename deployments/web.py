@@ -71,6 +71,10 @@ class VideoPlan(BaseModel):
     guidance: float
     lora_alpha: float
     mode: Literal["standard", "fast"]
+    boundary: float | None = Field(default=None, description="a two-expert model's (pusa-wan2.2) only: its boundary")
+    guidance_2: float | None = Field(default=None, description="a two-expert model's only: the low-noise expert's guidance")
+    lora_alpha_2: float | None = Field(default=None, description="a two-expert model's only: the low-noise expert's "
+                                                                 "Pusa LoRA alpha")
     loras: list[LoraChoice] = Field(description="the LoRAs fused beside the Pusa LoRA, as the registry resolves them")
     cfg_passes_per_step: int
     conditioning: list[PlanConditioning]

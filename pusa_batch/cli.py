@@ -2,6 +2,7 @@
 as the entrypoint of ``ray job submit``).
 
     pusa batch requests.jsonl --output out/                      # tiny preset, local Ray
+    pusa batch requests.jsonl --output out/ --preset tiny-wan2.2 # model pusa-wan2.2 (tiny, two experts)
     pusa batch s3://b/requests.parquet --output s3://b/run1 --config batch_config.yaml --address auto
 
 Exit status: 0 when every row completed, 1 when some failed (see the error manifest), 2 for a bad
@@ -21,9 +22,14 @@ from pydantic import ValidationError
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from pusa_model.presets import PRESET_NAMES
+
     parser.add_argument("manifest", help="JSONL, CSV or Parquet of requests, local or s3://")
     parser.add_argument("--output", required=True, help="output prefix, local folder or s3://")
     parser.add_argument("--config", type=Path, help="batch settings YAML (preset, stage pools)")
+    parser.add_argument("--preset", choices=PRESET_NAMES,
+                        help="the preset, hence the model, every row runs on (default: the config's, else tiny); "
+                             "a row naming another model fails")
     parser.add_argument("--address", help="Ray cluster address (default: the job's cluster, else a local Ray)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON, no progress bar")
     return parser
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = BatchSettings.load(args.config)
+        if args.preset:
+            settings = settings.model_copy(update={"preset": args.preset})
         check_manifest_name(args.manifest)
     except (OSError, ValidationError, yaml.YAMLError) as exc:
         print(f"pusa batch: error: config: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -1,9 +1,13 @@
 """A manifest row as the HTTP API reads a request: the same `Submission` and `plan_request`, so a row
-and a ``POST /v1/videos`` body mean the same video."""
+and a ``POST /v1/videos`` body mean the same video.
+
+A batch runs one model, its preset's (`Preset.model`), as OpenAI's Batch API takes one model per input
+file: a row that names no ``model`` runs on the batch's, and a row naming another model fails, naming the
+field ``model``. (Unlike ``POST /v1/videos``, where a request without ``model`` means pusa-v1.)"""
 
 from __future__ import annotations
 
-from pusa_jobs.submission import MODEL_NAME, Submission
+from pusa_jobs.submission import MODEL_NAME, MODEL_NAMES, Submission
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
 from pusa_model.presets import Preset
@@ -35,6 +39,16 @@ def read_row(fields: dict, preset: Preset, base: str | None,
         sub.fields[name] = [value]
     registry = loras if loras is not None else LoraRegistry()
     data = sub.generation_data()
-    if sub.model != MODEL_NAME:
-        raise InvalidRequest("model", f"a batch runs model {MODEL_NAME} only, not {sub.model!r}")
+    if "model" in fields and sub.model != preset.model:
+        raise InvalidRequest("model", f"this batch runs model {preset.model} (preset {preset.name}), not {sub.model!r}: "
+                                      f"a batch runs one model")
     return plan_request(parse_request(data), preset, loras=registry), sub.media
+
+
+def batch_model(rows: list[dict]) -> str:
+    """The model a batch of `rows` runs: the one its rows name (`MODEL_NAME` when none names one). Rows
+    naming two models are an `InvalidRequest` naming ``model`` (a name that is no model fails its own row)."""
+    named = sorted({row["model"] for row in rows if row.get("model") in MODEL_NAMES})
+    if len(named) > 1:
+        raise InvalidRequest("model", f"the rows name models {' and '.join(named)}: a batch runs one model")
+    return named[0] if named else MODEL_NAME

@@ -47,7 +47,8 @@ class StageResources(BaseModel):
 
 
 class BatchSettings(BaseModel):
-    """`pusa batch --config`: the preset and every stage's pool (defaults: the tiny preset on the CPU)."""
+    """`pusa batch --config`: the preset and every stage's pool (defaults: the tiny preset on the CPU). The
+    preset's model is the batch's (`pusa_batch.rows`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,10 +74,10 @@ class BatchSettings(BaseModel):
 
 def _lora_key(row: dict) -> str:
     """The order rows run in: rows of one LoRA combination (Pusa alpha, mode, listed LoRAs) together, so
-    that a DiT actor re-fuses rarely."""
+    that a DiT actor re-fuses rarely (a two-expert model's second alpha too)."""
     fields = GenerationRequest.model_fields
-    return json.dumps([row.get("lora_alpha", fields["lora_alpha"].default), row.get("mode", fields["mode"].default),
-                       row.get("loras", [])],
+    return json.dumps([row.get("lora_alpha", fields["lora_alpha"].default), row.get("lora_alpha_2"),
+                       row.get("mode", fields["mode"].default), row.get("loras", [])],
                       sort_keys=True, default=str)
 
 

@@ -175,7 +175,8 @@ class Denoising(_Stage):
 
     def process(self, payload: dict) -> dict:
         plan = payload["plan"]
-        if self.stage.set_loras(plan.lora_combination):
+        experts = getattr(self.stage, "stages", (self.stage,))  # a two-expert model's: each fuses its own combination
+        if any([stage.set_loras(plan.lora_combination_of(stage.expert)) for stage in experts]):
             self.refuses += 1
         if len(plan.windows) > 1 and self.engine.vae is None:
             self.engine.vae = load_vae_stage(*_model(self.preset), self.device)

@@ -2,6 +2,7 @@
 
     pusa client submit --prompt "A cat walks on the grass" --steps 4 --wait -o cat.mp4
     pusa client submit --image start.png --prompt "The camera pans slowly"     # prints the job id
+    pusa client submit --model pusa-wan2.2 --prompt "A cat" --guidance-2 3      # Pusa-Wan2.2 (if served)
     pusa client watch ID; pusa client download ID -o out.mp4
 
 Exit status: 0 done (a job completed), 1 the job failed, 3 the job was cancelled, 2 a bad invocation or a
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from pusa_model.request_options import add_request_options, request_fields
+from pusa_model.request_options import add_model_option, add_request_options, request_fields
 
 from .http import Api, ApiError, Unreachable, Upload
 from .watch import watch
@@ -50,6 +51,8 @@ def _generation(skip: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     defaults apply."""
     parser = argparse.ArgumentParser(add_help=False)
     add_request_options(parser, skip=skip)
+    add_model_option(parser, "the model (the API's model; default: pusa-v1, or for extend the model of the "
+                             "video it continues)")
     parser.add_argument("--seconds", type=float, help="duration (frames = seconds x fps, rounded to 4k+1)")
     parser.add_argument("--webhook-url", help="receives the job's ending (video.completed, ...)")
     parser.add_argument("--idempotency-key", help="a retried request with the same key returns the same job")
@@ -104,7 +107,7 @@ def _fields(args: argparse.Namespace) -> dict:
     if args.size is not None:  # sent as the API's own field, so that a refusal names what was given
         del fields["width"], fields["height"]
         fields["size"] = "{}x{}".format(*args.size)
-    for name in ("seconds", "webhook_url"):
+    for name in ("model", "seconds", "webhook_url"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     return fields

@@ -13,11 +13,9 @@ import binascii
 import math
 
 from pusa_model.errors import InvalidRequest
+from pusa_model.presets import MODEL_NAME, MODEL_NAMES, WAN22_MODEL_NAME  # noqa: F401 (the names' home is presets)
 from pusa_model.request_schema import MAX_FRAMES, MAX_SIDE, SIZE_MULTIPLE
 
-MODEL_NAME = "pusa-v1"  # the default model of a request that names none
-WAN22_MODEL_NAME = "pusa-wan2.2"
-MODEL_NAMES = (MODEL_NAME, WAN22_MODEL_NAME)  # the models a request may name; a deployment serves some of them
 LIST_FIELDS = ("images", "positions", "multipliers", "extension_multipliers")
 JOB_OPTIONS = ("webhook_url",)  # fields about the job rather than the video
 

@@ -4,6 +4,7 @@ checkpoint` (random weights at the real sizes). The `pusa` command (`pusa_cli`) 
     pusa generate --task i2v --image in.png --prompt "..." -o out.mp4
     pusa generate --task t2v --prompt "..." --dry-run --json
     pusa generate --fast --lora-registry loras.yaml --prompt "..."      # 4 steps, guidance 1, distill LoRA
+    pusa generate --model pusa-wan2.2 --prompt "..."                  # the tiny two-expert preset, tiny-wan2.2
     pusa checkpoint /models/pusa-random --device cuda                 # random weights at the real sizes
 """
 
@@ -15,13 +16,13 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, InvalidRequest
-from .request_options import add_request_options, request_fields
+from .request_options import add_model_option, add_request_options, request_fields
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .presets import PRESET_NAMES  # torch: imported by the commands that need it
 
-    parser = argparse.ArgumentParser(prog="pusa", description="Pusa V1 video generation")
+    parser = argparse.ArgumentParser(prog="pusa", description="Pusa video generation (Pusa V1, Pusa-Wan2.2)")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video in this process")
     add_request_options(gen)  # every field of the request: --prompt, --task, --image, --steps, ...
@@ -29,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML or JSON {name: {path, alpha, fast}}, as the service's app arg loras")
     gen.add_argument("--lora-base", choices=("disk", "cpu", "device"), default="disk",
                      help="where the base weights for LoRA fusing are kept")
-    gen.add_argument("--preset", choices=PRESET_NAMES, default="tiny")
+    add_model_option(gen, "the model: picks its tiny preset (tiny, tiny-wan2.2) unless --preset names one, "
+                          "which must be of this model; default pusa-v1")
+    gen.add_argument("--preset", choices=PRESET_NAMES, help="the checkpoint (default: the model's tiny preset)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU)")
     gen.add_argument("--attention", default="auto",
@@ -75,6 +78,14 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_of(model: str | None, preset: str | None) -> str:
+    """The preset `pusa generate` runs: `preset` when given, else the tiny preset of `model` (of pusa-v1
+    without one)."""
+    from .presets import MODEL_NAME, TINY_PRESETS
+
+    return preset or TINY_PRESETS[model or MODEL_NAME]
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -83,7 +94,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .request import parse_request, plan_request
     from .transformer import DiTOptions
 
-    preset = get_preset(args.preset)
+    preset = get_preset(preset_of(args.model, args.preset))
+    if args.model is not None and preset.model != args.model:
+        raise InvalidRequest("model", f"--preset {preset.name} is of model {preset.model}, not {args.model}")
     registry = load_registry(args.lora_registry)
     plan = plan_request(parse_request(request_fields(args)), preset, loras=registry)
     if args.dry_run:
@@ -95,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise InvalidRequest(field, f"file not found: {path}")
     options = DiTOptions(compile=args.compile, attention=args.attention)
-    pipe = PusaPipeline.from_preset(args.preset, device=args.device, dit_options=options, loras=registry,
+    pipe = PusaPipeline.from_preset(preset.name, device=args.device, dit_options=options, loras=registry,
                                     lora_base=args.lora_base)
     with tqdm(total=plan.request.steps * len(plan.windows), desc="denoising", unit="step", disable=args.json) as bar:
         result = pipe.generate(plan, args.output, on_step=lambda event: bar.update(1))

@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: a launcher reads 
     import torch
 
 TINY_SEED = 20250
+# The models a request may name (its `model` field): each preset is of one of them (`Preset.model`).
+MODEL_NAME = "pusa-v1"  # Pusa V1 (one transformer, Wan2.1); a request's model when it names none
+WAN22_MODEL_NAME = "pusa-wan2.2"  # Pusa-Wan2.2 (two experts)
+MODEL_NAMES = (MODEL_NAME, WAN22_MODEL_NAME)
 LORA_FILENAME = "pusa_v1.safetensors"
 WAN22_LORAS = ("high_noise_pusa.safetensors", "low_noise_pusa.safetensors")  # Pusa-Wan2.2's, one per expert
 
@@ -53,6 +57,7 @@ class Preset:
 
     name: str
     source: str  # local folder or s3://bucket/prefix
+    model: str = MODEL_NAME  # the model a request names to run on this preset (one of `MODEL_NAMES`)
     lora: str | None = LORA_FILENAME  # path inside `source`, or None for no LoRA
     lora_alpha: float = 1.4  # the Pusa LoRA's alpha when a request leaves lora_alpha out
     # A two-expert model: the low-noise expert's Pusa LoRA and alpha, and the boundary (None: one expert).
@@ -129,10 +134,12 @@ def get_preset(name: str) -> Preset:
 
 def _wan22_fields() -> dict:
     """What the Wan2.2 presets share: the LoRA files, the authors' alphas and the boundary."""
-    return dict(lora=WAN22_LORAS[0], lora_2=WAN22_LORAS[1], lora_alpha=1.5, lora_alpha_2=1.4, boundary=0.875)
+    return dict(model=WAN22_MODEL_NAME, lora=WAN22_LORAS[0], lora_2=WAN22_LORAS[1], lora_alpha=1.5, lora_alpha_2=1.4,
+                boundary=0.875)
 
 
 PRESET_NAMES = ("tiny", "tiny-wan2.2", "pusa-v1", "pusa-wan2.2")
+TINY_PRESETS = {MODEL_NAME: "tiny", WAN22_MODEL_NAME: "tiny-wan2.2"}  # each model's embedded small preset
 TINY_BUILD = "tiny-2"  # the cache folder of the tiny checkpoint; a new name when its configs change
 TINY_WAN22_BUILD = "tiny-wan2.2-1"  # the tiny two-expert checkpoint's
 

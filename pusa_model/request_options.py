@@ -7,6 +7,7 @@ a list of numbers, a number or text otherwise, left out (None) unless given, so 
 applies. A few fields have a friendlier form instead (`SHORTHANDS`): ``--image`` (repeat) and ``--images``
 for ``images``, ``--lora NAME[=ALPHA]`` (repeat) for ``loras``, ``--size WIDTHxHEIGHT`` beside ``--width``
 and ``--height``, ``--fast`` for ``--mode fast`` and ``--pixel-positions`` for ``--positions-unit pixel``.
+`add_model_option` adds ``--model``, the model a request runs on (not a field of the request itself).
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ def add_request_options(parser: argparse.ArgumentParser, skip: Iterable[str] = (
     if "positions_unit" not in skipped:
         parser.add_argument("--pixel-positions", action="store_const", const="pixel", dest="positions_unit",
                             help="--positions-unit pixel")
+
+
+def add_model_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--model``: one of `MODEL_NAMES` (dest ``model``, None unless given)."""
+    from .presets import MODEL_NAMES
+
+    parser.add_argument("--model", choices=MODEL_NAMES, default=None, help=help)
 
 
 def request_fields(args: argparse.Namespace, skip: Iterable[str] = ()) -> dict:

@@ -100,6 +100,20 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path):
     assert not (tmp_path / "empty-cache").exists()  # no checkpoint was built or loaded
 
 
+@pytest.mark.parametrize("args, experts, alphas", [
+    ([], 1, (1.4, None)),
+    (["--model", "pusa-wan2.2"], 2, (1.5, 1.4)),  # the model's tiny preset, with its per-expert defaults
+    (["--model", "pusa-wan2.2", "--preset", "tiny-wan2.2", "--lora-alpha-2", "1.1"], 2, (1.5, 1.1)),
+    (["--preset", "tiny-wan2.2"], 2, (1.5, 1.4)),
+], ids=["default", "model", "model-and-preset", "preset"])
+def test_generate_runs_the_model_of_its_model_or_preset(pusa, args, experts, alphas):
+    res = pusa("generate", "--prompt", "p", "--steps", "4", "--dry-run", "--json", *args)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert ("boundary" in plan, plan["lora_alpha"], plan.get("lora_alpha_2")) == (experts == 2, *alphas)
+    assert {step.get("expert", 0) for step in plan["steps"]} == set(range(experts))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -108,6 +122,9 @@ def test_dry_run_prints_the_plan_without_a_model(tmp_path):
         (["--steps", "60"], "pusa: error: steps: Input should be less than or equal to 50"),
         (["--task", "i2v", "--image", "/nonexistent/x.png"], "pusa: error: images[0]: file not found: /nonexistent/x.png"),
         (["--task", "multi_frame", "--images", "a.png,b.png", "--positions", "0,0"], "pusa: error: positions: latent frame 0 is given more than once"),
+        (["--model", "pusa-wan2.2", "--preset", "tiny"], "pusa: error: model: --preset tiny is of model pusa-v1, not pusa-wan2.2"),
+        (["--model", "pusa-v1", "--preset", "tiny-wan2.2", "--dry-run"],
+         "pusa: error: model: --preset tiny-wan2.2 is of model pusa-wan2.2, not pusa-v1"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(pusa, args, message):
@@ -142,7 +159,7 @@ def test_every_request_field_has_the_same_flag_in_generate_and_client_submit():
         return {a.dest: (a.option_strings, a.choices, a.required) for a in sub._actions if a.option_strings}
 
     generate, submit = flags(generate_parser(), "generate"), flags(client_parser(), "submit")
-    shared = {name for name in GenerationRequest.model_fields if name not in ("images", "loras")}
+    shared = {name for name in GenerationRequest.model_fields if name not in ("images", "loras")} | {"model"}
     assert shared <= set(generate) and shared <= set(submit)
     assert {name: generate[name] for name in shared} == {name: submit[name] for name in shared}
     for parser in (generate, submit):  # the list fields' friendlier forms

@@ -230,8 +230,9 @@ def test_failed_job_exits_1(service):
     (["--image", "/nonexistent/x.png"], "images: cannot read /nonexistent/x.png: No such file or directory"),
     (["--lora", "nope=1.0"], "loras[0].name: "),
     (["--image", "a.png", "--lora", "nope"], "loras[0].name: "),  # multipart carries loras as JSON
+    (["--model", "pusa-wan2.2"], "model: model 'pusa-wan2.2' is not served by this deployment (served: pusa-v1)"),
 ], ids=["steps", "size", "guidance", "lora-alpha", "noise-multiplier", "fps", "negative-prompt", "webhook-url",
-        "pixel-positions", "missing-file", "lora", "lora-multipart"])
+        "pixel-positions", "missing-file", "lora", "lora-multipart", "model"])
 def test_refused_request_is_one_line_naming_the_field(service, tmp_path, monkeypatch, args, line):
     """Each option reaches the API under its field's name: the API's refusal names it."""
     (tmp_path / "a.png").write_bytes(image_bytes("PNG"))

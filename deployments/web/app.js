@@ -1,5 +1,5 @@
 // The Pusa web page: four tabs over one form, the plan's heat map, a job's live progress, its result and
-// the caller's gallery. Public API only: /health, /openapi.json, /v1/loras and /v1/videos*. Every field's range and
+// the caller's gallery. Public API only: /health, /openapi.json, /v1/models, /v1/loras and /v1/videos*. Every field's range and
 // default comes from the OpenAPI schema of POST /v1/videos (the API's own validation), every error is
 // shown next to the field the API's 400 names (`error.param`).
 
@@ -16,7 +16,8 @@ const ALIASES = { width: "size", height: "size", input_reference: "images", vide
 const state = {
   task: "i2v",
   schema: {},
-  defaults: null, // the preset's size and frames, from the plan of a bare request
+  defaults: null, // the selected model's size and frames, from the plan of a bare request
+  models: {}, // the served models (GET /v1/models), each one's plan of a bare request (its defaults)
   items: { i2v: [{ key: "image-0", file: null, thumb: null, position: 0, multiplier: "" }], multi_frame: [], v2v: [] },
   selected: { i2v: "image-0", multi_frame: null, v2v: null },
   nextKey: 1,
@@ -731,6 +732,7 @@ async function showResult(video) {
   link.download = `${video.id}.mp4`;
   $("#result").hidden = false;
   $("#result").dataset.video = video.id;
+  $("#result").dataset.model = video.model;
   player.play().catch(() => {}); // muted: allowed without a gesture
 }
 
@@ -754,8 +756,13 @@ async function extendJob() {
   const body = new FormData();
   body.append("video", source);
   body.append("prompt", $("#extend-prompt").value.trim() || form.elements.prompt.value.trim());
+  const model = $("#result").dataset.model; // the extension runs on the model of the video it continues
+  const selected = state.models[form.elements.model.value] || {};
   for (const el of form.querySelectorAll("[name]")) { // the fields every tab has: sampling, size, length
-    if (el.name === "prompt" || el.closest("[data-tasks]") || unset(el)) continue;
+    if (el.name === "prompt" || el.name === "model" || el.closest("[data-tasks]") || unset(el)) continue;
+    const only = el.closest("[data-models]")?.dataset.models.split(" ");
+    if (only && !only.includes(model)) continue; // another model's fields
+    if (el.name.startsWith("lora_alpha") && Number(el.value) === selected[el.name]) continue; // its model's default
     body.append(el.name, el.value.trim());
   }
   appendLists(body);
@@ -819,12 +826,46 @@ async function loadGallery() {
 
 // -- start -----------------------------------------------------------------------------------------
 
+/** GET /v1/models: the selector's choices, and each served model's defaults from the plan of a bare request. */
+async function loadModels() {
+  let served = ["pusa-v1"];
+  try {
+    served = (await getJSON("v1/models")).data.map((m) => m.id);
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) throw error;
+  }
+  const select = form.elements.model;
+  const current = select.value;
+  select.replaceChildren(...served.map((id) => new Option(id, id)));
+  select.value = served.includes(current) ? current : served[0];
+  const plans = await Promise.all(served.map((model) =>
+    getJSON("v1/videos/plan", { method: "POST", json: { prompt: "defaults", model } })));
+  state.models = Object.fromEntries(served.map((model, i) => [model, plans[i]]));
+  setModel(select.value);
+}
+
+/** The selected model's fields (`data-models`: shown for those models only) and defaults: size and frames, and its
+ * LoRA alphas (a value still at the previous model's default follows the new model's). */
+function setModel(model) {
+  const previous = state.models[form.dataset.model];
+  const plan = state.models[model];
+  form.dataset.model = model;
+  for (const el of form.querySelectorAll("[data-models]")) el.hidden = !el.dataset.models.split(" ").includes(model);
+  if (!plan) return;
+  state.defaults = { width: plan.width, height: plan.height, frames: plan.frames };
+  form.elements.size.placeholder = `${plan.width}x${plan.height} (this model's default here)`;
+  form.elements.frames.placeholder = `${plan.frames} (default)`;
+  for (const name of ["lora_alpha", "lora_alpha_2"]) {
+    const el = form.elements[name];
+    const was = previous?.[name] ?? variant(state.schema[name] || {}).default;
+    if (plan[name] != null && (el.value === "" || (was != null && Number(el.value) === was))) el.value = plan[name];
+  }
+  form.elements.guidance_2.placeholder = "the guidance when left out";
+}
+
 async function connect() {
   try {
-    const plan = await getJSON("v1/videos/plan", { method: "POST", json: { prompt: "defaults" } });
-    state.defaults = { width: plan.width, height: plan.height, frames: plan.frames };
-    form.elements.size.placeholder = `${plan.width}x${plan.height} (this deployment's default)`;
-    form.elements.frames.placeholder = `${plan.frames} (default)`;
+    await loadModels();
     clearErrors($("#key-box"));
   } catch (error) {
     showError(error);
@@ -854,6 +895,10 @@ async function start() {
       schedulePlan();
     } else if (event.target.id === "f-mode") {
       setFast(event.target.checked);
+    } else if (event.target.id === "f-model") {
+      setModel(event.target.value);
+      renderMedia();
+      schedulePlan();
     }
   });
   form.addEventListener("submit", async (event) => {
