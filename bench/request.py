@@ -390,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pusa-rank", type=int, default=512, help="the Pusa LoRA's rank (0: no LoRAs fused)")
     parser.add_argument("--distill-rank", type=int, default=256, help="the distill LoRA's rank")
     parser.add_argument("--decode-runs", type=int, default=2, help="timed runs of each decode way (0: skip)")
+    parser.add_argument("--lora-base", choices=("device", "cpu"), default="device",
+                        help="where the LoRA stack keeps the base weights it re-fuses from")
     parser.add_argument("--lora-rank", type=int, default=512)
     parser.add_argument("--lora-blocks", type=int, default=0, help="blocks the single-LoRA fuse is measured on (0: skip)")
     parser.add_argument("--tiny", action="store_true", help="tiny preset configs, float32, on the CPU")
@@ -422,13 +424,16 @@ def set_up_variant(pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], stac
 
 
 def build_loras(pipeline: PusaPipeline, args, device: torch.device) -> LoraStack | None:
-    """The Pusa-style and LightX2V-style random LoRAs, with the base weights beside them on the GPU."""
+    """The Pusa-style and LightX2V-style random LoRAs; the base weights they re-fuse from kept per
+    ``--lora-base``: beside them on the GPU (``device``) or in host memory (``cpu``, the LoRAs on the GPU)."""
     if args.pusa_rank <= 0:
         return None
     transformer = pipeline.dit.transformer
     gen = torch.Generator(device).manual_seed(args.seed)
     loras = {"pusa": pusa_lora(transformer, args.pusa_rank, gen, device),
              "distill": convert_lora_state_dict(distill_lora(transformer, args.distill_rank, gen, device))}
+    if args.lora_base == "cpu":
+        return LoraStack(transformer, loras, base_device="cpu", lora_device=device)
     return LoraStack(transformer, loras, base_device=device)
 
 
