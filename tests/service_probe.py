@@ -190,6 +190,26 @@ class ServiceProbe:
                 return name
         return None
 
+    def kill_mid_step(self, job_id: str, deployment: str, stage: str, steps_before: int, kills: int = 3) -> list[str]:
+        """Kill a replica of `deployment` while it serves a call of job `job_id`, until the job records a retry
+        of `stage` (a step can end between finding its replica busy and the kill: then it tries again, at most
+        `kills` times, before step `steps_before` is done). Returns the replicas killed."""
+        killed: list[str] = []
+        while True:
+            name = self.kill_busy(deployment)
+            if name:
+                killed.append(name)
+                try:
+                    self.wait_for(job_id, lambda j, e: any(x["type"] == "retry" and x["stage"] == stage for x in e),
+                                  timeout=5)
+                    return killed
+                except AssertionError:
+                    pass
+            job, events = self.record(job_id), self.events(job_id)
+            assert not job.terminal and steps_done(events) < steps_before and len(killed) < kills, \
+                f"no {stage} retry after killing {killed}; job {job.status}: {job.error}"
+            time.sleep(0.01)
+
     def kill_all(self, deployment: str) -> None:
         for _, actor in self.replicas(deployment):
             ray.kill(actor, no_restart=False)

@@ -67,22 +67,8 @@ def test_dit_replica_lost_mid_job_costs_one_step(svc):
 
     job_id = svc.submit(**request)
     svc.wait_steps(job_id, 3)
-    killed = []
-    while True:  # the step can end between finding its replica and killing it: then try again
-        name = svc.kill_busy("DiT")
-        if name:
-            killed.append(name)
-            try:
-                svc.wait_for(job_id, lambda j, e: bool(retries(e, "dit")), timeout=5)
-                break
-            except AssertionError:
-                pass
-        job, events = svc.record(job_id), svc.events(job_id)
-        assert not job.terminal and steps_done(events) < 8 and len(killed) < 3, \
-            f"no retry after killing {killed}; job {job.status}: {job.error}"
-        time.sleep(0.01)
+    svc.kill_mid_step(job_id, "DiT", "dit", steps_before=8)
     job = svc.wait_ended(job_id, timeout=120)
-    assert killed
     assert job.status == "completed", job.error
 
     events = svc.sse_events(job_id)
@@ -203,10 +189,7 @@ def test_a_long_video_is_a_chain_of_windows_that_outlives_a_lost_dit_replica(svc
     job_id = svc.submit(**request)
     svc.wait_for(job_id, lambda j, e: j.terminal or any(x["type"] == "step" and x.get("segment") == 1 for x in e),
                  timeout=60, poll=0.01)
-    killed = None
-    while killed is None:  # a step of the second window is in flight on the replica killed
-        killed = svc.kill_busy("DiT")
-        assert not svc.record(job_id).terminal and steps_done(svc.events(job_id)) < 8, "the second window ended"
+    svc.kill_mid_step(job_id, "DiT", "dit", steps_before=8)  # a step of the second window
     job = svc.wait_ended(job_id, timeout=120)
     assert job.status == "completed", job.error
 

@@ -91,8 +91,7 @@ def mix(observed):
 
     ids["dit_lost"] = svc.submit(**SLOW, steps=10, seed=3)
     svc.wait_steps(ids["dit_lost"], 3)
-    while svc.kill_busy("DiT") is None:
-        time.sleep(0.01)
+    svc.kill_mid_step(ids["dit_lost"], "DiT", "dit", steps_before=10)
 
     lost = direct_job({"prompt": "p", "width": 64, "height": 64, "frames": 17, "steps": 3}, status="in_progress",
                       lease_holder="runner-gone", lease_epoch=1, lease_expires_at=0.0)
