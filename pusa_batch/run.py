@@ -24,6 +24,7 @@ from pusa_model.loras import LoraRegistry
 from pusa_model.request_schema import GenerationRequest
 
 from .outputs import CUSTOM_ID, BatchOutputs
+from .payload import failed, record_of
 from .sources import parent, read_manifest
 
 STATUS_EVERY_S = 2.0
@@ -131,8 +132,6 @@ def run_batch(manifest: str, output: str, settings: BatchSettings, progress: boo
     `on_record` sees each row's record as it ends (an exception from it stops the batch there). Media
     are paths (relative to the manifest), ``s3://`` URIs or data URLs; only data URLs without
     `local_media`."""
-    from .stages import failed, record_of
-
     started = time.monotonic()
     rows = read_manifest(manifest)
     outputs = BatchOutputs(output)

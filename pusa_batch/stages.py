@@ -18,7 +18,6 @@ import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -33,19 +32,8 @@ from pusa_model.text import TextEncoderStage
 from pusa_model.transformer import DiTOptions
 
 from .outputs import BatchOutputs
+from .payload import failed, pack
 from .rows import read_row
-
-
-def pack(payload: dict) -> bytes:
-    return pickle.dumps(payload, protocol=5)
-
-
-def unpack(row: dict) -> dict:
-    return pickle.loads(row["payload"])
-
-
-def failed(custom_id: str, field: str | None, message: str) -> dict:
-    return {"custom_id": custom_id, "status": "failed", "error": {"param": field, "message": message}}
 
 
 def prepare(row: dict, preset: str, base: str | None, loras: dict | None = None) -> dict:
@@ -213,7 +201,3 @@ class Decoding(_Stage):
         payload["record"] = {"custom_id": payload["custom_id"], "status": "completed", **uris,
                              "seed": payload["plan"].seed, "timings_s": payload["timings_s"], "error": None}
         return payload
-
-
-def record_of(row: dict[str, Any]) -> dict:
-    return pickle.loads(row["record"])

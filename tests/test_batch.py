@@ -440,3 +440,15 @@ def test_a_drained_runner_hands_its_batch_over(service, service_store):
     video_ids = [line["response"]["body"]["id"] for line in lines]
     assert len(set(video_ids)) == 6 and all(client.videos.retrieve(v).status == "completed" for v in video_ids)
     assert sorted(v.id for v in client.videos.list(limit=100) if v.id in video_ids) == sorted(video_ids)
+
+
+def test_the_driver_fails_rows_without_a_usable_custom_id_before_any_stage():
+    """No, a malformed or a repeated custom_id: the row's record is failed at once, naming custom_id; the
+    others get their ids."""
+    from pusa_batch.run import _checked_ids
+
+    ids, errors = _checked_ids([{"custom_id": "a"}, {}, {"custom_id": "b c"}, {"custom_id": "a"}, {"custom_id": 7}])
+    assert ids == ["a", None, "b c", "a", "7"]
+    assert sorted(errors) == [1, 2, 3]
+    assert all(e["status"] == "failed" and e["error"]["param"] == "custom_id" for e in errors.values())
+    assert "repeats the custom_id of row 1" in errors[3]["error"]["message"]
