@@ -33,6 +33,8 @@ def cap_gpu_memory(device: str, gib: float) -> float | None:
     dev = torch.device(device)
     if dev.type != "cuda":
         return None
+    if dev.index is None:  # "cuda": the current card (set_per_process_memory_fraction needs an index)
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     fraction = min(1.0, gib * GIB / total)
     torch.cuda.set_per_process_memory_fraction(fraction, dev)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,6 +118,24 @@ def test_a_memory_cap_needs_a_gpu_and_a_positive_size():
     assert cap_gpu_memory("cpu", 4.0) is None  # nothing to cap on the CPU
     with pytest.raises(ValueError, match="positive"):
         cap_gpu_memory("cpu", 0)
+
+
+def test_a_cap_on_the_current_card_names_its_index(monkeypatch: pytest.MonkeyPatch):
+    """Serve gives a replica "cuda"; the allocator's cap takes only an indexed device (torch 2.11 raises
+    "Expected a torch.device with a specified index" for "cuda"), so the cap goes to the current card."""
+    caps: list[tuple[float, torch.device]] = []
+
+    def set_fraction(fraction: float, device: torch.device) -> None:  # torch's own check on the device
+        if device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        caps.append((fraction, device))
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    assert cap_gpu_memory("cuda", 20.0) == 0.25
+    assert cap_gpu_memory("cuda:0", 100.0) == 1.0  # never past the card
+    assert caps == [(0.25, torch.device("cuda", 1)), (1.0, torch.device("cuda", 0))]
 
 
 def test_out_of_memory_is_raised_again_after_the_memory_is_released():
