@@ -19,8 +19,13 @@ as soon as it ends, and a phase that fails is recorded and the next one still ru
   same requests (a one-step warm-up and a timed one per variant); ``fast_fp8`` quantizes the loaded DiT.
 - ``capped``: the service again with FP8 GEMMs and the A6000 layout of ``serve_config.yaml`` emulated by
   per-process caps (``gpu_memory_gib``: DiT 47.5, TextEncoder and VAE 23.5 GiB); a timed fast request at 480p
-  and one at 720p (the DiT's peak memory from its stats), a request past the cap (``--oom-size``) that must
-  fail with an out-of-memory reason, and a fast 480p request after it that must complete.
+  and one at 720p (the DiT's peak memory from its stats).
+- ``oom``: the service with a bf16 DiT capped at ``--oom-dit-gib`` (default 36 GiB: the 28.7 GB of weights, a
+  480p or 720p request and the warm-up fit; the largest request the API admits does not); a one-step standard
+  request of ``--oom-size`` must fail with an out-of-memory reason, and a fast 480p request after it must
+  complete on the same replica. (With FP8 GEMMs under the A6000's 47.5 GiB a 1920x1920x81 request ran for over
+  five minutes without failing on an H100: at the 720p request's 74 KB of activations a token its 302,400 tokens
+  need about 22 GB beside 14.7 GB of weights, so it is no out-of-memory check there.)
 
 Usage on the device (bench/README.md, "On the GPU machine")::
 
@@ -350,7 +355,7 @@ def kill_dit_mid_job(service: Service, client: httpx.Client, out: dict) -> None:
 
 def oom_then_recover(service: Service, client: httpx.Client, out: dict) -> None:
     width, height, frames = args_global.oom_size
-    job = run_job(client, request_body("fast", (width, height), frames))
+    job = run_job(client, request_body("standard", (width, height), frames, steps=1))
     after = service.dit_stats().get("gpu_memory")
     recovery = run_job(client, request_body("fast"))
     out["fault_oom"] = {"job": {k: v for k, v in job.items() if k != "_mp4"}, "dit_memory_after": after,
@@ -455,7 +460,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("/tmp/pusa-random"))
     parser.add_argument("--layers", type=int, help="transformer blocks of the checkpoint (default: all 40)")
-    parser.add_argument("--phases", default="checkpoint,service,restart,inprocess,capped")
+    parser.add_argument("--phases", default="checkpoint,service,restart,inprocess,capped,oom")
     parser.add_argument("--variants", default="standard,fast,fast_fp8", help="in-process variants")
     parser.add_argument("--service-variants", default="standard,fast")
     parser.add_argument("--fault", action=argparse.BooleanOptionalAction, default=True,
@@ -463,6 +468,7 @@ def main() -> int:
     parser.add_argument("--read-ahead", action=argparse.BooleanOptionalAction, default=True,
                         help="start pusa-serve with --read-ahead")
     parser.add_argument("--oom-size", default="1920x1920x81", help="WIDTHxHEIGHTxFRAMES of the request past the cap")
+    parser.add_argument("--oom-dit-gib", type=float, default=36.0, help="the bf16 DiT's cap in the oom phase")
     parser.add_argument("--start-timeout", type=float, default=900)
     parser.add_argument("--out", default="service_gpu.json")
     args = parser.parse_args()
@@ -503,10 +509,14 @@ def main() -> int:
             log(results["inprocess"]["error"])
 
     def capped() -> None:
-        plan = [timed("fast", label="fast_fp8"), timed("fast", (1280, 720), label="fast_fp8_720p"), oom_then_recover]
+        plan = [timed("fast", label="fast_fp8"), timed("fast", (1280, 720), label="fast_fp8_720p")]
         service_phase(args, results, "capped", {**standard_options, "quantize": "fp8"}, A6000_CAPS, plan)
 
-    runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped}
+    def oom() -> None:
+        caps = {**A6000_CAPS, "DiT": args.oom_dit_gib}
+        service_phase(args, results, "oom", standard_options, caps, [oom_then_recover])
+
+    runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped, "oom": oom}
     for phase in phases:  # in the order given
         runs.get(phase, lambda: None)()
     results["compare"] = compare(results)
