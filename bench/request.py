@@ -18,7 +18,7 @@ Variants (``--variants``, run in this order on the one model):
 
 The LoRAs are random (`bench/lora_switch.py`'s), fused once before the variant's requests, as on a
 replica that holds the combination (switch times: `lora_switch.py`). Per variant one warm-up request of
-one step (``torch.compile`` runs here, at the same shapes) and then ``--requests`` timed ones. Per
+one step per expert (``torch.compile`` runs here, at the same shapes) and then ``--requests`` timed ones. Per
 request: ``generate``'s own ``timings_s`` (text, conditioning, denoise, decode with the MP4 encoded as
 the frames decode, write = the thumbnail), the per-step times from its ``on_step`` callback, forwards per
 step, the total, and the peak GPU memory of each stage (the stage methods are wrapped to reset the peak
@@ -34,6 +34,12 @@ held on the GPU (the arithmetic alone) and from a safetensors file (the service'
 `SafetensorsWeights` path; the file was just written, so it is read from the page cache). The time
 for all 40 blocks is that times 40 / blocks.
 
+``--model pusa-wan2.2`` runs the same on Pusa-Wan2.2's two experts: two random transformers of the same size
+(Wan2.2-T2V-A14B's experts have Wan2.1-14B's architecture), a `DiTExperts` that runs each step on the expert
+the boundary (0.875) gives it, each expert's own random Pusa and distill LoRAs (fused at the authors' 1.5 and
+1.4, and 1.0), kept with their base weights in host memory (both bf16 experts and UMT5-XXL take 69 GB of the
+card); per request also the forwards per expert.
+
 ``--tiny`` runs the same code on the CPU in float32 with the tiny preset's configs. See bench/README.md.
 """
 
@@ -41,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import statistics
@@ -62,14 +69,17 @@ from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 from dit_forward import build_transformer, environment, sync  # noqa: E402
 from lora_switch import distill_lora, pusa_lora  # noqa: E402
 from pusa_model.random_checkpoint import UMT5_XXL  # noqa: E402
-from pusa_model.dit import DiTStage  # noqa: E402
+from pusa_model.dit import DiTExperts, DiTStage  # noqa: E402
 from pusa_model import media  # noqa: E402
 from pusa_model.lora import LoraFuser, LoraStack, SafetensorsWeights, convert_lora_state_dict, load_lora_state_dict  # noqa: E402,E501
 from pusa_model.engine import StepEvent, decode_to_mp4  # noqa: E402
 from pusa_model.pipeline import PusaPipeline  # noqa: E402
 from pusa_model.quantize import is_quantized, quantize_blocks  # noqa: E402
 from pusa_model.presets import (  # noqa: E402
-    Preset,
+    MODEL_NAME,
+    MODEL_NAMES,
+    TINY_PRESETS,
+    get_preset,
     build_tiny_lora_state_dict,
     build_tiny_tokenizer,
     tiny_text_encoder_config,
@@ -118,22 +128,31 @@ def build_pipeline(args, device: torch.device) -> tuple[PusaPipeline, dict[str, 
     sync(device)
     seconds["vae"] = time.perf_counter() - t0
 
+    width, height, frames = (160, 96, 9) if args.tiny else (832, 480, 81)
+    preset = dataclasses.replace(get_preset(TINY_PRESETS[args.model]), name="bench", source="unused", lora=None,
+                                 lora_2=None, width=width, height=height, frames=frames,
+                                 dtype=str(dtype).removeprefix("torch."))
     t0 = time.perf_counter()
-    transformer = build_transformer(args.tiny, args.layers, device, dtype, args.seed)
+    transformers = [build_transformer(args.tiny, args.layers, device, dtype, args.seed + e)
+                    for e in range(preset.experts)]
     sync(device)
     seconds["transformer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    dit = DiTStage(transformer, options=DiTOptions(compile=not args.eager, attention=args.attention))
+    options = DiTOptions(compile=not args.eager, attention=args.attention)
+    stages = [DiTStage(t, options=options, expert=e) for e, t in enumerate(transformers)]
+    dit = stages[0] if len(stages) == 1 else DiTExperts(stages)
     text = TextEncoderStage(tokenizer, text_encoder)
     vae_stages = {"bfloat16": VAEStage(copy.deepcopy(vae), tiling=args.vae_tiling, decode_dtype=torch.bfloat16),
                   "float32": VAEStage(vae, tiling=args.vae_tiling)}
     seconds["stages"] = time.perf_counter() - t0
-
-    width, height, frames = (160, 96, 9) if args.tiny else (832, 480, 81)
-    preset = Preset(name="bench", source="unused", lora=None, width=width, height=height, frames=frames,
-                    dtype=str(dtype).removeprefix("torch."))
     return PusaPipeline(preset, text, vae_stages["float32"], dit), vae_stages, seconds
+
+
+def dit_stages(pipeline: PusaPipeline) -> list[DiTStage]:
+    """The pipeline's DiT stages, one per expert."""
+    dit = pipeline.dit
+    return list(dit.stages) if isinstance(dit, DiTExperts) else [dit]
 
 
 class StageProbe:
@@ -142,18 +161,20 @@ class StageProbe:
     returns CPU tensors, so the GPU work is finished when the call returns."""
 
     STAGES = {"text": ("text", "encode"), "conditioning": ("vae", "encode"), "denoise": ("dit", "step"),
-              "decode": ("vae", "decode_chunks")}
+              "decode": ("vae", "decode_chunks")}  # "dit": each expert's stage
 
     def __init__(self, pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], device: torch.device) -> None:
         self.device = device
         self.peak_gib: dict[str, float] = {}
-        self.forwards = 0
+        self.forwards: dict[int, int] = {}  # per expert
         self._originals: list[tuple[object, str]] = []
+        objects = {"vae": list(vae_stages.values()), "dit": dit_stages(pipeline), "text": [pipeline.text]}
         # vae.encode and vae.decode are different stages of the same object; every decode type's VAE
         for stage, (attr, method) in self.STAGES.items():
-            for obj in vae_stages.values() if attr == "vae" else [getattr(pipeline, attr)]:
+            for obj in objects[attr]:
                 self._wrap(obj, method, stage)
-        self._wrap_velocity(pipeline.dit)
+        for dit in objects["dit"]:
+            self._wrap_velocity(dit)
         self._wrap_denoise(pipeline)
         self.latents: torch.Tensor | None = None  # the last request's final latents
 
@@ -185,30 +206,32 @@ class StageProbe:
         setattr(obj, method, wrapped_chunks if inspect.isgeneratorfunction(original) else wrapped)
 
     def _wrap_denoise(self, pipeline: PusaPipeline) -> None:
-        """Keep the latents of the last step (`DiTStage.run`): a request's final latents once it is done."""
-        original = pipeline.dit.run
-        self._originals.append((pipeline.dit, "run"))
+        """Keep the latents of the last step (each expert's `DiTStage.run`): a request's final latents once
+        it is done."""
+        for dit in dit_stages(pipeline):
+            original = dit.run
+            self._originals.append((dit, "run"))
 
-        def kept(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.latents = torch.from_numpy(out)
-            return out
+            def kept(*args, original=original, **kwargs):
+                out = original(*args, **kwargs)
+                self.latents = torch.from_numpy(out)
+                return out
 
-        pipeline.dit.run = kept
+            dit.run = kept
 
     def _wrap_velocity(self, dit: DiTStage) -> None:
         original = dit.velocity
         self._originals.append((dit, "velocity"))
 
         def counted(*args, **kwargs):
-            self.forwards += 1
+            self.forwards[dit.expert] = self.forwards.get(dit.expert, 0) + 1
             return original(*args, **kwargs)
 
         dit.velocity = counted
 
     def reset(self) -> None:
         self.peak_gib = {}
-        self.forwards = 0
+        self.forwards = {}
 
     def remove(self) -> None:
         for obj, method in self._originals:
@@ -225,14 +248,16 @@ def run_request(pipeline: PusaPipeline, probe: StageProbe, plan, output: Path, d
     total = time.perf_counter() - t0
     elapsed = [e.elapsed_s for e in events]
     steps = [b - a for a, b in zip([0.0] + elapsed[:-1], elapsed)]
+    forwards = sum(probe.forwards.values())
     return {
         "timings_s": result.timings_s,
         "total_s": total,
         "step_s": steps,
         "step_median_s": statistics.median(steps),
-        "forwards": probe.forwards,
-        "forwards_per_step": probe.forwards / len(steps),
-        "forward_s_from_steps": statistics.median(steps) / (probe.forwards / len(steps)),
+        "forwards": forwards,
+        "forwards_by_expert": dict(sorted(probe.forwards.items())),
+        "forwards_per_step": forwards / len(steps),
+        "forward_s_from_steps": statistics.median(steps) / (forwards / len(steps)),
         "peak_gib": dict(probe.peak_gib),
         "video_bytes": result.video_path.stat().st_size,
         "thumbnail_bytes": result.thumbnail_path.stat().st_size,
@@ -290,7 +315,7 @@ def bench_lora(pipeline: PusaPipeline, args, device: torch.device, folder: Path)
     weights on the GPU and from a safetensors file; the 40-block time is scaled from it."""
     from safetensors.torch import save_file
 
-    transformer = pipeline.dit.transformer
+    transformer = dit_stages(pipeline)[0].transformer
     blocks = min(args.lora_blocks, len(transformer.blocks))
     scale = len(transformer.blocks) / blocks
     out: dict = {"rank": args.lora_rank, "blocks_measured": blocks, "blocks_total": len(transformer.blocks)}
@@ -379,6 +404,7 @@ def report_tables(report: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=1, help="timed requests after the warm-up")
+    parser.add_argument("--model", choices=MODEL_NAMES, default=MODEL_NAME, help="pusa-wan2.2: two experts")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -399,42 +425,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def set_up_variant(pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], stack: LoraStack | None, name: str,
-                   args) -> dict:
-    """Fuse the variant's LoRAs, quantize its GEMMs (after the fuse), put in the VAE of its decode type."""
+def set_up_variant(pipeline: PusaPipeline, vae_stages: dict[str, VAEStage], stacks: list[LoraStack] | None,
+                   name: str, args) -> dict:
+    """Fuse the variant's LoRAs into each expert (its Pusa LoRA at the preset's alpha for that expert),
+    quantize its GEMMs (after the fuse), put in the VAE of its decode type."""
     fast, gemms, decode_dtype = VARIANTS[name]
+    preset, stages = pipeline.preset, dit_stages(pipeline)
     out: dict = {}
-    if stack is not None:
+    if stacks is not None:
         t0 = time.perf_counter()
-        stack.fuse({"pusa": 1.4, "distill": 1.0} if fast else {"pusa": 1.4})
-        sync(pipeline.dit.device)
+        for stack, alpha in zip(stacks, (preset.lora_alpha, preset.lora_alpha_2)):
+            stack.fuse({"pusa": alpha, "distill": 1.0} if fast else {"pusa": alpha})
+        sync(stages[0].device)
         out["fuse_s"] = time.perf_counter() - t0
-    transformer = pipeline.dit.transformer
-    quantized = is_quantized(transformer.blocks[0].attn1.to_q)
+    quantized = is_quantized(stages[0].transformer.blocks[0].attn1.to_q)
     if gemms == "none" and quantized:
         raise SystemExit("--variants: list the bf16 variants before the FP8 ones (quantizing is in place)")
     if gemms != "none" and not quantized:
         t0 = time.perf_counter()
-        out["gemms"] = quantize_blocks(transformer, gemms)
+        out["gemms"] = [quantize_blocks(stage.transformer, gemms) for stage in stages]
         out["quantize_s"] = time.perf_counter() - t0
+        if stages[0].device.type == "cuda":
+            torch.cuda.empty_cache()
     pipeline.vae = vae_stages[decode_dtype]
     out.update(steps=4 if fast else args.steps, guidance=1.0 if fast else args.guidance,
                loras=["pusa", "distill"] if fast else ["pusa"], decode_dtype=decode_dtype)
     return out
 
 
-def build_loras(pipeline: PusaPipeline, args, device: torch.device) -> LoraStack | None:
-    """The Pusa-style and LightX2V-style random LoRAs; the base weights they re-fuse from kept per
-    ``--lora-base``: beside them on the GPU (``device``) or in host memory (``cpu``, the LoRAs on the GPU)."""
+def build_loras(pipeline: PusaPipeline, args, device: torch.device) -> list[LoraStack] | None:
+    """Per expert, the Pusa-style and LightX2V-style random LoRAs; the base weights they re-fuse from kept
+    per ``--lora-base``: beside them on the GPU (``device``) or in host memory (``cpu``, the LoRAs on the
+    GPU). A two-expert model keeps both in host memory (no room beside two 14B experts)."""
     if args.pusa_rank <= 0:
         return None
-    transformer = pipeline.dit.transformer
+    stacks = []
     gen = torch.Generator(device).manual_seed(args.seed)
-    loras = {"pusa": pusa_lora(transformer, args.pusa_rank, gen, device),
-             "distill": convert_lora_state_dict(distill_lora(transformer, args.distill_rank, gen, device))}
-    if args.lora_base == "cpu":
-        return LoraStack(transformer, loras, base_device="cpu", lora_device=device)
-    return LoraStack(transformer, loras, base_device=device)
+    for stage in dit_stages(pipeline):
+        transformer = stage.transformer
+        loras = {"pusa": pusa_lora(transformer, args.pusa_rank, gen, device),
+                 "distill": convert_lora_state_dict(distill_lora(transformer, args.distill_rank, gen, device))}
+        if pipeline.preset.experts > 1:
+            loras = {name: {k: v.cpu() for k, v in lora.items()} for name, lora in loras.items()}
+            stacks.append(LoraStack(transformer, loras, base_device="cpu"))
+        elif args.lora_base == "cpu":
+            stacks.append(LoraStack(transformer, loras, base_device="cpu", lora_device=device))
+        else:
+            stacks.append(LoraStack(transformer, loras, base_device=device))
+    return stacks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
                     "variants": {}}
     pipeline, vae_stages, report["build_s"] = build_pipeline(args, device)
     t0 = time.perf_counter()
-    stack = build_loras(pipeline, args, device)
+    stacks = build_loras(pipeline, args, device)
     report["build_s"]["loras"] = time.perf_counter() - t0
     if device.type == "cuda":
         report["weights_gib"] = torch.cuda.memory_allocated(device) / GIB
@@ -464,13 +502,14 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants.split(","):
             print(f"{variant} ...", flush=True)
             try:
-                setup = report["variants"][variant] = set_up_variant(pipeline, vae_stages, stack, variant, args)
+                setup = report["variants"][variant] = set_up_variant(pipeline, vae_stages, stacks, variant, args)
                 request = GenerationRequest(task="i2v", prompt=PROMPT, images=[str(image)], steps=setup["steps"],
                                             guidance=setup["guidance"], seed=args.seed)
                 plan = plan_request(request, preset)
                 setup["plan"] = {"width": plan.width, "height": plan.height, "frames": plan.frames,
                                  "latent_shape": list(plan.latent_shape), "multipliers": plan.multipliers.tolist()}
-                warm_up = plan_request(request.model_copy(update={"steps": 1}), preset)
+                # one step per expert (two steps: t = 1000, then 833 below the boundary), so each one compiles
+                warm_up = plan_request(request.model_copy(update={"steps": preset.experts}), preset)
                 names = ["warmup"] + [f"timed{i}" for i in range(args.requests)]
                 for name in names:
                     result = run_request(pipeline, probe, warm_up if name == "warmup" else plan,

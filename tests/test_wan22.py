@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +321,19 @@ def test_every_task_makes_its_video_in_process(request, preset, task, media_file
         log.__exit__()
         per_window = [e for e in boundary_experts(2) for _ in range(2)]  # guidance 5 on both: two passes
         assert log.calls == per_window * len(p.windows) == [0, 0, 1, 1] * len(p.windows)
+
+
+def test_the_request_benchmark_runs_each_expert_in_its_steps(tmp_path):
+    """`bench/request.py --model pusa-wan2.2`, the GPU benchmark of a whole request, here with `--tiny`: its
+    warm-up compiles both experts (one step each) and the fast request runs two steps on each."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "request.py"
+    out = tmp_path / "request.json"
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--model", "pusa-wan2.2", "--variants", "fast",
+                           "--decode-runs", "0", "--pusa-rank", "8", "--distill-rank", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["requests"]["fast/warmup"]["forwards_by_expert"] == {"0": 1, "1": 1}
+    timed = report["requests"]["fast/timed0"]
+    assert timed["forwards_by_expert"] == {"0": 2, "1": 2} and len(timed["step_s"]) == 4
+    assert timed["video_bytes"] > 0 and report["variants"]["fast"]["loras"] == ["pusa", "distill"]
