@@ -30,7 +30,7 @@ from pusa_jobs.jobs import new_id
 from pusa_jobs.quotas import Charge, QuotaExceeded
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
-from pusa_model.presets import MODEL_NAME, Preset
+from pusa_model.presets import Preset
 
 from .admission import Admission, ApiSettings, bearer, owned, quota_error
 from .api_schema import (BatchCreate, BatchList, BatchObject, FileDeleted, FileList, FileObject, FileUpload,
@@ -67,8 +67,7 @@ class BatchRoutes:
     files: JobFiles
     jobs: JobStore  # its retention_s is the files' too
     presets: dict[str, Preset]  # the models served, name -> preset
-    loras: LoraRegistry  # pusa-v1's registry
-    wan22_loras: LoraRegistry  # pusa-wan2.2's
+    registries: dict[str, LoraRegistry]  # each model's LoRA registry
 
     async def _file(self, file_id: str, caller: Caller) -> StoredFile:
         return await owned(self.batches.get_file, file_id, caller, file_created_at, "file")
@@ -165,7 +164,7 @@ class BatchRoutes:
         """The GPU-seconds of the rows that plan on `model`; 400 naming the row of one above the per-request
         limit. Rows that do not plan cost nothing: they fail at once, into the error file."""
         total, preset = 0.0, self.presets[model]
-        loras = self.loras if model == MODEL_NAME else self.wan22_loras
+        loras = self.registries[model]
         for row in rows:
             fields = {k: v for k, v in row.items() if k != "custom_id"}
             try:

@@ -34,7 +34,7 @@ from pusa_jobs.submission import MODEL_NAME, Submission
 from pusa_jobs.webhooks import WebhookSettings, receiver_problem
 from pusa_model import media
 from pusa_model.errors import InvalidRequest
-from pusa_model.loras import LoraRegistry
+from pusa_model.loras import registries_by_model
 from pusa_model.presets import get_preset
 from pusa_model.request import GenerationPlan, parse_request, plan_request
 
@@ -110,7 +110,8 @@ class Router(BatchRoutes, WebRoutes):
         wan22_loras: dict | None = None,
     ) -> None:
         self.settings = ApiSettings.model_validate(api or {})
-        self.loras = LoraRegistry.model_validate(loras or {})  # what a request's `loras` and mode "fast" resolve to
+        # each model's registry: what a request's `loras` and mode "fast" resolve to
+        self.registries = registries_by_model(loras, wan22_loras)
         check_exposure(self.settings.auth, proxy_host())
         if self.settings.auth == "none":
             logger.warning("API keys are off (api.auth: none): anyone who reaches the loopback address is admin")
@@ -118,7 +119,6 @@ class Router(BatchRoutes, WebRoutes):
         self.preset = get_preset(preset)  # pusa-v1's: /health's and the admission's default (a batch's: its model's, in self.presets)
         # the models this deployment serves, name -> preset (`AppArgs.models`)
         self.presets = {name: get_preset(p) for name, p in (models or {MODEL_NAME: preset}).items()}
-        self.wan22_loras = LoraRegistry.model_validate(wan22_loras or {})  # the Wan2.2 requests' registry
         db = open_database(database)
         self.webhooks = WebhookSettings.model_validate(webhooks or {})
         # a job cancelled while queued ends here, kept and announced as a runner ends one
@@ -191,8 +191,7 @@ class Router(BatchRoutes, WebRoutes):
         if preset is None:
             raise InvalidRequest("model", f"model {sub.model!r} is not served by this deployment "
                                           f"(served: {', '.join(self.presets)})")
-        loras = self.loras if sub.model == MODEL_NAME else self.wan22_loras
-        return plan_request(parse_request(data), preset, loras=loras)
+        return plan_request(parse_request(data), preset, loras=self.registries[sub.model])
 
     async def _accept(self, caller: Caller, sub: Submission, data: dict, idempotency_key: str | None,
                       extended_from: str | None = None, interactive: bool = False) -> Job:

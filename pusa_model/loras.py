@@ -84,6 +84,15 @@ class LoraRegistry(RootModel[dict[str, LoraEntry]]):
         return next((name for name, entry in self.root.items() if entry.fast), None)
 
 
+def registries_by_model(loras: Mapping | None, wan22_loras: Mapping | None) -> dict[str, LoraRegistry]:
+    """Each model's LoRA registry: Pusa V1's `loras` (a file an entry) and Pusa-Wan2.2's `wan22_loras` (a file
+    per expert), as the app's arguments give them."""
+    from .presets import MODEL_NAME, WAN22_MODEL_NAME
+
+    return {MODEL_NAME: LoraRegistry.model_validate(loras or {}),
+            WAN22_MODEL_NAME: LoraRegistry.model_validate(wan22_loras or {})}
+
+
 def lora_path(path: str, model_folder: Path) -> Path:
     """The local file of a registry `path`: an ``s3://`` object copied once per node, an absolute file, or
     a file relative to `model_folder`."""
