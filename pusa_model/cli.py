@@ -6,6 +6,7 @@ checkpoint` (random weights at the real sizes). The `pusa` command (`pusa_cli`) 
     pusa generate --fast --lora-registry loras.yaml --prompt "..."      # 4 steps, guidance 1, distill LoRA
     pusa generate --model pusa-wan2.2 --prompt "..."                  # the tiny two-expert preset, tiny-wan2.2
     pusa checkpoint /models/pusa-random --device cuda                 # random weights at the real sizes
+    pusa checkpoint /models/wan22-random --model pusa-wan2.2 --share-from /models/pusa-random --device cuda
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dry-run", action="store_true", help="validate and print the plan; run no model")
     gen.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    ckpt = sub.add_parser("checkpoint", help="write a random-weights checkpoint in the layout pusa-v1 loads")
-    ckpt.add_argument("dest", type=Path, help="folder to write (PUSA_MODEL_SOURCE for --preset pusa-v1)")
+    ckpt = sub.add_parser("checkpoint", help="write a random-weights checkpoint in the layout a model loads")
+    ckpt.add_argument("dest", type=Path, help="folder to write (PUSA_MODEL_SOURCE for pusa-v1, PUSA_WAN22_SOURCE "
+                                              "for pusa-wan2.2)")
+    add_model_option(ckpt, "whose layout (default pusa-v1)")
+    ckpt.add_argument("--share-from", type=Path, help="pusa-wan2.2: link the text encoder, tokenizer, VAE and both "
+                                                      "experts from this pusa-v1 checkpoint; write only the LoRAs")
     ckpt.add_argument("--size", choices=("real", "tiny"), default="real",
                       help="real: Wan2.1-T2V-14B, UMT5-XXL and the Wan VAE; tiny: the tiny preset's sizes")
     ckpt.add_argument("--device", default="cpu", help="where the random weights are drawn (cuda: seconds)")
@@ -68,12 +73,17 @@ def load_registry(path: Path | None):
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
+    from .presets import MODEL_NAME
     from .random_checkpoint import write_random_checkpoint
 
     if args.dest.exists() and any(args.dest.iterdir()):
         raise ConfigError(f"{args.dest} is not empty")
-    summary = write_random_checkpoint(args.dest, size=args.size, device=args.device, layers=args.layers,
-                                      pusa_rank=args.pusa_rank, distill_rank=args.distill_rank)
+    try:
+        summary = write_random_checkpoint(args.dest, size=args.size, device=args.device, layers=args.layers,
+                                          pusa_rank=args.pusa_rank, distill_rank=args.distill_rank,
+                                          model=args.model or MODEL_NAME, share_from=args.share_from)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     print(json.dumps(summary))
     return 0
 

@@ -39,6 +39,7 @@ WAN22_MODEL_NAME = "pusa-wan2.2"  # Pusa-Wan2.2 (two experts)
 MODEL_NAMES = (MODEL_NAME, WAN22_MODEL_NAME)
 LORA_FILENAME = "pusa_v1.safetensors"
 WAN22_LORAS = ("high_noise_pusa.safetensors", "low_noise_pusa.safetensors")  # Pusa-Wan2.2's, one per expert
+WAN22_BOUNDARY = 0.875  # Wan2.2-A14B's: the high-noise expert runs while t >= boundary * 1000
 
 # Words the tiny tokenizer is trained on: Wan's negative prompt and common prompt vocabulary.
 _TINY_CORPUS = (
@@ -135,7 +136,7 @@ def get_preset(name: str) -> Preset:
 def _wan22_fields() -> dict:
     """What the Wan2.2 presets share: the LoRA files, the authors' alphas and the boundary."""
     return dict(model=WAN22_MODEL_NAME, lora=WAN22_LORAS[0], lora_2=WAN22_LORAS[1], lora_alpha=1.5, lora_alpha_2=1.4,
-                boundary=0.875)
+                boundary=WAN22_BOUNDARY)
 
 
 PRESET_NAMES = ("tiny", "tiny-wan2.2", "pusa-v1", "pusa-wan2.2")
@@ -307,7 +308,7 @@ def build_tiny_wan22_checkpoint(dest: Path) -> Path:
     loras = {WAN22_LORAS[0]: build_tiny_lora_state_dict(high, seed=TINY_SEED + 11),
              WAN22_LORAS[1]: build_tiny_lora_state_dict(low, seed=TINY_SEED + 12)}
     save_checkpoint(dest, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=high,
-                    transformer_2=low, files=loras, boundary_ratio=0.875)
+                    transformer_2=low, files=loras, boundary_ratio=WAN22_BOUNDARY)
     return Path(dest)
 
 
@@ -318,9 +319,6 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
     `files` (LoRAs) at its relative path: ``.safetensors`` or, for ``.pt``/``.pth``, ``torch.save``. With
     `transformer_2` (a two-expert model), also ``transformer_2/`` and the index's ``boundary_ratio``, as
     diffusers' Wan2.2 checkpoints have them."""
-    import torch
-    from safetensors.torch import save_file
-
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dest / "tokenizer")
@@ -329,13 +327,27 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
         transformer_2.save_pretrained(dest / "transformer_2")
     vae.save_pretrained(dest / "vae")
     text_encoder.save_pretrained(dest / "text_encoder")
+    write_files(dest, files)
+    write_model_index(dest, None if transformer_2 is None else boundary_ratio)
+
+
+def write_files(dest: Path, files: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Each state dict of `files` at its path under `dest`: ``.safetensors``, or ``torch.save`` for ``.pt``."""
+    import torch
+    from safetensors.torch import save_file
+
     for name, state in files.items():
-        path = dest / name
+        path = Path(dest) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".safetensors":
             save_file(state, str(path))
         else:
             torch.save(state, path)
+
+
+def write_model_index(dest: Path, boundary_ratio: float | None = None) -> None:
+    """diffusers' ``model_index.json`` of a Wan pipeline; with `boundary_ratio`, of a two-expert one (its
+    ``transformer_2`` and boundary, as Wan2.2-A14B's)."""
     model_index = {
         "_class_name": "WanPipeline",
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
@@ -343,6 +355,6 @@ def save_checkpoint(dest: Path, *, tokenizer, text_encoder, vae, transformer,
         "vae": ["diffusers", "AutoencoderKLWan"],
         "transformer": ["diffusers", "WanTransformer3DModel"],
     }
-    if transformer_2 is not None:
+    if boundary_ratio is not None:
         model_index.update(transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=boundary_ratio)
-    (dest / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    (Path(dest) / "model_index.json").write_text(json.dumps(model_index, indent=2))

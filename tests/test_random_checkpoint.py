@@ -16,8 +16,8 @@ from pusa_model.devices import cap_gpu_memory, pick_device, release_on_oom
 from pusa_model.lora import load_lora_state_dict
 from pusa_model.loras import LoraRegistry
 from pusa_model.pipeline import PusaPipeline
-from pusa_model.presets import tiny_transformer_config
-from pusa_model.random_checkpoint import DISTILL_LORA_FILE, PUSA_LORA_FILE, UMT5_XXL
+from pusa_model.presets import WAN22_LORAS, tiny_transformer_config
+from pusa_model.random_checkpoint import DISTILL_LORA_FILE, LIGHTNING_FILES, PUSA_LORA_FILE, UMT5_XXL
 from pusa_model.request import parse_request, plan_request
 
 s3_server = s3_server_fixture(scope="module")
@@ -153,3 +153,62 @@ def test_out_of_memory_is_raised_again_after_the_memory_is_released():
         tb = tb.tb_next
     assert "allocate_then_fail" not in frames and info.value.__context__ is None  # its frames are let go
     assert release_on_oom(lambda a, b=0: a + b, 2, b=3) == 5
+
+
+WAN22_REGISTRY = {"lightning": {"path": LIGHTNING_FILES[0], "path_2": LIGHTNING_FILES[1], "alpha": 1.0, "fast": True}}
+
+
+def generate_wan22(folder: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    monkeypatch.setenv("PUSA_WAN22_SOURCE", str(folder))
+    registry = LoraRegistry.model_validate(WAN22_REGISTRY)
+    pipe = PusaPipeline.from_preset("pusa-wan2.2", device="cpu", loras=registry)
+    body = {"prompt": "a cat", "mode": "fast", "width": 64, "height": 64, "frames": 9, "seed": 3}
+    plan = plan_request(parse_request(body), pipe.preset, loras=registry)
+    assert [plan.lora_combination_of(e) for e in (0, 1)] == [{"pusa": 1.5, "lightning": 1.0},
+                                                             {"pusa": 1.4, "lightning": 1.0}]
+    return pipe.generate(plan, tmp / "out.mp4").video_path.read_bytes()
+
+
+def test_the_layout_pusa_wan22_loads(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """Wan2.2-A14B's folder: two different experts, the boundary in the index, each expert's Pusa LoRA and a
+    Lightning pair; the two-expert pipeline runs the fast mode on it."""
+    dest = tmp_path / "wan22"
+    assert main(["checkpoint", str(dest), "--model", "pusa-wan2.2", "--size", "tiny", "--pusa-rank", "8",
+                 "--distill-rank", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    index = json.loads((dest / "model_index.json").read_text())
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["boundary_ratio"] == 0.875
+    high, low = (load_file(str(dest / part / "diffusion_pytorch_model.safetensors")) for part in ("transformer", "transformer_2"))
+    assert high.keys() == low.keys() and not torch.equal(high["blocks.0.attn1.to_q.weight"], low["blocks.0.attn1.to_q.weight"])
+    pusa = [load_file(str(dest / name)) for name in WAN22_LORAS]
+    key = "blocks.0.self_attn.q.lora_A.default.weight"
+    assert pusa[0][key].shape[0] == 8 and not torch.equal(pusa[0][key], pusa[1][key])  # each expert its own
+    lightning = [load_file(str(dest / name)) for name in LIGHTNING_FILES]
+    assert lightning[0]["diffusion_model.blocks.0.self_attn.q.lora_down.weight"].shape[0] == 4
+    assert set(summary["bytes"]) == {"transformer", "transformer_2", "tokenizer", "text_encoder", "vae",
+                                     *WAN22_LORAS, *LIGHTNING_FILES}
+    assert generate_wan22(dest, tmp_path, monkeypatch)[4:8] == b"ftyp"
+
+
+def test_a_wan22_checkpoint_shares_the_pusa_v1_one(written, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    """`--share-from`: the parts Wan2.2-A14B shares with Wan2.1, and the transformer as both experts, are links
+    into the Pusa V1 folder; only the LoRAs are written, and the two-expert pipeline runs on it."""
+    source, _ = written
+    dest = tmp_path / "wan22"
+    assert main(["checkpoint", str(dest), "--model", "pusa-wan2.2", "--size", "tiny", "--share-from", str(source),
+                 "--pusa-rank", "8", "--distill-rank", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for part in ("tokenizer", "text_encoder", "vae"):
+        assert (dest / part).is_symlink() and (dest / part).resolve() == (source / part).resolve()
+    assert (dest / "transformer").resolve() == (dest / "transformer_2").resolve() == (source / "transformer").resolve()
+    written_files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and not p.is_symlink()
+                           and not any(parent.is_symlink() for parent in p.parents))
+    assert written_files == sorted(["model_index.json", *WAN22_LORAS, *LIGHTNING_FILES])
+    assert summary["bytes"]["transformer_2"] == summary["bytes"]["transformer"] > 0
+    assert generate_wan22(dest, tmp_path, monkeypatch)[4:8] == b"ftyp"
+
+    capsys.readouterr()
+    assert main(["checkpoint", str(tmp_path / "v1"), "--size", "tiny", "--share-from", str(source)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "share_from is for pusa-wan2.2" in err
