@@ -4,6 +4,7 @@ server for the session, and an empty job database on SQLite or on that server.""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,3 +41,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'jobs.db'}"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Shut down the local Ray the services' modules kept (tests/serving.py), if one was started."""
+    serving = sys.modules.get("serving")
+    if serving is not None:
+        serving.stop_ray()

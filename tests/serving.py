@@ -1,4 +1,6 @@
-"""Start the real Serve application on a local Ray for tests, from the local config profile."""
+"""Start the real Serve application on a local Ray for tests, from the local config profile. The test process
+keeps one local Ray between services that start it the same way (`local_ray`); Serve itself is shut down
+after each service."""
 
 from __future__ import annotations
 
@@ -18,6 +20,35 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.launch import deploy
 
 LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
+
+
+_RAY_OPTIONS: dict | None = None  # how the local Ray this process keeps was started (None: none is)
+
+
+def local_ray(num_cpus: int = 2, num_gpus: int | None = None, env: dict | None = None,
+              metrics_port: int | None = None) -> None:
+    """A local Ray in this process with these options: the one already running if it was started with the same
+    ones, else a new one (the old one shut down). `num_gpus`: logical GPUs (default: those Ray detects);
+    `metrics_port`: where Ray's metrics agent serves Prometheus metrics (reported every second)."""
+    global _RAY_OPTIONS
+    options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "env": env or {}, "metrics_port": metrics_port}
+    if options == _RAY_OPTIONS and ray.is_initialized():
+        return
+    stop_ray()
+    metrics = {} if metrics_port is None else {
+        "_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
+    # log_to_driver: replica logs stay in the session folder; failures surface in jobs
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, namespace="serve",
+             runtime_env={"env_vars": env or {}}, include_dashboard=False, log_to_driver=False, **metrics)
+    _RAY_OPTIONS = options
+
+
+def stop_ray() -> None:
+    """Shut down this process's local Ray, if it has one."""
+    global _RAY_OPTIONS
+    if ray.is_initialized():
+        ray.shutdown()
+    _RAY_OPTIONS = None
 
 
 def free_port() -> int:
@@ -58,18 +89,12 @@ def running_service(store: str, runner: dict | None = None, deployments: dict | 
                     start_timeout_s: float = 180, env: dict | None = None, args: dict | None = None,
                     num_gpus: int | None = None, api: dict | None = None, database: str | None = None,
                     metrics_port: int | None = None):
-    """Yield the base URL of the service deployed from the local profile; shut everything down after.
-
-    `num_gpus` gives the local Ray that many logical GPUs (default: the GPUs Ray detects), e.g. for
-    placement-group bundles of one GPU on a CPU-only machine. `metrics_port`: where Ray's metrics
-    agent serves Prometheus metrics (reported every second)."""
+    """Yield the base URL of the service deployed from the local profile on `local_ray` (`num_gpus`, e.g.
+    for placement-group bundles of one GPU on a CPU-only machine; `env`; `metrics_port`); shut Serve down
+    after."""
     port = free_port()
     config = ServeDeploySchema.model_validate(local_config(store, port, runner, deployments, args, api, database))
-    metrics = {} if metrics_port is None else {
-        "_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
-    # log_to_driver: replica logs stay in the session folder; failures surface in jobs
-    ray.init(address="local", num_cpus=2, num_gpus=num_gpus, namespace="serve", runtime_env={"env_vars": env or {}},
-             include_dashboard=False, log_to_driver=False, **metrics)
+    local_ray(num_gpus=num_gpus, env=env, metrics_port=metrics_port)
     try:
         problems = deploy(config, start_timeout_s)
         assert not problems, problems
@@ -85,4 +110,3 @@ def running_service(store: str, runner: dict | None = None, deployments: dict | 
         yield url
     finally:
         serve.shutdown()
-        ray.shutdown()

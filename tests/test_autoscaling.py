@@ -26,7 +26,7 @@ from ray.util.state import list_actors
 
 from deployments.launch import deploy
 from fake_cluster import fake_autoscaling_cluster as fake_cluster
-from serving import free_port, local_config
+from serving import free_port, local_config, stop_ray
 
 pytestmark = pytest.mark.skipif(os.environ.get("PUSA_SKIP_SLOW") == "1", reason="PUSA_SKIP_SLOW=1")
 
@@ -104,6 +104,7 @@ def test_dit_and_a6000_nodes_scale_up_and_back_down(fake_autoscaling_cluster, tm
     port = free_port()
     config = ServeDeploySchema.model_validate(
         local_config(str(tmp_path / "store"), port, deployments=DEPLOYMENTS))
+    stop_ray()  # the local Ray an earlier module kept: this test's driver joins the fake cluster
     ray.init(address=fake_autoscaling_cluster, namespace="serve")
     seen = Observer(fake_autoscaling_cluster)
     try:

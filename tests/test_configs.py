@@ -36,6 +36,7 @@ from pusa_batch.run import BatchSettings
 from pusa_jobs.cost import estimate_gpu_seconds
 from pusa_model.presets import Preset
 from pusa_model.request import parse_request, plan_request
+from serving import stop_ray
 
 try:
     from ray._common.utils import import_attr
@@ -90,6 +91,7 @@ def test_serve_config_validates_and_builds_its_deployments(path, expected):
 def test_pusa_serve_first_deploys_the_loading_router_with_the_routers_options(path):
     """The light Router `pusa-serve` starts an application with: its name, route and the config's Router
     options; the real Router replaces it with a surge (new replica up before the old one stops)."""
+    stop_ray()  # the local Ray an earlier module's service kept: building the app must start none
     config = ServeDeploySchema.model_validate(load(path))
     (app,) = config.applications
     (built,) = loading_apps(config, deployed=set())

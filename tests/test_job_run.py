@@ -31,6 +31,7 @@ from pusa_jobs.storage import StoreUnavailable, open_store
 from pusa_model.loras import parse_combination_id
 from pusa_model.presets import get_preset
 from pusa_model.request import parse_request, plan_request
+from serving import local_ray
 
 STEPS = 3
 REQUEST = {"prompt": "a long walk", "frames": 25, "window_frames": 17, "steps": STEPS, "seed": 5}  # 3 windows
@@ -81,11 +82,8 @@ class LocalHandle:
 
 @pytest.fixture(scope="module")
 def replicas(tiny_folder):
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield TextEncoder.func_or_class(), DiT.func_or_class()
-    finally:
-        ray.shutdown()
+    local_ray()
+    yield TextEncoder.func_or_class(), DiT.func_or_class()
 
 
 class Runner:

@@ -19,7 +19,6 @@ import time
 
 import numpy as np
 import pytest
-import ray
 import torch
 from diffusers import WanTransformer3DModel
 from ray import serve
@@ -36,6 +35,7 @@ from pusa_model.operations import StepInput
 from pusa_model.pipeline import load_dit_stage
 from pusa_model.presets import build_tiny_distill_lora_state_dict, get_preset
 from pusa_model.request import parse_request, plan_request
+from serving import local_ray
 
 APP = "lora-routing"
 
@@ -50,7 +50,7 @@ def registry(tiny_folder, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def dit(registry):
-    ray.init(address="local", num_cpus=2, namespace="serve", include_dashboard=False, log_to_driver=False)
+    local_ray()
     try:
         app = DiT.options(num_replicas=2, max_ongoing_requests=1, ray_actor_options={"num_cpus": 0}).bind(
             preset="tiny", loras=registry, lora_base="cpu")
@@ -58,7 +58,6 @@ def dit(registry):
         yield serve.get_deployment_handle("DiT", app_name=APP)
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def replica_stats(handle) -> dict[int, dict]:
