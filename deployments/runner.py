@@ -45,7 +45,7 @@ class RunnerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_running_jobs: int = 4  # jobs one replica runs at a time
-    poll_s: float = 0.5  # how often an idle replica looks for work (a new job also wakes one at once)
+    poll_s: float = 0.5  # how often an idle replica looks for jobs, batches every 4 * poll_s (a new one wakes it)
     lease_ttl_s: float = 30.0  # a job whose holder has not renewed for this long is adopted
     renew_s: float = 5.0
     max_takeovers: int = 3  # a job adopted more often than this (its holders keep dying) fails runner_lost
