@@ -216,6 +216,7 @@ class BatchRoutes:
         except QuotaExceeded as exc:
             await asyncio.to_thread(self.files.store.delete_prefix, f"batches/{batch.id}/")
             raise quota_error(exc) from None
+        self._wake_a_runner(batch=True)
         return batch.to_openai()
 
     @batch_routes.get("/v1/batches", response_model=None, responses=responses(BatchList, 400, 503))

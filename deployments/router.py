@@ -249,11 +249,12 @@ class Router(BatchRoutes, WebRoutes):
                            kind="idempotency_error")
         return existing
 
-    def _wake_a_runner(self) -> None:
-        """Tell one runner replica there is work (they also poll, so a lost wake-up only costs latency)."""
+    def _wake_a_runner(self, batch: bool = False) -> None:
+        """Tell one runner replica there is work, a job or (`batch`) a batch (they also poll, so a lost
+        wake-up only costs latency)."""
         async def wake() -> None:
             try:
-                await self.runner.wake.remote()
+                await self.runner.wake.remote(batch)
             except Exception as exc:
                 logger.warning("could not wake a runner: %r", exc)
         task = asyncio.create_task(wake())

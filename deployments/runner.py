@@ -45,7 +45,7 @@ class RunnerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_running_jobs: int = 4  # jobs one replica runs at a time
-    poll_s: float = 0.5  # how often an idle replica looks for work (a new job also wakes one at once)
+    poll_s: float = 0.5  # how often an idle replica looks for jobs, batches every 4 * poll_s (a new one wakes it)
     lease_ttl_s: float = 30.0  # a job whose holder has not renewed for this long is adopted
     renew_s: float = 5.0
     max_takeovers: int = 3  # a job adopted more often than this (its holders keep dying) fails runner_lost
@@ -97,15 +97,16 @@ class Runner:
         self.batch_driver: ray.actor.ActorHandle | None = None
         self.batch_task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._batch_wake = asyncio.Event()
         loops = [self._dispatch, self._renew, self._sweep] + ([self._send_webhooks] if self.webhooks else []) + \
             ([self._run_batches] if s.run_batches else [])
         self._loops = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
 
     # -- API for the routers and operators ---------------------------------------------------------
 
-    async def wake(self) -> None:
-        """A job was queued: look for work now rather than at the next poll."""
-        self._wake.set()
+    async def wake(self, batch: bool = False) -> None:
+        """A job (or, with `batch`, a batch) was queued: look for it now rather than at the next poll."""
+        (self._batch_wake if batch else self._wake).set()
 
     async def stats(self) -> dict:
         """This replica's lease holder name, pid and the jobs it runs (for operators and tests)."""
@@ -127,6 +128,7 @@ class Runner:
         step for up to ``drain_wait_s``, release them, stop the loops."""
         self.draining.set()
         self._wake.set()
+        self._batch_wake.set()
         if self.batch_driver is not None:
             try:
                 await self.batch_driver.drain.remote()
@@ -216,13 +218,17 @@ class Runner:
         """Claim a batch when no runner of the cluster drives one, and drive it to its end in a
         `BatchDriver` actor on this node."""
         while not self.draining.is_set():
+            self._batch_wake.clear()  # a wake-up from now on makes the next claim come at once
             try:
                 lease = await asyncio.to_thread(self.batches.claim, self.holder)
             except Exception as exc:
                 logger.warning("claiming a batch failed: %r", exc)
                 lease = None
             if lease is None:
-                await asyncio.sleep(self.settings.poll_s * 4)
+                try:
+                    await asyncio.wait_for(self._batch_wake.wait(), self.settings.poll_s * 4)
+                except asyncio.TimeoutError:
+                    pass
                 continue
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
             self.batch_driver = BatchDriver.options(scheduling_strategy=here).remote(**self.batch_driver_args)

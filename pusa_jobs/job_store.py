@@ -311,14 +311,23 @@ class JobStore:
         """Extend the leases `holder` holds on the jobs it is running now ({job id: epoch of its lease});
         returns {job id: epoch} of those it still holds. The lease of a job the holder no longer runs (its
         run gave up on an outage, or could not record the job's end) is not renewed: it lapses, and the
-        job is adopted."""
+        job is adopted.
+
+        A job whose row another transaction has locked (mostly the job's own write in flight, which renews
+        its lease as it commits) is not waited for: it counts as held while its committed row says so, and
+        is renewed at the next round. One slow write (a held lock, a stalled statement) thus does not stop
+        the renewal of the holder's other jobs until their leases lapse."""
         if not running:
             return {}
         leases = or_(*(and_(jobs.c.id == job_id, jobs.c.lease_epoch == epoch) for job_id, epoch in running.items()))
-        stmt = (update(jobs).where(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE), leases)
+        mine = and_(jobs.c.lease_holder == holder, jobs.c.status.in_(ACTIVE), leases)
+        unlocked = select(jobs.c.id).where(mine).with_for_update(skip_locked=True).scalar_subquery()
+        stmt = (update(jobs).where(jobs.c.id.in_(unlocked), mine)
                 .values(lease_expires_at=db_now() + self.lease_ttl_s).returning(jobs.c.id, jobs.c.lease_epoch))
         with self.db.write() as conn:
-            return {row.id: row.lease_epoch for row in conn.execute(stmt)}
+            held = {row.id: row.lease_epoch for row in conn.execute(stmt)}
+            locked = conn.execute(select(jobs.c.id, jobs.c.lease_epoch).where(mine, jobs.c.id.not_in(list(held))))
+            return held | {row.id: row.lease_epoch for row in locked}
 
     def record(self, lease: Lease, event: dict[str, Any] | None = None, **changes: Any) -> Signals:
         """Apply `changes` to the held job and append `event`; renews the lease. Returns the flags other

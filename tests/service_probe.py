@@ -15,7 +15,7 @@ import httpx
 import ray
 import torch
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayError
 from sqlalchemy import update
 
 from pusa_jobs.db import Database
@@ -156,6 +156,27 @@ class ServiceProbe:
                     pass
             assert time.monotonic() < deadline, f"service not ready: {running}"
             time.sleep(0.25)
+
+    def runners(self) -> dict[str, bool]:
+        """Each live Runner replica's lease holder name -> whether it is draining. Read from the replica's
+        own object: Serve routes no call to a replica it is stopping (where the drain runs)."""
+
+        def state(replica) -> tuple[str, bool] | None:  # in the replica's actor (a closure: pickled by value)
+            runner = replica._replica_impl._user_callable_wrapper.user_callable
+            draining = getattr(runner, "draining", None)  # None until its __init__ has run
+            return None if draining is None else (runner.holder, draining.is_set())
+
+        asked = [actor.__ray_call__.remote(state) for _, actor in self.replicas("Runner")]
+        ready, _ = ray.wait(asked, num_returns=len(asked), timeout=2)  # not one still starting (no process yet)
+        states: dict[str, bool] = {}
+        for ref in ready:
+            try:
+                found = ray.get(ref)
+            except RayActorError:  # stopped meanwhile
+                continue
+            if found is not None:
+                states[found[0]] = found[1]
+        return states
 
     def stats(self, deployment: str) -> dict[int, dict]:
         """`stats()` of every replica of `deployment`, by pid (concurrent calls through the handle spread

@@ -35,7 +35,8 @@ from pusa_model.request import parse_request, plan_request
 SECRET = "whsec_" + "cHVzYS10ZXN0LXdlYmhvb2stc2VjcmV0LTAxMjM0NTY3"  # base64 of a test key
 BUCKET, PREFIX = "pusa-control", "jobs"
 # Two jobs per runner: four jobs keep both runners busy, whichever one a downscale stops.
-RUNNER = {"max_running_jobs": 2, "lease_ttl_s": 6.0, "renew_s": 1.0, "poll_s": 0.2, "drain_wait_s": 20, "sweep_s": 1.0,
+# Leases outlast any hold of a job's write by `EventGate` (a write held for longer commits an expired lease).
+RUNNER = {"max_running_jobs": 2, "lease_ttl_s": 120.0, "renew_s": 1.0, "poll_s": 0.2, "drain_wait_s": 20, "sweep_s": 1.0,
           "stages": {"retries": 6, "backoff_s": 0.5, "backoff_max_s": 4}}
 DEPLOYMENTS = {"DiT": {"autoscaling_config": None, "num_replicas": 2}, "Runner": {"num_replicas": 2}}
 REPLICAS = {"DiT": 2, "Router": 1, "Runner": 2, "VAE": 1, "TextEncoder": 1}
@@ -154,7 +155,8 @@ class EventGate:
         conn.begin()
         conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
         row = dict(job_id=self.job_id, seq=seq, type="held", data={}, created_at=0.0)
-        if conn.execute(pg_insert(job_events).values(**row).on_conflict_do_nothing()).rowcount:
+        inserted = pg_insert(job_events).values(**row).on_conflict_do_nothing().returning(job_events.c.seq)
+        if conn.execute(inserted).first() is not None:  # (rowcount is not told apart from a conflict)
             self.held[seq] = conn
             return True
         conn.close()
@@ -170,13 +172,19 @@ class EventGate:
         for seq in sorted(self.held):
             self._let_go(seq)
 
-    def stop_after(self, svc: ServiceProbe, last: Callable[[dict], bool], timeout: float = 120) -> dict:
-        """Let the runner's events through one at a time until the last one written satisfies `last`; the
-        runner's next event write then waits (until `close`). Returns that last event."""
+    def hold(self, svc: ServiceProbe) -> None:
+        """Hold the runner's next event write (and the one after it) from now on."""
         seq = len(svc.events(self.job_id))
         while not self._hold(seq):  # the runner wrote it meanwhile (the conflict waited for its commit)
             seq += 1
         assert self._hold(seq + 1)
+
+    def stop_after(self, svc: ServiceProbe, last: Callable[[dict], bool], timeout: float = 120) -> dict:
+        """Let the runner's events through one at a time until the last one written satisfies `last`; the
+        runner's next event write then waits (until `close`). Returns that last event."""
+        if not self.held:
+            self.hold(svc)
+        seq = min(self.held)
         deadline = time.monotonic() + timeout
         while True:  # held: seq (the runner's next event) and seq + 1; every event before seq is written
             events = svc.events(self.job_id)
@@ -321,20 +329,63 @@ def test_expired_jobs_lose_their_record_and_s3_files(svc, s3):
     assert objects() == [] and svc.events(job_id) == []
 
 
-def _redeploy(setup, change) -> float:
-    """Deploy the module's config changed by `change(app_config)`; returns when it runs (seconds taken)."""
+def _redeploy(setup, change) -> list[str]:
+    """Deploy the module's config changed by `change(app_config)`; returns the problems once it runs (or not,
+    in 180 s)."""
     probe, conf = setup
     config = local_config(conf["store"], conf["port"], runner=RUNNER, deployments=DEPLOYMENTS, args=conf["args"],
                           database=conf["database"])
     change(config["applications"][0])
-    started = time.monotonic()
-    assert not deploy(ServeDeploySchema.model_validate(config), 180)
-    return time.monotonic() - started
+    return deploy(ServeDeploySchema.model_validate(config), 180)
 
 
-# Jobs far longer than any redeploy (DiT steps of ~2 s here): each is still running when its runner stops.
-LONG = {"prompt": "a cat", "size": "1920x1920", "frames": 5, "steps": 50}
-LONG_START_S = 240  # four of them share two DiT replicas on two cores: their first steps take a while
+# Jobs of many steps; each is held at its event writes (`EventGate`) until its runner drains, so that it is
+# mid-run when Serve stops that runner, however fast the machine runs the steps.
+LONG = {**SLOW, "steps": 50}
+HELD_AT = 2  # the gates stop each job after this step: its next step's event waits for the drain
+
+
+def _redeploy_while_held(setup, svc: ServiceProbe, change, seeds: list[int], stopped: int) -> list[str]:
+    """Submit a `LONG` job of each seed and redeploy with `change` while the jobs are held after step `HELD_AT`:
+    each job is let go once the runner that holds it drains (that runner then releases it after this whole
+    step), and the others, which run on a runner Serve keeps, once the `stopped` jobs of the stopped runners
+    were let go. Returns the jobs' ids."""
+    gates: dict[str, EventGate] = {}
+    try:
+        for seed in seeds:  # each held from its submission: none runs on while another one is walked to its gate
+            job_id = svc.submit(**LONG, seed=seed)
+            gates[job_id] = EventGate(svc.db.engine, job_id)
+            gates[job_id].hold(svc)
+        ids = list(gates)
+        for job_id in ids:
+            gates[job_id].stop_after(svc, lambda e: e["type"] == "step" and e["step"] == HELD_AT)
+        holders = {job_id: svc.record(job_id).lease_holder for job_id in ids}
+        assert len(set(holders.values())) == 2, holders  # both runners run jobs
+        problems: list = []
+
+        def run_redeploy() -> None:
+            try:
+                problems.extend(_redeploy(setup, change) or ["done"])
+            except Exception as exc:
+                problems.append(repr(exc))
+
+        redeploy = threading.Thread(target=run_redeploy)
+        redeploy.start()
+        drained, deadline = set(), time.monotonic() + 180
+        while len(drained) < stopped:
+            draining = {holder for holder, is_draining in svc.runners().items() if is_draining}
+            for job_id in set(ids) - drained:
+                if holders[job_id] in draining:
+                    gates[job_id].close()
+                    drained.add(job_id)
+            assert time.monotonic() < deadline and problems in ([], ["done"]), (problems, drained)
+            time.sleep(0.05)
+    finally:
+        for gate in gates.values():  # the undisturbed jobs (and all of them if the test failed)
+            gate.close()
+    redeploy.join(timeout=180)
+    assert problems == ["done"], problems
+    return ids
 
 
 def _steps_since_release(events: list[dict]) -> int:
@@ -343,10 +394,10 @@ def _steps_since_release(events: list[dict]) -> int:
 
 
 def _drained_jobs_resume(svc: ServiceProbe, ids: list[str], stopped: int) -> None:
-    """The `stopped` jobs of the runners Serve stopped were released after a whole step and resumed by
-    another runner at the next step; the others ran on undisturbed. Jobs are cancelled once that is seen
-    (the undisturbed ones first, making room); each ends with every step reported exactly once and no
-    lease ever lost."""
+    """The `stopped` jobs of the runners Serve stopped were released after a whole step (the one in flight when
+    the drain began) and resumed by another runner at the next step; the others ran on undisturbed. Jobs are
+    cancelled once that is seen (the undisturbed ones first, making room); each ends with every step reported
+    exactly once and no lease ever lost."""
     was_released = lambda job_id: any(e["type"] == "released" for e in svc.events(job_id))  # noqa: E731
     deadline = time.monotonic() + 60
     while len(released := [j for j in ids if was_released(j)]) < stopped:
@@ -367,30 +418,26 @@ def _drained_jobs_resume(svc: ServiceProbe, ids: list[str], stopped: int) -> Non
         assert job.status == "cancelled" and job.takeovers == 0, job
         events = svc.events(job_id)
         assert stepped_once(events, steps_done(events)), events
+        if job_id in released:  # after step HELD_AT + 1, the step its runner was in when it began to drain
+            release = next(e for e in events if e["type"] == "released")
+            assert release["step"] == HELD_AT + 1 == steps_done(events[:release["seq"]]), events
 
 
 def test_runner_redeploy_during_jobs_drains_them(setup, svc):
-    ids = [svc.submit(**LONG, seed=700 + i) for i in range(3)]
-    svc.wait_steps(ids[-1], 2, timeout=LONG_START_S)
-
     def new_version(app: dict) -> None:  # a changed runner setting: Serve replaces every runner replica
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
 
-    _redeploy(setup, new_version)
+    ids = _redeploy_while_held(setup, svc, new_version, [700, 701, 702], stopped=3)
     _drained_jobs_resume(svc, ids, stopped=3)  # every runner was replaced
 
 
 def test_runner_downscale_during_jobs_drains_them(setup, svc):
-    ids = [svc.submit(**LONG, seed=800 + i) for i in range(4)]
-    for job_id in ids:  # two jobs on each runner, whichever one the downscale stops
-        svc.wait_steps(job_id, 2, timeout=LONG_START_S)
-
     def one_runner(app: dict) -> None:  # the same version (as redeployed above), one replica fewer
         app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
         for dep in app["deployments"]:
             if dep["name"] == "Runner":
                 dep["num_replicas"] = 1
 
-    _redeploy(setup, one_runner)
+    ids = _redeploy_while_held(setup, svc, one_runner, [800, 801, 802, 803], stopped=2)  # two jobs on each runner
     svc.replica_counts = {**REPLICAS, "Runner": 1}
     _drained_jobs_resume(svc, ids, stopped=2)
