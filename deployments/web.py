@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from pusa_model.errors import InvalidRequest
 from pusa_model.loras import LoraRegistry
-from pusa_model.presets import Preset
+from pusa_model.presets import MODEL_NAME, Preset
 from pusa_model.request_schema import LoraChoice
 
 from .admission import Admission, ApiSettings, bearer
@@ -118,7 +118,7 @@ class WebRoutes:
     admission: Admission
     preset: Preset
     presets: dict[str, Preset]  # the models served, by name
-    loras: LoraRegistry
+    registries: dict[str, LoraRegistry]  # each model's LoRA registry
 
     @web_routes.post("/v1/videos/plan", response_model=None, responses=responses(VideoPlan, 400, 404, 409, 413, 503),
                      openapi_extra=request_body(VideoCreate))
@@ -143,8 +143,9 @@ class WebRoutes:
 
     @web_routes.get("/v1/loras", response_model=None, responses=responses(LoraList, 503))
     async def list_loras(self, credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> dict:
-        """The LoRAs a request may name in ``loras`` (and the one ``mode: "fast"`` adds), with their
+        """The LoRAs a Pusa V1 request may name in ``loras`` (and the one ``mode: "fast"`` adds), with their
         default alphas; their files are the deployment's business and are not listed."""
         await self.admission.caller(credentials)
+        registry = self.registries[MODEL_NAME]
         return {"object": "list", "data": [{"object": "lora", "name": name, "alpha": entry.alpha, "fast": entry.fast}
-                                           for name, entry in self.loras.root.items()]}
+                                           for name, entry in registry.root.items()]}
