@@ -186,8 +186,13 @@ def build_transformer(tiny: bool, layers: int | None, device: torch.device, dtyp
     if layers:
         config["num_layers"] = layers
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config).eval().requires_grad_(False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in `dtype`: a float32 14B model would not fit beside a second expert
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**config).eval().requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default_dtype)
     cast_like_checkpoint(model, dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
