@@ -200,6 +200,10 @@ class Service:
 
     def stop(self) -> None:
         import ray
+        from ray.serve import context
+        if context._global_client is not None:  # its cached handles route to this service's replicas only
+            context._global_client.shutdown_cached_handles()
+            context._set_global_client(None)
         if ray.is_initialized():
             ray.shutdown()
         self.proc.send_signal(signal.SIGINT)
