@@ -36,6 +36,7 @@ import torch
 from .presets import (
     MODEL_NAME,
     TINY_PRESETS,
+    WAN22_BOUNDARY,
     WAN22_LORAS,
     WAN22_MODEL_NAME,
     build_tiny_distill_lora_state_dict,
@@ -182,7 +183,7 @@ def _write_shared_wan22(dest: Path, source: Path, device: str, pusa_rank: int, d
     for expert in range(len(experts)):
         loras.update(_lora_files(transformer, WAN22_MODEL_NAME, expert, pusa_rank, distill_rank, seed, device, dtype))
     write_files(dest, loras)
-    write_model_index(dest, get_preset(TINY_PRESETS[WAN22_MODEL_NAME]).boundary)
+    write_model_index(dest, WAN22_BOUNDARY)
     return {"seconds": {"loras_write": round(time.perf_counter() - started, 2)},
             "bytes": _sizes(dest, experts, loras),
             "linked": {part: str((dest / part).resolve()) for part in (*SHARED_PARTS, *experts)}}
