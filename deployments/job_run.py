@@ -3,10 +3,12 @@
 The runner's executor of a job's plan of operations (`pusa_model.operations`), each through a stage
 deployment: text encoding; the first window's conditioning (none for t2v); one DiT call per denoising step,
 each followed by a checkpoint of the latents in the blob store (every ``checkpoint_every`` steps, and a
-window's last step always) and one fenced write of the step's event, progress and checkpoint pointer; a long
+window's last step always) and one fenced write of the step's event, progress and checkpoint pointer, made
+while the DiT already computes the window's next step from the same latents (so the store and the database
+stay off the DiT's path; when that write ends the job, the step started ahead is dropped); a long
 video's windows decoded to the store (each announced by a `segment` event) and the next window's conditioning
 encoded from the stored frames; the video decoded or stitched to the store; the final write. Every fenced
-write returns the flags other replicas raised, so a cancel lands after the step in flight. A draining
+write returns the flags other replicas raised, so a cancel lands at the next step's write. A draining
 runner releases the job after its current step; the next holder continues at the operation after the
 checkpoint's step, and since the latents are saved exactly, its video is byte-identical to an uninterrupted run.
 """
@@ -82,6 +84,25 @@ class _Carried:
     latents: Any = None
     loop: tuple[float, int] | None = None
     announced: set[int] = field(default_factory=set)
+    ahead: _StepCall | None = None  # the window's next step, started before this step's writes
+
+    def drop_ahead(self) -> None:
+        """Withdraw the step started ahead, if any (the job stopped, or a window runs again)."""
+        if self.ahead is not None:
+            task, self.ahead = self.ahead.task, None
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the job ends for its own reason
+            task.cancel()
+
+
+@dataclass
+class _StepCall:
+    """One DiT step in flight: `task` gives its latents and the seconds the call took. A step started ahead
+    records its retries only once the step before it is recorded (`recorded`), so events keep their order."""
+
+    op: DenoiseStep
+    task: asyncio.Task
+    recorded: asyncio.Event
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -101,6 +122,7 @@ class JobRun:
         self.lease = lease
         self.let_go = False  # the job has ended or was released: its lease is gone on purpose
         self._write: asyncio.Future | None = None
+        self._one_write = asyncio.Lock()
         self._checkpoint_key = lease.job.checkpoint_key  # the latest, which the job row points at
 
     @property
@@ -147,17 +169,19 @@ class JobRun:
         """`fn(*args, **kwargs)` in a thread, retried with backoff while the database or the store is
         unreachable (for up to ``outage_s``). One write at a time; a cancelled caller leaves it to finish."""
         delay, deadline = 0.2, time.monotonic() + self.ctx.settings.outage_s
-        while True:
-            self._write = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
-            try:
-                return await asyncio.shield(self._write)
-            except Exception as exc:
-                if not _unavailable(exc) or time.monotonic() > deadline:
-                    raise
-                logger.warning("job %s: %s unavailable (%s); retrying in %.1f s", self.job_id,
-                               "store" if isinstance(exc, StoreUnavailable) else "database", type(exc).__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 5.0)
+        async with self._one_write:  # a step started ahead may record a retry while the step before writes
+            while True:
+                self._write = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+                try:
+                    return await asyncio.shield(self._write)
+                except Exception as exc:
+                    if not _unavailable(exc) or time.monotonic() > deadline:
+                        raise
+                    logger.warning("job %s: %s unavailable (%s); retrying in %.1f s", self.job_id,
+                                   "store" if isinstance(exc, StoreUnavailable) else "database",
+                                   type(exc).__name__, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 5.0)
 
     async def _record(self, event: dict | None = None, **changes: Any) -> Signals:
         return await self._persist(self.ctx.jobs.record, self.lease, event, **changes)
@@ -217,23 +241,26 @@ class JobRun:
             carried.announced = {e["segment"] for e in await self._persist(ctx.jobs.events_after, self.job_id, -1)
                                  if e["type"] == "segment"}
         retries: Counter[int] = Counter()
-        while n < len(ops):
-            op = ops[n]
-            try:
-                if await self._operation(ops, op, carried):
-                    return True
-            except StageFailed as exc:
-                window = getattr(op, "window", 0)
-                if len(plan.windows) == 1 or not isinstance(op, WINDOW_OPERATIONS) \
-                        or not exc.code.endswith("_unavailable") or retries[window] == ctx.settings.window_retries:
-                    raise
-                retries[window] += 1
-                await self._on_retry("window", retries[window], "stage_failed", str(exc),
-                                     step=window * plan.request.steps)
-                n, carried.clean, carried.latents, carried.loop = ops.window_start(window), None, None, None
-                continue
-            n += 1
-        return False
+        try:
+            while n < len(ops):
+                op = ops[n]
+                try:
+                    if await self._operation(ops, op, carried):
+                        return True
+                except StageFailed as exc:
+                    window = getattr(op, "window", 0)
+                    if len(plan.windows) == 1 or not isinstance(op, WINDOW_OPERATIONS) \
+                            or not exc.code.endswith("_unavailable") or retries[window] == ctx.settings.window_retries:
+                        raise
+                    retries[window] += 1
+                    await self._on_retry("window", retries[window], "stage_failed", str(exc),
+                                         step=window * plan.request.steps)
+                    n, carried.clean, carried.latents, carried.loop = ops.window_start(window), None, None, None
+                    continue
+                n += 1
+            return False
+        finally:
+            carried.drop_ahead()
 
     async def _operation(self, ops: Operations, op: Operation, carried: _Carried) -> bool:
         """Execute `op` through the stage deployments; True when the job stopped or was released after it."""
@@ -282,21 +309,22 @@ class JobRun:
 
     async def _step(self, ops: Operations, op: DenoiseStep, carried: _Carried) -> bool:
         """Denoising step `op`, its checkpoint and its event; True when the job stopped or was released. Steps
-        are counted over every window of a long video."""
+        are counted over every window of a long video. The window's next step starts before this one's writes
+        (not while draining: the job is released after this step)."""
         ctx, job, plan = self.ctx, self.lease.job, ops.plan
         window, total, done, k = plan.windows[op.window], ops.steps, op.done, op.step
-        latents = None if k == 0 else await self._latents(carried)
         if carried.loop is None:  # the window's steps begin (or resume) in this run
             carried.loop = (time.monotonic(), k)
         loop_start, first = carried.loop
-
-        async def on_retry(stage: str, attempt: int, cause: str, reason: str) -> None:
-            await self._on_retry(stage, attempt, cause, reason, step=done)
-
-        step_started = time.monotonic()
-        inp = StepInput.of(window, k, latents, carried.clean, carried.text)
-        latents = carried.latents = await ctx.stages.step(job.id, window, inp, on_retry)
-        step_s = time.monotonic() - step_started
+        call, carried.ahead = carried.ahead, None  # only ever this step: the next operation after the last one
+        if call is None:
+            latents = None if k == 0 else await self._latents(carried)
+            call = self._start_step(window, op, latents, carried, ahead=False)
+        latents, step_s = await call.task
+        carried.latents = latents
+        if k + 1 < window.request.steps and not ctx.draining.is_set():
+            carried.ahead = self._start_step(window, DenoiseStep(op.window, k + 1, done + 1), latents, carried,
+                                             ahead=True)
         metrics().step.observe(step_s, tags=self._tags)
         elapsed = time.monotonic() - loop_start
         event = {"type": "step", "step": done, "total": total,
@@ -309,6 +337,8 @@ class JobRun:
         if done % ctx.settings.checkpoint_every == 0 or k + 1 == window.request.steps:
             changes.update(checkpoint_step=done, checkpoint_key=await self._checkpoint(done, latents))
         signals = await self._record(event, **changes)
+        if carried.ahead is not None:
+            carried.ahead.recorded.set()
         log_job_event("step", job.id, step=done, total=total, seconds=round(step_s, 4),
                       elapsed_s=event["elapsed_s"], checkpoint="checkpoint_key" in changes)
         if "checkpoint_key" in changes:
@@ -317,10 +347,30 @@ class JobRun:
             self._checkpoint_key = changes["checkpoint_key"]
         if await self._stop(signals, done):
             return True
-        if ctx.draining.is_set() and done < total:
+        if ctx.draining.is_set() and done < total and carried.ahead is None:
             await self._release(done, latents)
             return True
         return False
+
+    def _start_step(self, window: GenerationPlan, op: DenoiseStep, latents: Any, carried: _Carried,
+                    ahead: bool) -> _StepCall:
+        """Call the DiT for step `op` from `latents` (None at a window's first step); `ahead`: started before
+        the step before it is recorded, so its retries wait for that."""
+        inp = StepInput.of(window, op.step, latents, carried.clean, carried.text)
+        recorded = asyncio.Event()
+        if not ahead:
+            recorded.set()
+
+        async def on_retry(stage: str, attempt: int, cause: str, reason: str) -> None:
+            await recorded.wait()
+            await self._on_retry(stage, attempt, cause, reason, step=op.done)
+
+        async def step() -> tuple[Any, float]:
+            started = time.monotonic()
+            latents = await self.ctx.stages.step(self.job_id, window, inp, on_retry)
+            return latents, time.monotonic() - started
+
+        return _StepCall(op, asyncio.ensure_future(step()), recorded)
 
     async def _stop(self, signals: Signals, step: int) -> bool:
         """End the job as cancelled if a replica asked for it (or its streaming client left)."""

@@ -146,7 +146,8 @@ def test_cancel_frees_the_dit_within_a_step(svc):
     assert cancelled["step"] <= marked + 1, (cancelled, marked)  # at most the step in flight ran on
 
     ran = svc.dit_steps() - before
-    assert ran == cancelled["step"]  # the DiT ran exactly the steps the job reported ...
+    # the DiT ran the steps the job reported, and at most the one started ahead of the cancel's write ...
+    assert cancelled["step"] <= ran <= cancelled["step"] + 1
     time.sleep(max(1.0, 3 * longest_step))
     assert svc.dit_steps() - before == ran  # ... and then stopped
     assert svc.http.get(f"/v1/videos/{job_id}/content").status_code == 409
@@ -247,7 +248,8 @@ def test_runner_killed_mid_job_resumes_from_its_checkpoint(svc):
     requeued = [e for e in events if e["type"] == "queued" and e.get("requeued")]
     assert len(requeued) == 1 and requeued[0]["resume_step"] >= 4, requeued
     assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, steps + 1))  # each step once
-    assert steps <= svc.dit_steps() - before <= steps + 1  # at most the step in flight was computed twice
+    # at most the steps in flight were computed twice: the one being written and the one started ahead
+    assert steps <= svc.dit_steps() - before <= steps + 2
     assert svc.content(job_id) == expected  # resumed from the exact latents: the same video
 
 

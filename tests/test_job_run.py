@@ -87,15 +87,17 @@ def replicas(tiny_folder):
 
 
 class Runner:
-    """One runner's context over a fresh database and store; `dit_before` hooks every DiT call."""
+    """One runner's context over a fresh database and store; `dit_before` and `vae_before` hook every DiT and
+    VAE call."""
 
     def __init__(self, folder: Path, replicas) -> None:
         self.jobs = JobStore(open_database(f"sqlite:///{folder}/jobs.db"), lease_ttl_s=60)
         self.files = JobFiles(open_store(str(folder / "store")))
-        self.dit_before = None
+        self.dit_before = self.vae_before = None
         text, dit = replicas
         vae = VAE.func_or_class(store=str(folder / "store"))
-        stages = Stages(LocalHandle(text), LocalHandle(vae),
+        stages = Stages(LocalHandle(text),
+                        LocalHandle(vae, lambda name, args: self.vae_before and self.vae_before(name, args)),
                         LocalHandle(dit, lambda name, args: self.dit_before and self.dit_before(name, args)),
                         StageSettings(retries=1, backoff_s=0.01))
         self.ctx = RunContext(jobs=self.jobs, files=self.files, stages=stages, settings=RunnerSettings(),
@@ -181,11 +183,11 @@ def test_a_cancel_lands_between_windows(replicas, tmp_path):
     runner = Runner(tmp_path, replicas)
     job_id = runner.submit(REQUEST)
 
-    def cancel_after_first_window(name: str, args: tuple) -> None:
-        if name == "step" and args[0].step == STEPS - 1 and args[0].seed == REQUEST["seed"]:  # window 0's last step
+    def cancel_while_the_first_window_decodes(name: str, args: tuple) -> None:
+        if name == "decode_window_to_store" and args[1] == 0:
             runner.jobs.request_cancel(job_id)
 
-    runner.dit_before = cancel_after_first_window
+    runner.vae_before = cancel_while_the_first_window_decodes
     runner.run()
     job, events = runner.jobs.get(job_id), runner.jobs.events_after(job_id, -1)
     assert job.status == "cancelled"
@@ -206,3 +208,42 @@ def test_a_fast_job_steps_with_the_fast_attention_kernel(replicas, tmp_path):
         assert dit.stage.attention == {"fast": "_native_math", "standard": "native"}[mode]
     # 4 fast steps (the first finds the default), then 10 standard ones (the first finds the fast kernel)
     assert kernels == ["native"] + ["_native_math"] * 4 + ["native"] * 9
+
+
+class SlowCheckpoints:
+    """The runner's checkpoint writes, each taking `seconds`, logged with the DiT's step calls in `log`."""
+
+    def __init__(self, runner: Runner, seconds: float, during_write=None) -> None:
+        self.put, self.seconds, self.during_write, self.log = runner.files.put_checkpoint, seconds, during_write, []
+        runner.files.put_checkpoint = self
+        runner.dit_before = lambda name, args: name == "step" and self.log.append(("step", args[0].step + 1))
+
+    def __call__(self, job_id: str, epoch: int, done: int, latents) -> str:
+        if self.during_write is not None:
+            self.during_write(done)
+        time.sleep(self.seconds)
+        self.log.append(("written", done))
+        return self.put(job_id, epoch, done, latents)
+
+
+def test_the_next_step_runs_while_the_step_before_is_written(replicas, tmp_path):
+    runner = Runner(tmp_path, replicas)
+    slow = SlowCheckpoints(runner, 0.5)
+    job_id = runner.submit({"prompt": "a cat", "frames": 9, "steps": 3, "seed": 3})
+    runner.run()
+    assert runner.jobs.get(job_id).status == "completed"
+    # step k + 1 is asked of the DiT before step k's checkpoint is written; each step ran once
+    assert slow.log == [("step", 1), ("step", 2), ("written", 1), ("step", 3), ("written", 2), ("written", 3)]
+    assert [e["step"] for e in runner.jobs.events_after(job_id, -1) if e["type"] == "step"] == [1, 2, 3]
+
+
+def test_a_cancel_seen_at_a_step_s_write_drops_the_step_in_flight(replicas, tmp_path):
+    runner = Runner(tmp_path, replicas)
+    job_id = runner.submit({"prompt": "a cat", "frames": 9, "steps": 4, "seed": 3})
+    slow = SlowCheckpoints(runner, 0.2, lambda done: done == 2 and runner.jobs.request_cancel(job_id))
+    runner.run()
+    job, events = runner.jobs.get(job_id), runner.jobs.events_after(job_id, -1)
+    assert job.status == "cancelled"
+    assert events[-1] == {**events[-1], "type": "cancelled", "step": 2}
+    assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+    assert ("step", 3) in slow.log and ("written", 3) not in slow.log  # computed ahead, then dropped
