@@ -100,7 +100,6 @@ class _StepCall:
     """One DiT step in flight: `task` gives its latents and the seconds the call took. A step started ahead
     records its retries only once the step before it is recorded (`recorded`), so events keep their order."""
 
-    op: DenoiseStep
     task: asyncio.Task
     recorded: asyncio.Event
 
@@ -370,7 +369,7 @@ class JobRun:
             latents = await self.ctx.stages.step(self.job_id, window, inp, on_retry)
             return latents, time.monotonic() - started
 
-        return _StepCall(op, asyncio.ensure_future(step()), recorded)
+        return _StepCall(asyncio.ensure_future(step()), recorded)
 
     async def _stop(self, signals: Signals, step: int) -> bool:
         """End the job as cancelled if a replica asked for it (or its streaming client left)."""
