@@ -247,3 +247,24 @@ def test_a_cancel_seen_at_a_step_s_write_drops_the_step_in_flight(replicas, tmp_
     assert events[-1] == {**events[-1], "type": "cancelled", "step": 2}
     assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
     assert ("step", 3) in slow.log and ("written", 3) not in slow.log  # computed ahead, then dropped
+
+
+def test_a_retry_of_the_step_started_ahead_is_recorded_after_the_step_before(replicas, tmp_path):
+    runner = Runner(tmp_path, replicas)
+    slow = SlowCheckpoints(runner, 0.5)
+    failed = []
+
+    def fail_step_2_once(name: str, args: tuple) -> None:
+        slow.log.append(("step", args[0].step + 1))
+        if args[0].step == 1 and not failed:  # step 2, asked while step 1's checkpoint is written
+            failed.append(True)
+            raise StoreUnavailable("injected")
+
+    runner.dit_before = lambda name, args: name == "step" and fail_step_2_once(name, args)
+    job_id = runner.submit({"prompt": "a cat", "frames": 9, "steps": 3, "seed": 3})
+    runner.run()
+    events = runner.jobs.events_after(job_id, -1)
+    assert runner.jobs.get(job_id).status == "completed"
+    assert slow.log.index(("step", 2)) < slow.log.index(("written", 1))  # failed while step 1 was written
+    order = [(e["type"], e.get("step")) for e in events if e["type"] in ("step", "retry")]
+    assert order == [("step", 1), ("retry", 2), ("step", 2), ("step", 3)]
