@@ -26,6 +26,16 @@ as soon as it ends, and a phase that fails is recorded and the next one still ru
   complete on the same replica. (With FP8 GEMMs under the A6000's 47.5 GiB a 1920x1920x81 request ran for over
   five minutes without failing on an H100: at the 720p request's 74 KB of activations a token its 302,400 tokens
   need about 22 GB beside 14.7 GB of weights, so it is no out-of-memory check there.)
+- ``wan22``: both models from one service: Pusa-Wan2.2's checkpoint beside ``--model`` (its experts, text encoder
+  and VAE linked to the Pusa V1 checkpoint's; its Pusa LoRAs and a 4-step pair in Wan2.2-Lightning's layout
+  written), its experts' deployments DiTHigh and DiTLow on the same card as Pusa V1's DiT (bf16 by default: the
+  three DiTs and UMT5 need an H200's memory; ``--wan22-quantize fp8`` for FP8 GEMMs), each capped as on
+  serve_config.yaml's A6000s (an expert alone on a card, under 44 GiB). Fast i2v at 480p on each model, taking
+  turns (``--wan22-runs`` each, after an untimed one), Wan2.2 / V1 of the medians, the steps each expert's
+  deployment ran; then a fast Wan2.2 request at 720p and each expert's peak memory.
+
+``--size tiny`` runs the same phases on the CPU with the tiny configs in the same layout (no GPU asked for,
+nothing compiled, requests at 64x48 and 96x64 with 9 frames): the check of the script before a device run.
 
 Usage on the device (bench/README.md, "On the GPU machine")::
 
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import io
 import json
 import os
@@ -57,7 +68,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pusa_model.random_checkpoint import DISTILL_LORA_FILE  # noqa: E402
+from pusa_model.random_checkpoint import DISTILL_LORA_FILE, LIGHTNING_FILES  # noqa: E402
 
 APP = "pusa"
 PORT = 8000
@@ -65,8 +76,16 @@ URL = f"http://127.0.0.1:{PORT}"
 PROMPT = "A cat walks on the grass, realistic, cinematic lighting"
 # name: request fields beyond the common ones
 VARIANTS = {"standard": {"steps": 10, "guidance": 5.0}, "fast": {"mode": "fast"}}
+# (width, height, frames) of each request shape, at the checkpoint's size (`--size tiny`: the script's CPU check)
+SHAPES = {"real": {"480p": (832, 480, 81), "720p": (1280, 720, 81)}, "tiny": {"480p": (64, 48, 9), "720p": (96, 64, 9)}}
+V1, WAN22 = "pusa-v1", "pusa-wan2.2"
 LORAS = {"distill": {"path": DISTILL_LORA_FILE, "alpha": 1.0, "fast": True}}
+WAN22_LORAS = {"lightning": {"path": LIGHTNING_FILES[0], "path_2": LIGHTNING_FILES[1], "alpha": 1.0, "fast": True}}
 A6000_CAPS = {"DiT": 47.5, "TextEncoder": 23.5, "VAE": 23.5}
+# serve_config.yaml's Pusa-Wan2.2 layout: each expert alone on an A6000, held under 44 GiB
+WAN22_CAPS = {**A6000_CAPS, "DiTHigh": 44.0, "DiTLow": 44.0}
+# the deployments whose replicas compute a model's steps
+DIT_DEPLOYMENTS = {V1: ("DiT",), WAN22: ("DiTHigh", "DiTLow")}
 
 
 def log(*parts) -> None:
@@ -81,11 +100,12 @@ def image_data_url(width: int, height: int, seed: int = 0) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def request_body(variant: str, size: tuple[int, int] = (832, 480), frames: int = 81, steps: int | None = None,
-                 seed: int = 7) -> dict:
-    width, height = size
-    body = {"prompt": PROMPT, "task": "i2v", "images": [image_data_url(width, height)], "width": width,
-            "height": height, "frames": frames, "seed": seed, **VARIANTS[variant]}
+def request_body(variant: str, shape: str | tuple[int, int, int] = "480p", steps: int | None = None, seed: int = 7,
+                 model: str = V1) -> dict:
+    """An i2v request of `variant` at `shape` (a name of SHAPES, or width, height, frames) on `model`."""
+    width, height, frames = SHAPES[args_global.size][shape] if isinstance(shape, str) else shape
+    body = {"model": model, "prompt": PROMPT, "task": "i2v", "images": [image_data_url(width, height)],
+            "width": width, "height": height, "frames": frames, "seed": seed, **VARIANTS[variant]}
     if steps is not None:
         body["steps"] = steps
     return body
@@ -94,12 +114,26 @@ def request_body(variant: str, size: tuple[int, int] = (832, 480), frames: int =
 # -- the service ------------------------------------------------------------------------------------
 
 
-def write_config(path: Path, dit_options: dict, caps: dict | None) -> None:
+def write_config(path: Path, dit_options: dict, caps: dict | None, wan22: bool = False, tiny: bool = False) -> None:
+    """serve_config.gpu.yaml with the fast LoRA, these DiT options and memory caps; `wan22`: Pusa-Wan2.2 beside
+    Pusa V1 (its experts' deployments DiTHigh and DiTLow on the same card, warmed up for fast requests only);
+    `tiny`: on the CPU (no GPU asked for, nothing compiled)."""
     config = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
-    args = config["applications"][0]["args"]
+    app = config["applications"][0]
+    args = app["args"]
     args.update(loras=LORAS, dit_options=dit_options)
     if caps:
         args["gpu_memory_gib"] = caps
+    if wan22:
+        args.update(wan22_preset=WAN22, wan22_loras=WAN22_LORAS,
+                    dit_warmup=[shape for shape in args["dit_warmup"] if shape["guidance"] == 1])
+        dit = next(dep for dep in app["deployments"] if dep["name"] == "DiT")
+        dit["ray_actor_options"]["num_gpus"] = 0.2  # with TextEncoder and VAE at 0.2 each: five on the card
+        app["deployments"] += [{**copy.deepcopy(dit), "name": name} for name in DIT_DEPLOYMENTS[WAN22]]
+    if tiny:
+        args.update(dit_options={**args["dit_options"], "compile": False}, dit_warmup=[])
+        for dep in app["deployments"]:
+            dep["ray_actor_options"] = {"num_cpus": 0}
     path.write_text(yaml.safe_dump(config))
 
 
@@ -194,9 +228,9 @@ class Service:
         ray.init(address="auto", namespace="serve", logging_level="ERROR")
         return {"ready_s": round(self.ready_s, 2), "startup": self.probe.summary(), "_first_job_t0": first_job_t0}
 
-    def dit_stats(self) -> dict:
+    def dit_stats(self, deployment: str = "DiT") -> dict:
         from ray import serve
-        return serve.get_deployment_handle("DiT", APP).stats.remote().result(timeout_s=60)
+        return serve.get_deployment_handle(deployment, APP).stats.remote().result(timeout_s=60)
 
     def stop(self) -> None:
         import ray
@@ -206,7 +240,7 @@ class Service:
             context._set_global_client(None)
         if ray.is_initialized():
             ray.shutdown()
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.terminate()  # pusa-serve's clean stop (SIGINT is ignored where this runs in the background)
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
@@ -276,11 +310,14 @@ def stage_times(job: dict) -> dict:
     return marks
 
 
-def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict | None, steps_plan: list) -> None:
+def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict | None, steps_plan: list,
+                  wan22: bool = False) -> None:
     env = {**os.environ, "PUSA_MODEL_SOURCE": str(args.model)}
+    if wan22:
+        env["PUSA_WAN22_SOURCE"] = str(wan22_checkpoint(args))
     work = Path(tempfile.mkdtemp(prefix=f"pusa-{name}-"))
     config = work / "serve_config.yaml"
-    write_config(config, dit_options, caps)
+    write_config(config, dit_options, caps, wan22=wan22, tiny=args.size == "tiny")
     service = Service(config, env, work, args.read_ahead)
     out = results.setdefault(name, {})
     try:
@@ -298,10 +335,12 @@ def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict 
         out["log_tail"] = service.lines[-60:]
         log(out["error"])
     finally:
+        stopping = time.monotonic()
+        service.stop()
+        out["stop_s"] = round(time.monotonic() - stopping, 2)
         out["log_tail"] = service.lines[-30:]
         Path(args.out).with_suffix(f".{name}.log").write_text("\n".join(service.lines) + "\n")
         keep_serve_logs(Path(args.out).with_suffix(f".{name}.serve-logs"))
-        service.stop()
         save(args, results)
 
 
@@ -316,23 +355,61 @@ def keep_serve_logs(folder: Path) -> None:
             shutil.copy(path, target)
 
 
-def timed(variant: str, size=(832, 480), frames: int = 81, label: str | None = None):
-    """Warm-up (one step) and a timed request of `variant` at `size`."""
+def timed_job(service: Service, client: httpx.Client, body: dict) -> dict:
+    """Run `body` through HTTP; the job with its stages, its per-step split against the compute of the DiT
+    replicas of its model (both experts' for Pusa-Wan2.2) and their GPU memory."""
+    job = run_job(client, body)
+    stats = {name: service.dit_stats(name) for name in DIT_DEPLOYMENTS[body["model"]]}
+    job["split"] = step_split(job, [step for s in stats.values() for step in s["recent_steps"]])
+    job["stages"] = stage_times(job)
+    job["steps_by_deployment"] = {name: sum(step.get("job_id") == job["id"] for step in s["recent_steps"])
+                                  for name, s in stats.items()}
+    job["dit_gpu_memory"] = {name: s.get("gpu_memory") for name, s in stats.items()}
+    return job
+
+
+def timed(variant: str, shape: str = "480p", label: str | None = None, model: str = V1):
+    """Warm-up (one step; Pusa-Wan2.2: a whole request, so that both experts run) and a timed request of
+    `variant` at `shape`."""
     def step(service: Service, client: httpx.Client, out: dict) -> None:
         key = label or variant
         log(f"{key}: warm-up")
-        warm = run_job(client, request_body(variant, size, frames, steps=1))
+        warm = run_job(client, request_body(variant, shape, steps=None if model == WAN22 else 1, model=model))
         out[f"{key}_warmup_s"] = warm["total_s"]
         log(f"{key}: timed")
-        job = run_job(client, request_body(variant, size, frames))
-        stats = service.dit_stats()
-        job["split"] = step_split(job, stats["recent_steps"])
-        job["stages"] = stage_times(job)
-        job["dit_gpu_memory"] = stats.get("gpu_memory")
+        job = timed_job(service, client, request_body(variant, shape, model=model))
         out.setdefault("_mp4", {})[key] = job.pop("_mp4", None)
         out[key] = job
         log(f"{key}: {job['total_s']} s, {job['final'].get('type')}, split {job['split'].get('median_overhead_s')}")
     return step
+
+
+def models_side_by_side(service: Service, client: httpx.Client, out: dict) -> None:
+    """Fast i2v at 480p on Pusa V1 and on Pusa-Wan2.2 (the same number of 14B forwards), taking turns after
+    an untimed request each; Wan2.2 / V1 of the median times."""
+    for model in (V1, WAN22):
+        log(f"{model}: warm-up")
+        out[f"{model}_warmup_s"] = run_job(client, request_body("fast", model=model))["total_s"]
+    for run in range(args_global.wan22_runs):
+        for model in (V1, WAN22):
+            job = timed_job(service, client, request_body("fast", model=model))
+            job.pop("_mp4", None)
+            out.setdefault(model, []).append(job)
+            log(f"{model} run {run}: {job['total_s']} s, {job['final'].get('type')}, steps {job['steps_by_deployment']}")
+    medians = {model: float(np.median([job["total_s"] for job in out[model]])) for model in (V1, WAN22)}
+    out["wan22_over_v1"] = round(medians[WAN22] / medians[V1], 4)
+    log(f"Wan2.2 / V1: {out['wan22_over_v1']}")
+
+
+def wan22_checkpoint(args) -> Path:
+    """The Pusa-Wan2.2 checkpoint beside `--model`: its experts, text encoder and VAE linked to the Pusa V1
+    checkpoint's, its LoRAs (Pusa and the 4-step pair) written, unless there already."""
+    from pusa_model.random_checkpoint import write_random_checkpoint
+
+    folder = args.model.with_name(args.model.name + "-wan2.2")
+    if not (folder / "model_index.json").is_file():
+        write_random_checkpoint(folder, size=args.size, device=args.device, model=WAN22, share_from=args.model)
+    return folder
 
 
 def kill_dit_mid_job(service: Service, client: httpx.Client, out: dict) -> None:
@@ -358,8 +435,7 @@ def kill_dit_mid_job(service: Service, client: httpx.Client, out: dict) -> None:
 
 
 def oom_then_recover(service: Service, client: httpx.Client, out: dict) -> None:
-    width, height, frames = args_global.oom_size
-    job = run_job(client, request_body("standard", (width, height), frames, steps=1))
+    job = run_job(client, request_body("standard", args_global.oom_size, steps=1))
     after = service.dit_stats().get("gpu_memory")
     recovery = run_job(client, request_body("fast"))
     out["fault_oom"] = {"job": {k: v for k, v in job.items() if k != "_mp4"}, "dit_memory_after": after,
@@ -384,21 +460,24 @@ def inprocess_phase(args, results: dict) -> None:
     out = results.setdefault("inprocess", {})
     registry = LoraRegistry.model_validate(LORAS)
     t0 = time.perf_counter()
-    pipe = PusaPipeline.from_preset("pusa-v1", device="cuda", dit_options=DiTOptions(compile=True, attention="auto"),
-                                    loras=registry, lora_base="cpu")
+    options = DiTOptions(compile=args.device == "cuda", attention="auto")
+    pipe = PusaPipeline.from_preset(V1, device=args.device, dit_options=options, loras=registry, lora_base="cpu")
     out["load_s"] = round(time.perf_counter() - t0, 2)
     work = Path(tempfile.mkdtemp(prefix="pusa-inprocess-"))
     image = work / "start.png"
-    image.write_bytes(base64.b64decode(image_data_url(832, 480).split(",", 1)[1]))
+    width, height, _ = SHAPES[args.size]["480p"]
+    image.write_bytes(base64.b64decode(image_data_url(width, height).split(",", 1)[1]))
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def generate(variant: str, steps: int | None = None) -> dict:
         body = request_body(variant, steps=steps)
         body["images"] = [str(image)]
+        del body["model"]  # the API's field: this pipeline is the model
         plan = plan_request(parse_request(body), pipe.preset, loras=registry)
-        torch.cuda.synchronize()
+        synchronize()
         t = time.perf_counter()
         result = pipe.generate(plan, work / f"{variant}.mp4")
-        torch.cuda.synchronize()
+        synchronize()
         return {"total_s": round(time.perf_counter() - t, 3), "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
                 "_mp4": Path(result.video_path).read_bytes()}
 
@@ -414,7 +493,8 @@ def inprocess_phase(args, results: dict) -> None:
         log(f"inprocess {key}: {job['total_s']} s")
         save(args, results)
     del pipe
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # -- driver -----------------------------------------------------------------------------------------
@@ -473,24 +553,33 @@ def main() -> int:
                         help="start pusa-serve with --read-ahead")
     parser.add_argument("--oom-size", default="1920x1920x81", help="WIDTHxHEIGHTxFRAMES of the request past the cap")
     parser.add_argument("--oom-dit-gib", type=float, default=36.0, help="the bf16 DiT's cap in the oom phase")
+    parser.add_argument("--wan22-runs", type=int, default=2, help="timed fast requests per model in the wan22 phase")
+    parser.add_argument("--wan22-quantize", choices=("none", "fp8"), default="none",
+                        help="the three DiTs' GEMMs in the wan22 phase (bf16 needs an H200's memory)")
+    parser.add_argument("--size", choices=("real", "tiny"), default="real",
+                        help="tiny: the tiny configs in the same layout, on the CPU (the script's check off the GPU)")
     parser.add_argument("--start-timeout", type=float, default=900)
     parser.add_argument("--out", default="service_gpu.json")
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    args.device = "cuda" if args.size == "real" else "cpu"
     args.oom_size = tuple(int(v) for v in args.oom_size.split("x"))
     args_global = args
     phases = args.phases.split(",")
     import torch
-    results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "phases": phases}
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    results: dict = {"device": device, "torch": torch.__version__, "size": args.size, "phases": phases}
     if "checkpoint" in phases:
         if (args.model / "model_index.json").is_file():
             results["checkpoint"] = "present"
         else:
             from pusa_model.random_checkpoint import write_random_checkpoint
             t0 = time.perf_counter()
-            results["checkpoint"] = write_random_checkpoint(args.model, device="cuda", layers=args.layers)
+            results["checkpoint"] = write_random_checkpoint(args.model, size=args.size, device=args.device,
+                                                            layers=args.layers)
             results["checkpoint"]["total_s"] = round(time.perf_counter() - t0, 2)
-            torch.cuda.empty_cache()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         log("checkpoint", results["checkpoint"])
         results["page_cache"] = settle_disk()
         log("page cache", results["page_cache"])
@@ -513,14 +602,20 @@ def main() -> int:
             log(results["inprocess"]["error"])
 
     def capped() -> None:
-        plan = [timed("fast", label="fast_fp8"), timed("fast", (1280, 720), label="fast_fp8_720p")]
+        plan = [timed("fast", label="fast_fp8"), timed("fast", "720p", label="fast_fp8_720p")]
         service_phase(args, results, "capped", {**standard_options, "quantize": "fp8"}, A6000_CAPS, plan)
 
     def oom() -> None:
         caps = {**A6000_CAPS, "DiT": args.oom_dit_gib}
         service_phase(args, results, "oom", standard_options, caps, [oom_then_recover])
 
-    runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped, "oom": oom}
+    def wan22() -> None:
+        options = {**standard_options, **({"quantize": "fp8"} if args.wan22_quantize == "fp8" else {})}
+        plan = [models_side_by_side, timed("fast", "720p", label="wan22_fast_720p", model=WAN22)]
+        service_phase(args, results, "wan22", options, WAN22_CAPS, plan, wan22=True)
+
+    runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped, "oom": oom,
+            "wan22": wan22}
     for phase in phases:  # in the order given
         runs.get(phase, lambda: None)()
     results["compare"] = compare(results)

@@ -43,12 +43,12 @@ def cap_gpu_memory(device: str, gib: float) -> float | None:
 
 
 def gpu_memory() -> dict[str, int] | None:
-    """This process's GPU memory (bytes): allocated and reserved now, the peak allocated, and the card's total;
+    """This process's GPU memory (bytes): allocated and reserved now, the peaks of both, and the card's total;
     None without a GPU."""
     if not torch.cuda.is_available():
         return None
     return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-            "peak_allocated": torch.cuda.max_memory_allocated(),
+            "peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
             "total": torch.cuda.get_device_properties(0).total_memory}
 
 
