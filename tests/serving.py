@@ -78,6 +78,15 @@ def local_config(store: str, port: int, runner: dict | None = None, deployments:
     return config
 
 
+def new_version(app: dict, deployment: str, version: str) -> None:
+    """Give `deployment` of `app` (an application of a Serve config) a new version, an environment variable of its
+    replicas: Serve replaces that deployment's replicas and keeps the others (changed app args would replace
+    every replica of the app)."""
+    dep = next(d for d in app["deployments"] if d["name"] == deployment)
+    options = dep.setdefault("ray_actor_options", {})
+    options["runtime_env"] = {"env_vars": {"PUSA_TEST_VERSION": version}}
+
+
 def default_database(store: str) -> str:
     """A SQLite file next to a local store's folder (in a fresh temporary folder for an S3 store)."""
     folder = Path(tempfile.mkdtemp(prefix="pusa-db-")) if store.startswith("s3://") else Path(store).parent

@@ -36,7 +36,7 @@ from pusa_batch.run import BatchSettings, run_batch
 from pusa_batch.sources import read_manifest
 from pusa_jobs.batches import BatchStore
 from pusa_jobs.db import open_database
-from serving import default_database, free_port, local_config, running_service
+from serving import default_database, free_port, local_config, new_version, running_service
 
 BUCKET = "pusa-batch"
 
@@ -412,8 +412,9 @@ def test_a_drained_runner_hands_its_batch_over(service, service_store):
         old = runner.stats.remote().result(timeout_s=60)
         assert (first.lease_epoch, first.lease_holder, old["batch"]) == (1, old["holder"], batch.id), (first, old)
 
-        port = int(service.rsplit(":", 1)[1])  # a changed runner setting: Serve replaces the runner replica
-        config = local_config(service_store, port, runner={**RUNNER, "poll_s": 0.4}, deployments=DEPLOYMENTS)
+        port = int(service.rsplit(":", 1)[1])  # a new version of the runner: Serve replaces its replica
+        config = local_config(service_store, port, runner=RUNNER, deployments=DEPLOYMENTS)
+        new_version(config["applications"][0], "Runner", "2")
         problems: list = []
         redeploy = threading.Thread(target=lambda: problems.extend(deploy(ServeDeploySchema.model_validate(config), 300)))
         redeploy.start()

@@ -20,7 +20,7 @@ import pytest
 from ray.serve.schema import ServeDeploySchema
 from s3server import s3_server_fixture
 from service_probe import ServiceProbe, steps_done
-from serving import local_config, running_service
+from serving import local_config, new_version, running_service
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 from standardwebhooks import Webhook
@@ -426,16 +426,16 @@ def _drained_jobs_resume(svc: ServiceProbe, ids: list[str], stopped: int) -> Non
 
 
 def test_runner_redeploy_during_jobs_drains_them(setup, svc):
-    def new_version(app: dict) -> None:  # a changed runner setting: Serve replaces every runner replica
-        app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
+    def runner_version_2(app: dict) -> None:  # Serve replaces every runner replica (and only those)
+        new_version(app, "Runner", "2")
 
-    ids = _redeploy_while_held(setup, svc, new_version, [700, 701, 702], stopped=3)
+    ids = _redeploy_while_held(setup, svc, runner_version_2, [700, 701, 702], stopped=3)
     _drained_jobs_resume(svc, ids, stopped=3)  # every runner was replaced
 
 
 def test_runner_downscale_during_jobs_drains_them(setup, svc):
     def one_runner(app: dict) -> None:  # the same version (as redeployed above), one replica fewer
-        app["args"]["runner"] = {**app["args"]["runner"], "poll_s": 0.25}
+        new_version(app, "Runner", "2")
         for dep in app["deployments"]:
             if dep["name"] == "Runner":
                 dep["num_replicas"] = 1
