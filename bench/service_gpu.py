@@ -311,13 +311,15 @@ def stage_times(job: dict) -> dict:
 
 
 def service_phase(args, results: dict, name: str, dit_options: dict, caps: dict | None, steps_plan: list,
-                  wan22: bool = False) -> None:
+                  wan22_source: Path | None = None) -> None:
+    """`pusa-serve` on the GPU profile with these DiT options and caps (`wan22_source`: Pusa-Wan2.2's checkpoint,
+    served beside Pusa V1), each step of `steps_plan` run against it, then stopped."""
     env = {**os.environ, "PUSA_MODEL_SOURCE": str(args.model)}
-    if wan22:
-        env["PUSA_WAN22_SOURCE"] = str(wan22_checkpoint(args))
+    if wan22_source is not None:
+        env["PUSA_WAN22_SOURCE"] = str(wan22_source)
     work = Path(tempfile.mkdtemp(prefix=f"pusa-{name}-"))
     config = work / "serve_config.yaml"
-    write_config(config, dit_options, caps, wan22=wan22, tiny=args.size == "tiny")
+    write_config(config, dit_options, caps, wan22=wan22_source is not None, tiny=args.size == "tiny")
     service = Service(config, env, work, args.read_ahead)
     out = results.setdefault(name, {})
     try:
@@ -610,9 +612,16 @@ def main() -> int:
         service_phase(args, results, "oom", standard_options, caps, [oom_then_recover])
 
     def wan22() -> None:
+        try:
+            source = wan22_checkpoint(args)
+        except Exception:  # noqa: BLE001 - record and go on to the next phase
+            results["wan22"] = {"error": traceback.format_exc()}
+            log(results["wan22"]["error"])
+            save(args, results)
+            return
         options = {**standard_options, **({"quantize": "fp8"} if args.wan22_quantize == "fp8" else {})}
         plan = [models_side_by_side, timed("fast", "720p", label="wan22_fast_720p", model=WAN22)]
-        service_phase(args, results, "wan22", options, WAN22_CAPS, plan, wan22=True)
+        service_phase(args, results, "wan22", options, WAN22_CAPS, plan, wan22_source=source)
 
     runs = {"service": service, "restart": restart, "inprocess": inprocess, "capped": capped, "oom": oom,
             "wan22": wan22}
