@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,15 +35,26 @@ from serving import free_port, local_config, local_ray, new_version  # noqa: E40
 from deployments.launch import deploy  # noqa: E402
 
 
-def cpu_by_process() -> dict[int, tuple[float, str]]:
-    """CPU seconds (user + system) of this process and each of its descendants, with its title."""
-    out = {}
+def processes() -> list[tuple[psutil.Process, str]]:
+    """This process and its descendants (its local Ray's), with their titles."""
+    found = []
     for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
         try:
-            times = proc.cpu_times()
-            out[proc.pid] = (times.user + times.system, " ".join(proc.cmdline())[:60].strip())
+            found.append((proc, " ".join(proc.cmdline()).strip()))
         except psutil.Error:
             continue
+    return found
+
+
+def cpu_by_process() -> dict[int, tuple[float, str]]:
+    """CPU seconds (user + system) of each of `processes()`, with its title."""
+    out = {}
+    for proc, title in processes():
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        out[proc.pid] = (times.user + times.system, title[:60])
     return out
 
 
@@ -50,7 +62,7 @@ def machine_busy() -> tuple[float, float]:
     """Busy and total CPU seconds of the whole machine since boot (/proc/stat)."""
     fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]
-    hz = 100.0
+    hz = os.sysconf("SC_CLK_TCK")
     return (sum(fields) - idle) / hz, sum(fields) / hz
 
 
@@ -77,15 +89,9 @@ class Span:
 
 def replicas() -> dict[str, int]:
     """Deployment name -> pid of its replica process."""
-    found = {}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            title = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        if "ServeReplica:pusa:" in title:
-            found[title.split("ServeReplica:pusa:", 1)[1].split()[0].split(".")[0]] = proc.pid
-    return found
+    prefix = "ServeReplica:pusa:"
+    return {title.split(prefix, 1)[1].split()[0].split(".")[0]: proc.pid
+            for proc, title in processes() if prefix in title}
 
 
 def main() -> int:
