@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from deployments.launch import READ_AHEAD_PACKAGES
+from deployments.serve_command import READ_AHEAD_PACKAGES
 from pusa_model.readahead import ReadAhead, checkpoint_order, package_folders
 from service_gpu import settle_disk
 

@@ -201,7 +201,7 @@ class Service:
         self.t0 = time.monotonic()
         self.probe = StartupProbe(self.t0)
         self.probe.start()
-        command = [sys.executable, "-m", "deployments.launch", str(config), "--start-timeout", "900"]
+        command = [sys.executable, "-m", "deployments.serve_command", str(config), "--start-timeout", "900"]
         self.proc = subprocess.Popen(command + (["--read-ahead"] if read_ahead else []), cwd=workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []

@@ -1,23 +1,20 @@
-"""`pusa-serve`: deploy a Serve config, wait until it runs, print the URL — or say what cannot start.
+"""Deploy a Serve config and wait until it runs — or say what cannot start (`pusa-serve`'s work, and the tests').
 
-Ray waits forever for a replica whose resources no node has. This launcher checks every deployment's
-replica demand against the cluster's nodes at once and gives up after `--start-timeout` seconds with
-the deployments that are not running and why, instead of hanging.
+Ray waits forever for a replica whose resources no node has. `deploy` checks every deployment's replica demand
+against the cluster's nodes at once and gives up after its timeout with the deployments that are not running
+and why, instead of hanging.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import signal
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
-import yaml
 from ray import serve
 from ray.serve._private import api as serve_api
 from ray.serve._private.build_app import BuiltApplication
@@ -27,15 +24,9 @@ from ray.serve.config import ProxyLocation, gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 
 from pusa_model.presets import get_preset
-from pusa_model.readahead import ReadAhead, checkpoint_order, package_folders
+from pusa_model.readahead import checkpoint_order
 
-from .admission import check_exposure
 from .loading import LoadingRouter
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.local.yaml"
-# What every model replica imports, read ahead first: the build task and the replicas import them right away.
-READ_AHEAD_PACKAGES = ("torch", "nvidia", "triton", "torchao", "diffusers", "transformers", "safetensors",
-                       "tokenizers", "numpy", "imageio_ffmpeg")
 
 
 def replica_demand(options: dict) -> dict[str, float]:
@@ -151,18 +142,21 @@ def start_serve(config: ServeDeploySchema) -> tuple[ServeControllerClient, list[
     return client, proxies_ready
 
 
-def deploy(config: ServeDeploySchema, start_timeout_s: float) -> list[str]:
+def deploy(config: ServeDeploySchema, start_timeout_s: float,
+           on_proxies_up: Callable[[], None] | None = None) -> list[str]:
     """Deploy `config` and wait; returns the problems if it is not running within the timeout.
 
     Applications not deployed yet first run the loading Router (`deployments.loading`), deployed before
     the proxies open their ports, so that from then on they answer 503 "loading" rather than 404 or
-    nothing."""
+    nothing. `on_proxies_up` is called once the proxies listen (`pusa-serve` hands its port over then)."""
     client, proxies_ready = start_serve(config)
     loading = loading_apps(config, set(serve.status().applications))
     if loading:
         client.deploy_applications(loading, wait_for_ingress_deployment_creation=False,
                                    wait_for_applications_running=False)
     ray.get(proxies_ready, timeout=start_timeout_s)
+    if on_proxies_up is not None:
+        on_proxies_up()
     # At once: the controller's build task imports the model code for seconds, by which time the loading
     # Router's replica (no such imports) runs; the real Router then replaces it with a surge.
     client.deploy_apps(config, _blocking=False)
@@ -206,10 +200,10 @@ def still_loading(config: ServeDeploySchema) -> list[str]:
     return problems
 
 
-def read_ahead(config: ServeDeploySchema) -> ReadAhead:
-    """Start reading, on this node, the packages the replicas import and the local checkpoint folder of each
-    of the config's applications (with its local LoRA files) into the page cache (`pusa_model.readahead`)."""
-    paths = package_folders(READ_AHEAD_PACKAGES)
+def checkpoint_paths(config: ServeDeploySchema) -> list[Path]:
+    """The local checkpoint folder of each model of the config's applications (with its local LoRA files), in
+    the order the replicas wait on them (`pusa_model.readahead.checkpoint_order`)."""
+    paths: list[Path] = []
     for app in config.applications:
         if app.import_path != APP_IMPORT_PATH:
             continue
@@ -224,70 +218,10 @@ def read_ahead(config: ServeDeploySchema) -> ReadAhead:
             if source and not source.startswith("s3://") and folder.is_dir():
                 loras = [entry[key] for entry in (registry or {}).values() for key in ("path", "path_2") if entry.get(key)]
                 paths += checkpoint_order(folder, loras)
-    return ReadAhead(paths, threads=min(16, os.cpu_count() or 1))
+    return paths
 
 
 def started_ray_here() -> bool:
     """Whether `ray.init` started a local Ray in this process (rather than joining a cluster)."""
     node = getattr(ray._private.worker.global_worker, "node", None)
     return bool(getattr(node, "head", False))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pusa-serve", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", type=Path, default=DEFAULT_CONFIG, help="Serve config YAML")
-    parser.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for every replica")
-    parser.add_argument("--no-block", action="store_true", help="return once running (leave Serve up)")
-    parser.add_argument("--read-ahead", action="store_true",
-                        help="read the model packages and the local checkpoint into this node's page cache while "
-                             "the service starts (a node whose disk cache is cold)")
-    args = parser.parse_args(argv)
-
-    config = ServeDeploySchema.model_validate(yaml.safe_load(args.config.read_text()))
-    reader = read_ahead(config) if args.read_ahead else None
-    host = config.http_options.host
-    for app in config.applications:
-        auth = ((app.args or {}).get("api") or {}).get("auth", "keys")
-        try:
-            check_exposure(auth, host)
-        except ValueError as exc:
-            print(f"pusa-serve: refusing to start {app.name}: {exc}", file=sys.stderr)
-            return 1
-        if auth == "none":
-            print(f"pusa-serve: {app.name} runs without API keys: it listens on {host} (loopback) only",
-                  file=sys.stderr)
-    ray.init(address=args.address, namespace="serve")
-    problems = deploy(config, args.start_timeout)
-    if problems:
-        print(f"pusa-serve: not running after {args.start_timeout:g}s:", file=sys.stderr)
-        for line in problems:
-            print(f"  {line}", file=sys.stderr, flush=True)
-        if not started_ray_here():  # a cluster we joined: take the half-deployed app down again
-            serve.shutdown()
-        return 1  # a Ray this process started goes down with it, without waiting for replicas
-    http = config.http_options
-    if reader is not None:
-        done = reader.wait(timeout=0)
-        print(f"pusa-serve: read ahead {done['bytes'] / 1e9:.1f} of {done['planned_bytes'] / 1e9:.1f} GB"
-              + (f" in {done['seconds']} s" if done["done"] else " so far"), file=sys.stderr, flush=True)
-    print(f"Pusa service ready at http://{http.host}:{http.port}", flush=True)
-    if args.no_block:
-        return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: the same clean end as Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("pusa-serve: stopping", file=sys.stderr, flush=True)
-        serve.shutdown()
-        ray.shutdown()
-    return 0
-
-
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
-
-
-if __name__ == "__main__":
-    sys.exit(main())

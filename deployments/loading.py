@@ -1,6 +1,7 @@
 """The service's loading state: what HTTP clients get until every deployment has a running replica.
 
-`pusa-serve` first deploys the application as `LoadingRouter` alone, before Serve's proxy opens its port
+`pusa-serve` holds the port with the same answers until Serve's proxy listens (`deployments.loading_port`),
+and deploys the application as `LoadingRouter` alone before that proxy opens the port
 (this module imports no torch and no model code, so its replica starts in a second or two), then the
 real application in its place: the Router's rolling update starts the real replica before it stops this
 one (``max_surge_percent``), so the route never goes missing nor is left without a running replica. The real Router answers the same way
@@ -15,48 +16,26 @@ itself. Nothing here waits on another deployment.
 from __future__ import annotations
 
 import asyncio
-import html
 import logging
 import time
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import Response
+
+from .loading_port import loading_reply
 
 logger = logging.getLogger("ray.serve")
 
-RETRY_AFTER_S = 2
 # The Router's rolling updates start one replica over its count at a time (Serve rounds the surge up to
 # a whole replica): an old replica stops only once a new one runs, for the price of one extra replica.
 ROUTER_SURGE_PERCENT = 1
-MESSAGE = "The Pusa service is loading its models; retry in a few seconds"
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <meta http-equiv="refresh" content="{retry}">
-  <title>Pusa video generation: loading</title>
-</head>
-<body>
-  <h1>Pusa video generation</h1>
-  <p id="loading">{message}. This page reloads itself every {retry} seconds until the service is ready.</p>
-  <p>{detail}</p>
-</body>
-</html>
-"""
 
 
 def loading_response(path: str, detail: str = "") -> Response:
-    """The 503 for a request to `path` while the service loads: JSON for the API and ``/health``, a
-    self-reloading page for anything else (the web page)."""
-    headers = {"Retry-After": str(RETRY_AFTER_S), "Cache-Control": "no-store"}
-    if path == "/health":
-        return JSONResponse({"status": "loading", "detail": detail}, status_code=503, headers=headers)
-    if path == "/v1" or path.startswith("/v1/"):
-        body = {"error": {"message": MESSAGE, "type": "service_unavailable", "param": None, "code": "loading"}}
-        return JSONResponse(body, status_code=503, headers=headers)
-    page = PAGE.format(retry=RETRY_AFTER_S, message=html.escape(MESSAGE), detail=html.escape(detail))
-    return HTMLResponse(page, status_code=503, headers=headers)
+    """The 503 for a request to `path` while the service loads (`deployments.loading_port.loading_reply`)."""
+    reply = loading_reply(path, detail)
+    return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
 
 def gated(path: str) -> bool:

@@ -480,7 +480,7 @@ def test_pusa_serve_refuses_a_public_address_without_keys(tmp_path):
     config["http_options"]["host"] = "0.0.0.0"
     path = tmp_path / "open.yaml"
     path.write_text(yaml.safe_dump(config))
-    run = subprocess.run([sys.executable, "-m", "deployments.launch", str(path)], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "deployments.serve_command", str(path)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [

@@ -8,9 +8,10 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.launch import READ_AHEAD_PACKAGES, read_ahead
+from deployments.launch import checkpoint_paths
+from deployments.serve_command import READ_AHEAD_PACKAGES
 from pusa_model import readahead
-from pusa_model.readahead import ReadAhead, checkpoint_order, package_folders
+from pusa_model.readahead import ReadAhead, checkpoint_order, files_under, package_folders
 
 
 def write(path: Path, size: int) -> Path:
@@ -78,22 +79,20 @@ def test_a_checkpoint_is_read_transformer_and_loras_first(tmp_path):
                      "ckpt/vae/diffusion_pytorch_model.safetensors", "ckpt/tokenizer/tokenizer.json"]
 
 
-def test_pusa_serve_reads_the_packages_then_each_apps_checkpoint(tmp_path, monkeypatch):
+def test_pusa_serve_reads_the_packages_and_each_apps_checkpoint(tmp_path, monkeypatch):
     folder = tmp_path / "pusa-v1"
     write(folder / "transformer" / "model.safetensors", 50)
     write(folder / "distill.safetensors", 50)
     monkeypatch.setenv("PUSA_MODEL_SOURCE", str(folder))
     config = yaml.safe_load((Path(__file__).parent.parent / "serve_config.gpu.yaml").read_text())
     config["applications"][0]["args"]["loras"] = {"lightx2v": {"path": "distill.safetensors", "fast": True}}
-    reader = read_ahead(ServeDeploySchema.model_validate(config))
-    reader.wait(timeout=600)
-    packages = package_folders(READ_AHEAD_PACKAGES)
-    assert any(package in reader.files[0].parents for package in packages)
-    ours = [p for p in reader.files if folder in p.parents]
-    assert ours == [folder / "transformer" / "model.safetensors", folder / "distill.safetensors"]
-    assert reader.files.index(ours[0]) == len(reader.files) - 2  # after every package file
-    assert any("torch" in p.parts for p in reader.files)
+    paths = checkpoint_paths(ServeDeploySchema.model_validate(config))
+    reader = ReadAhead(paths, budget=10**9)
+    reader.wait(timeout=60)
+    assert reader.files == [folder / "transformer" / "model.safetensors", folder / "distill.safetensors"]
     assert json.loads(json.dumps(reader.wait()))["done"]
+    packages = ReadAhead(package_folders(READ_AHEAD_PACKAGES), budget=10**6)  # planned only, a few files
+    assert any("torch" in p.parts for p in packages.files)
 
 
 def test_pusa_serve_reads_the_wan22_checkpoint_and_both_files_of_its_loras(tmp_path, monkeypatch):
@@ -107,9 +106,8 @@ def test_pusa_serve_reads_the_wan22_checkpoint_and_both_files_of_its_loras(tmp_p
     config = yaml.safe_load((Path(__file__).parent.parent / "serve_config.gpu.yaml").read_text())
     config["applications"][0]["args"].update(wan22_preset="pusa-wan2.2", wan22_loras={
         "lightning": {"path": "lightning/high.safetensors", "path_2": "lightning/low.safetensors", "fast": True}})
-    reader = read_ahead(ServeDeploySchema.model_validate(config))
-    reader.wait(timeout=600)
-    assert [p for p in reader.files if wan in p.parents] == [
+    files = list(files_under(checkpoint_paths(ServeDeploySchema.model_validate(config))))
+    assert [p for p in files if wan in p.parents] == [
         wan / "lightning" / "high.safetensors", wan / "lightning" / "low.safetensors",
         wan / "transformer_2" / "model.safetensors"]
-    assert v1 / "transformer" / "model.safetensors" in reader.files
+    assert v1 / "transformer" / "model.safetensors" in files
