@@ -3,6 +3,8 @@ proxy does), and the handover to that server drops no connection."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -80,3 +82,10 @@ def test_a_handover_to_a_server_joining_the_port_drops_no_connection():
         proxy.server_close()
     assert all(isinstance(a, int) for a in answers), [a for a in answers if not isinstance(a, int)][:3]
     assert set(answers[handed_over + len(pollers):]) == {200}  # once closed, only the proxy answers
+
+
+def test_pusa_serve_imports_neither_ray_nor_torch_before_its_port_is_held():
+    code = ("import sys, deployments.serve_command; "
+            "print(sorted(m for m in ('ray', 'torch', 'diffusers', 'starlette') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
