@@ -44,7 +44,7 @@ def test_unplaceable_dit_fails_start_within_bounded_time(tmp_path):
     # RAY_ADDRESS=local: start a private local Ray (no A6000 on it) even if another Ray runs on the machine.
     env = {**os.environ, "RAY_ADDRESS": "local"}
     start = time.monotonic()
-    proc = subprocess.Popen([str(PUSA_SERVE), str(config), "--start-timeout", "20"], env=env,
+    proc = subprocess.Popen([str(PUSA_SERVE), str(config), "--start-timeout", "8"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=150)
@@ -55,10 +55,10 @@ def test_unplaceable_dit_fails_start_within_bounded_time(tmp_path):
     elapsed = time.monotonic() - start
     print(f"pusa-serve exited {proc.returncode} after {elapsed:.1f}s")
     assert proc.returncode == 1, (out, err[-3000:])
-    # 20 s of waiting plus starting a local Ray (~5-20 s on this machine, more under load).
+    # 8 s of waiting plus starting a local Ray (~5-20 s on this machine, more under load).
     assert elapsed < 90, f"took {elapsed:.0f}s"
     assert "ready" not in out
-    report = err[err.index("pusa-serve: not running after 20s:"):]
+    report = err[err.index("pusa-serve: not running after 8s:"):]
     assert "pusa/DiT" in report
     assert "pusa/DiT needs {'A6000': 1.0} per replica; no node has that" in report
     # It said so at once too, before waiting.
