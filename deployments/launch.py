@@ -27,6 +27,7 @@ from pusa_model.presets import get_preset
 from pusa_model.readahead import checkpoint_order
 
 from .loading import LoadingRouter
+from .loading_port import reachable_host
 
 
 def replica_demand(options: dict) -> dict[str, float]:
@@ -183,7 +184,7 @@ def still_loading(config: ServeDeploySchema) -> list[str]:
     http = config.http_options
     if config.proxy_location == ProxyLocation.Disabled:
         return []
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)
+    host = reachable_host(http.host)
     host = f"[{host}]" if ":" in host else host
     problems = []
     for app in config.applications:

@@ -99,11 +99,15 @@ def serve(fd: int) -> None:
     server.shutdown()
 
 
+def reachable_host(host: str) -> str:
+    """Where this machine reaches a server listening on `host`: loopback for a wildcard address."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
 def listening(host: str, port: int) -> bool:
     """Whether something accepts connections on `host`:`port` (a wildcard host: on loopback)."""
-    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     try:
-        with socket.create_connection((target, port), timeout=1):
+        with socket.create_connection((reachable_host(host), port), timeout=1):
             return True
     except OSError:
         return False

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if not launch.started_ray_here():  # a cluster we joined: take the half-deployed app down again
             serve.shutdown()
         return 1  # a Ray this process started goes down with it, without waiting for replicas
-    if packages is not None and checkpoint is not None:
+    if args.read_ahead:
         report("the packages", packages)
         report("the checkpoints", checkpoint)
     http = config.http_options
